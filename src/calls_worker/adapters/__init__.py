@@ -1,0 +1,1 @@
+"""Adapters to the outside world: the database and the queue."""

@@ -1,0 +1,1 @@
+"""PostgreSQL: tables, engine, repositories and migrations."""

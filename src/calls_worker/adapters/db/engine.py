@@ -1,0 +1,24 @@
+"""Engines are built when a process asks for one (after fork), never at import."""
+
+from __future__ import annotations
+
+from sqlalchemy import Engine, create_engine
+from sqlalchemy.engine import URL, make_url
+
+
+def sqlalchemy_url(database_url: str) -> URL:
+    """Accept ``postgres://``, ``postgresql://`` or ``postgresql+psycopg://``; drive psycopg 3."""
+    url = make_url(database_url.replace("postgres://", "postgresql://", 1))
+    if url.get_backend_name() != "postgresql":
+        raise ValueError(f"not a PostgreSQL URL: {url.render_as_string(hide_password=True)}")
+    return url.set(drivername="postgresql+psycopg")
+
+
+def build_engine(database_url: str, *, pool_size: int = 5) -> Engine:
+    """An engine whose sessions speak UTC, so timestamps round-trip unchanged."""
+    return create_engine(
+        sqlalchemy_url(database_url),
+        pool_size=pool_size,
+        pool_pre_ping=True,
+        connect_args={"options": "-c timezone=UTC", "application_name": "calls-worker"},
+    )

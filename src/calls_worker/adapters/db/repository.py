@@ -1,0 +1,277 @@
+"""The repositories and unit of work on PostgreSQL (SQLAlchemy Core over psycopg 3).
+
+All the worker's SQL about calls lives here, including ``exhausted``: the SQL twin of
+``domain.policy.is_exhausted``.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Self
+from uuid import UUID, uuid4
+
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    and_,
+    exists,
+    func,
+    literal_column,
+    select,
+    update,
+)
+from sqlalchemy.dialects.postgresql import aggregate_order_by
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+
+from calls_worker.domain.model import Call, CallAttempt, CallStatus, CallType
+from calls_worker.domain.outcome import Outcome
+from calls_worker.service.unit_of_work import (
+    CallRepository,
+    ProcessedCommands,
+    References,
+    UnitOfWork,
+)
+
+from .tables import (
+    call_attempts,
+    calls,
+    organizations,
+    persons,
+    pledge_cases,
+    processed_commands,
+)
+
+
+def exhausted() -> ColumnElement[bool]:
+    """``policy.is_exhausted`` in SQL, over ``calls`` joined to the person's owning organization.
+
+    Served by the partial index ``calls_requested_managed_idx``.
+    """
+    return and_(
+        calls.c.status == CallStatus.REQUESTED.value,
+        calls.c.external_metadata.is_(None),
+        organizations.c.max_call_attempts.is_not(None),
+        calls.c.attempt_count >= organizations.c.max_call_attempts,
+    )
+
+
+def calls_with_owning_organization() -> Any:
+    """``calls`` joined to the organization that owns the called person (it sets the limit)."""
+    return calls.join(persons, persons.c.uuid == calls.c.person_uuid).join(
+        organizations, organizations.c.uuid == persons.c.owning_organization_uuid
+    )
+
+
+_ATTEMPTS_JSON = (
+    select(
+        func.coalesce(
+            func.json_agg(
+                aggregate_order_by(
+                    func.json_build_array(call_attempts.c.user_uuid, call_attempts.c.attempted_at),
+                    call_attempts.c.attempted_at,
+                    call_attempts.c.uuid,
+                )
+            ),
+            literal_column("'[]'::json"),
+        )
+    )
+    .where(call_attempts.c.call_uuid == calls.c.uuid)
+    .scalar_subquery()
+    .label("attempts_json")
+)
+
+
+def _call_from_row(row: Any) -> Call:
+    return Call(
+        uuid=row.uuid,
+        status=CallStatus(row.status),
+        type=CallType(row.type),
+        person_uuid=row.person_uuid,
+        organization_uuid=row.organization_uuid,
+        pledge_case_uuid=row.pledge_case_uuid,
+        requested_by=row.requested_by,
+        result=row.result,
+        notes=row.notes,
+        external_metadata=row.external_metadata,
+        attempts=[
+            CallAttempt(UUID(user), datetime.fromisoformat(at)) for user, at in row.attempts_json
+        ],
+        completed_by=row.completed_by,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        completed_at=row.completed_at,
+        cancelled_at=row.cancelled_at,
+        expired_at=row.expired_at,
+    )
+
+
+def _state(call: Call) -> dict[str, Any]:
+    return {
+        "status": call.status.value,
+        "result": call.result,
+        "completed_by": call.completed_by,
+        "completed_at": call.completed_at,
+        "cancelled_at": call.cancelled_at,
+        "expired_at": call.expired_at,
+        "updated_at": call.updated_at,
+    }
+
+
+class SqlCallRepository(CallRepository):
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def get_for_update(self, call_uuid: UUID) -> Call | None:
+        row = self._connection.execute(
+            select(calls, _ATTEMPTS_JSON).where(calls.c.uuid == call_uuid).with_for_update(of=calls)
+        ).one_or_none()
+        return None if row is None else _call_from_row(row)
+
+    def add(self, call: Call) -> bool:
+        inserted = self._connection.execute(
+            pg_insert(calls)
+            .values(
+                uuid=call.uuid,
+                type=call.type.value,
+                person_uuid=call.person_uuid,
+                organization_uuid=call.organization_uuid,
+                pledge_case_uuid=call.pledge_case_uuid,
+                requested_by=call.requested_by,
+                notes=call.notes,
+                external_metadata=call.external_metadata,
+                attempt_count=0,
+                created_at=call.created_at,
+                **_state(call),
+            )
+            .on_conflict_do_nothing(index_elements=[calls.c.uuid])
+            .returning(calls.c.uuid)
+        ).scalar_one_or_none()
+        if inserted is None:
+            return False
+        if call.attempts:
+            self._connection.execute(
+                call_attempts.insert(),
+                [
+                    {
+                        "uuid": uuid4(),
+                        "call_uuid": call.uuid,
+                        "user_uuid": a.user_uuid,
+                        "attempted_at": a.attempted_at,
+                    }
+                    for a in call.attempts
+                ],
+            )
+        return True
+
+    def add_attempt(self, call: Call, attempt: CallAttempt) -> None:
+        self._connection.execute(
+            call_attempts.insert().values(
+                uuid=uuid4(),
+                call_uuid=call.uuid,
+                user_uuid=attempt.user_uuid,
+                attempted_at=attempt.attempted_at,
+            )
+        )
+        self._connection.execute(
+            update(calls).where(calls.c.uuid == call.uuid).values(updated_at=call.updated_at)
+        )
+
+    def save_state(self, call: Call) -> None:
+        self._connection.execute(
+            update(calls).where(calls.c.uuid == call.uuid).values(**_state(call))
+        )
+
+    def references(
+        self, person_uuid: UUID, organization_uuid: UUID, pledge_case_uuid: UUID | None
+    ) -> References:
+        row = self._connection.execute(
+            select(
+                exists().where(persons.c.uuid == person_uuid).label("person"),
+                exists().where(organizations.c.uuid == organization_uuid).label("organization"),
+                select(pledge_cases.c.person_uuid)
+                .where(pledge_cases.c.uuid == pledge_case_uuid)
+                .scalar_subquery()
+                .label("pledge_case_person"),
+            )
+        ).one()
+        return References(
+            person_exists=row.person,
+            organization_exists=row.organization,
+            pledge_case_person_uuid=row.pledge_case_person,
+        )
+
+    def expire_exhausted(self, now: datetime, limit: int) -> int:
+        due = (
+            select(calls.c.uuid)
+            .select_from(calls_with_owning_organization())
+            .where(exhausted())
+            .limit(limit)
+            .with_for_update(of=calls, skip_locked=True)
+            .cte("due")
+        )
+        result = self._connection.execute(
+            update(calls)
+            .where(calls.c.uuid.in_(select(due.c.uuid)))
+            .values(status=CallStatus.EXPIRED.value, expired_at=now, updated_at=now)
+        )
+        return result.rowcount
+
+
+class SqlProcessedCommands(ProcessedCommands):
+    def __init__(self, connection: Connection) -> None:
+        self._connection = connection
+
+    def get(self, command_id: str) -> Outcome | None:
+        outcome: Outcome | None = self._connection.execute(
+            select(processed_commands.c.outcome).where(
+                processed_commands.c.command_id == command_id
+            )
+        ).scalar_one_or_none()
+        return outcome
+
+    def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> bool:
+        recorded = self._connection.execute(
+            pg_insert(processed_commands)
+            .values(
+                command_id=command_id,
+                kind=kind,
+                call_uuid=call_uuid,
+                outcome=outcome,
+                processed_at=func.now(),
+            )
+            .on_conflict_do_nothing(index_elements=[processed_commands.c.command_id])
+            .returning(processed_commands.c.command_id)
+        ).scalar_one_or_none()
+        return recorded is not None
+
+
+class SqlUnitOfWork(UnitOfWork):
+    """A connection and its transaction, opened on enter and closed on exit."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def __enter__(self) -> Self:
+        self._connection = self._engine.connect()
+        self.calls = SqlCallRepository(self._connection)
+        self.processed_commands = SqlProcessedCommands(self._connection)
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        try:
+            super().__exit__(exc_type, exc, tb)
+        finally:
+            self._connection.close()
+
+    def commit(self) -> None:
+        self._connection.commit()
+
+    def rollback(self) -> None:
+        self._connection.rollback()

@@ -1,0 +1,101 @@
+"""The tables, as SQLAlchemy Core sees them. The migrations are the source of truth for DDL.
+
+The first five are a contract with the Calls API, which shares this database and inserts
+into them directly; the ``worker_`` tables are the worker's own.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Column,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    Table,
+    Text,
+)
+from sqlalchemy.dialects.postgresql import JSONB, UUID
+
+metadata = MetaData()
+
+organizations = Table(
+    "organizations",
+    metadata,
+    Column("uuid", UUID(as_uuid=True), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("max_call_attempts", Integer, nullable=True),
+)
+
+persons = Table(
+    "persons",
+    metadata,
+    Column("uuid", UUID(as_uuid=True), primary_key=True),
+    Column("owning_organization_uuid", UUID(as_uuid=True), ForeignKey("organizations.uuid")),
+)
+
+pledge_cases = Table(
+    "pledge_cases",
+    metadata,
+    Column("uuid", UUID(as_uuid=True), primary_key=True),
+    Column("person_uuid", UUID(as_uuid=True), ForeignKey("persons.uuid")),
+)
+
+calls = Table(
+    "calls",
+    metadata,
+    Column("uuid", UUID(as_uuid=True), primary_key=True),
+    Column("status", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("person_uuid", UUID(as_uuid=True), ForeignKey("persons.uuid"), nullable=False),
+    Column("pledge_case_uuid", UUID(as_uuid=True), ForeignKey("pledge_cases.uuid")),
+    Column(
+        "organization_uuid", UUID(as_uuid=True), ForeignKey("organizations.uuid"), nullable=False
+    ),
+    Column("requested_by", UUID(as_uuid=True)),
+    Column("result", Text),
+    Column("notes", Text),
+    # none_as_null: a missing externalMetadata must be SQL NULL, never JSON null, because
+    # "external_metadata IS NULL" is what makes a call managed here.
+    Column("external_metadata", JSONB(none_as_null=True)),
+    Column("attempt_count", Integer, nullable=False),
+    Column("completed_by", UUID(as_uuid=True)),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("updated_at", DateTime(timezone=True), nullable=False),
+    Column("completed_at", DateTime(timezone=True)),
+    Column("cancelled_at", DateTime(timezone=True)),
+    Column("expired_at", DateTime(timezone=True)),
+)
+
+call_attempts = Table(
+    "call_attempts",
+    metadata,
+    Column("uuid", UUID(as_uuid=True), primary_key=True),
+    Column("call_uuid", UUID(as_uuid=True), ForeignKey("calls.uuid"), nullable=False),
+    Column("user_uuid", UUID(as_uuid=True), nullable=False),
+    Column("attempted_at", DateTime(timezone=True), nullable=False),
+)
+
+processed_commands = Table(
+    "worker_processed_commands",
+    metadata,
+    Column("command_id", Text, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("call_uuid", UUID(as_uuid=True)),
+    Column("outcome", JSONB, nullable=False),
+    Column("processed_at", DateTime(timezone=True), nullable=False),
+)
+
+rejected_commands = Table(
+    "worker_rejected_commands",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("task_name", Text, nullable=False),
+    Column("command_id", Text),
+    Column("raw_body", Text, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("details", JSONB, nullable=False),
+    Column("replayed_at", DateTime(timezone=True)),
+)

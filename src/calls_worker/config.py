@@ -1,0 +1,44 @@
+"""Settings, read from the environment (prefix ``CALLS_WORKER_``) when asked, never at import."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, PositiveInt
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the worker can be told. Unset URLs mean "use the embedded servers"."""
+
+    model_config = SettingsConfigDict(env_prefix="CALLS_WORKER_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None,
+        description="PostgreSQL URL shared with the Calls API; unset: the embedded PostgreSQL.",
+    )
+    broker_url: str | None = Field(
+        default=None, description="Redis URL of the Celery broker; unset: the embedded Redis."
+    )
+    result_backend_url: str | None = Field(
+        default=None,
+        description="Redis URL where outcomes are kept for producers; unset: the broker URL.",
+    )
+    sweep_interval_seconds: PositiveInt = Field(
+        default=60, description="How often beat runs the expiry sweep."
+    )
+    sweep_batch_size: PositiveInt = Field(
+        default=5000,
+        description="Calls expired per transaction; bounds how long one batch holds row locks.",
+    )
+    data_dir: Path = Field(
+        default=Path(".calls-worker"),
+        description="Where the embedded PostgreSQL and Redis keep their data.",
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The settings of this process, read from the environment on first use."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""The calls domain: pure rules, no SQL, no queue."""

@@ -1,0 +1,211 @@
+"""The five commands producers queue, as strict pydantic models of their camelCase JSON.
+
+``parse_command`` is the one way in: it turns raw JSON (text or decoded) into a command or
+raises ``InvalidCommand`` naming every bad field and why.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Annotated, Any, ClassVar, Literal
+from uuid import UUID
+
+from pydantic import (
+    UUID4,
+    AfterValidator,
+    AwareDatetime,
+    BaseModel,
+    ConfigDict,
+    Field,
+    JsonValue,
+    ValidationError,
+)
+from pydantic.alias_generators import to_camel
+
+from calls_worker.domain.errors import FieldError, InvalidCommand
+from calls_worker.domain.model import CallStatus, CallType
+
+MAX_TEXT = 10_000
+MAX_RESULT = 4_000
+MAX_ATTEMPTS_ON_CREATE = 1_000
+MAX_EXTERNAL_METADATA_BYTES = 64 * 1024
+
+CommandKind = Literal["create", "add_attempt", "complete", "cancel", "expire"]
+
+
+def _bounded_metadata(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
+    if len(json.dumps(value, separators=(",", ":"))) > MAX_EXTERNAL_METADATA_BYTES:
+        raise ValueError(f"must serialize to at most {MAX_EXTERNAL_METADATA_BYTES} bytes of JSON")
+    return value
+
+
+ExternalMetadata = Annotated[dict[str, JsonValue], AfterValidator(_bounded_metadata)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(
+        strict=True,
+        extra="forbid",
+        frozen=True,
+        alias_generator=to_camel,
+        str_max_length=MAX_TEXT,
+    )
+
+
+class Command(_Model):
+    """Fields every command has.
+
+    ``issuedAt`` is stamped by the producer; timestamps a command leaves out default to it,
+    so a retried command gives the same result. Without it the worker's clock stands in.
+    """
+
+    kind: ClassVar[CommandKind]
+
+    issued_at: AwareDatetime | None = None
+
+    @property
+    def call_uuid_or_none(self) -> UUID | None:
+        """The call this command is about, when the command names it."""
+        return None
+
+
+class AttemptIn(_Model):
+    """An attempt as a producer sends it."""
+
+    user_uuid: UUID
+    attempted_at: AwareDatetime
+
+
+_MANAGED_FORBIDDEN = ("status", "attempts", "result", "completed_at", "cancelled_at")
+
+
+class CreateCall(Command):
+    """Create a call, managed here (no ``externalMetadata``) or externally (with it)."""
+
+    kind: ClassVar[CommandKind] = "create"
+
+    uuid: UUID4 | None = None
+    type: CallType | None = None
+    status: CallStatus | None = None
+    created_at: AwareDatetime | None = None
+    external_metadata: ExternalMetadata | None = None
+    attempts: list[AttemptIn] | None = Field(default=None, max_length=MAX_ATTEMPTS_ON_CREATE)
+    result: str | None = Field(default=None, max_length=MAX_RESULT)
+    requested_by: UUID | None = None
+    completed_at: AwareDatetime | None = None
+    cancelled_at: AwareDatetime | None = None
+    notes: str | None = None
+    person_uuid: UUID
+    pledge_case_uuid: UUID | None = None
+    organization_uuid: UUID
+
+    @property
+    def is_external(self) -> bool:
+        return self.external_metadata is not None
+
+    @property
+    def call_uuid_or_none(self) -> UUID | None:
+        return self.uuid
+
+    def management_violations(self) -> list[FieldError]:
+        """Fields this command may not carry, given where the call is managed.
+
+        A field counts as given when it is present in the JSON, even as ``null``.
+        """
+        given = self.model_fields_set
+        if self.is_external:
+            if "type" in given:
+                return [
+                    FieldError(
+                        "type",
+                        "forbidden for a call managed externally (externalMetadata given): "
+                        "its type is always verification",
+                    )
+                ]
+            return []
+        return [
+            FieldError(
+                to_camel(name),
+                "forbidden for a call managed here (no externalMetadata): it is created as "
+                "requested, without attempts, result or end timestamps",
+            )
+            for name in _MANAGED_FORBIDDEN
+            if name in given
+        ]
+
+
+class _CallCommand(Command):
+    call_uuid: UUID
+
+    @property
+    def call_uuid_or_none(self) -> UUID | None:
+        return self.call_uuid
+
+
+class AddCallAttempt(_CallCommand):
+    """Record that someone tried to reach the person."""
+
+    kind: ClassVar[CommandKind] = "add_attempt"
+
+    user_uuid: UUID
+    attempted_at: AwareDatetime
+
+
+class CompleteCall(_CallCommand):
+    """The person was reached; store the result."""
+
+    kind: ClassVar[CommandKind] = "complete"
+
+    user_uuid: UUID
+    result: str = Field(max_length=MAX_RESULT)
+
+
+class CancelCall(_CallCommand):
+    """The call will not be made."""
+
+    kind: ClassVar[CommandKind] = "cancel"
+
+    cancelled_at: AwareDatetime | None = None
+
+
+class ExpireCall(_CallCommand):
+    """Expire the call now, whatever its attempts."""
+
+    kind: ClassVar[CommandKind] = "expire"
+
+    expired_at: AwareDatetime | None = None
+
+
+COMMANDS: dict[CommandKind, type[Command]] = {
+    cls.kind: cls for cls in (CreateCall, AddCallAttempt, CompleteCall, CancelCall, ExpireCall)
+}
+
+
+def parse_command(kind: CommandKind, payload: str | bytes | Mapping[str, Any]) -> Command:
+    """Validate a command's JSON; raises InvalidCommand listing every bad field.
+
+    Decoded JSON (a mapping) is validated as JSON too, so strings are accepted for UUIDs and
+    timestamps exactly as on the wire and nowhere else.
+    """
+    model = COMMANDS[kind]
+    try:
+        raw = payload if isinstance(payload, str | bytes) else json.dumps(payload)
+    except (TypeError, ValueError) as error:
+        raise InvalidCommand(f"{kind} command is not JSON", [FieldError("", str(error))]) from error
+    try:
+        command = model.model_validate_json(raw)
+    except ValidationError as error:
+        raise InvalidCommand(
+            f"{kind} command is invalid: {error.error_count()} problem(s)",
+            [_field_error(e) for e in error.errors(include_url=False)],
+        ) from error
+    if isinstance(command, CreateCall) and (violations := command.management_violations()):
+        raise InvalidCommand(
+            f"create command is invalid: {len(violations)} forbidden field(s)", violations
+        )
+    return command
+
+
+def _field_error(error: Any) -> FieldError:
+    return FieldError(".".join(str(part) for part in error["loc"]), str(error["msg"]))

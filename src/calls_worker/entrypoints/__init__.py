@@ -1,0 +1,1 @@
+"""How the worker is started: the command line, and (later) the Celery app."""

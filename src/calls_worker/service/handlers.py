@@ -1,0 +1,189 @@
+"""One handler per command: load, ask the domain, store. ``handle`` makes them idempotent.
+
+Every handler runs inside the caller's unit of work and raises DomainError for a broken
+rule; ``handle`` turns that into an error outcome and records whichever outcome it got
+in the same transaction as the effect.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+from calls_worker.domain.commands import (
+    AddCallAttempt,
+    CancelCall,
+    Command,
+    CompleteCall,
+    CreateCall,
+    ExpireCall,
+)
+from calls_worker.domain.errors import (
+    CallAlreadyExists,
+    DomainError,
+    FieldError,
+    InvalidCommand,
+    NotFound,
+)
+from calls_worker.domain.model import Call, CallAttempt, CallStatus, CallType
+from calls_worker.domain.outcome import Outcome, failed, succeeded
+from calls_worker.service.unit_of_work import UnitOfWork
+
+
+def utc_now() -> datetime:
+    """The one clock: where the worker's time enters (freezegun patches it in tests)."""
+    return datetime.now(UTC)
+
+
+def handle(
+    command_id: str,
+    command: Command,
+    uow: UnitOfWork,
+    clock: Callable[[], datetime] = utc_now,
+) -> Outcome:
+    """Apply ``command`` once and return its outcome.
+
+    Idempotent by ``command_id``: the effect happens once, and a command id seen before
+    gets the outcome first recorded for it, even while the first delivery is still running
+    (the second waits for it). Raises nothing for a broken rule: that is an error outcome.
+    """
+    with uow:
+        first = uow.processed_commands.get(command_id)
+        if first is not None:
+            return first
+        now = command.issued_at or clock()
+        call_uuid = command.call_uuid_or_none
+        try:
+            call = HANDLERS[type(command)](command, uow, now)
+            outcome, call_uuid = succeeded(call), call.uuid
+        except DomainError as error:
+            uow.rollback()
+            outcome = failed(error)
+        if not uow.processed_commands.add(command_id, command.kind, call_uuid, outcome):
+            uow.rollback()
+            first = uow.processed_commands.get(command_id)
+            assert first is not None, "a recorded command id cannot vanish"
+            return first
+        uow.commit()
+        return outcome
+
+
+def create_call(command: CreateCall, uow: UnitOfWork, now: datetime) -> Call:
+    """Create a call managed here (as requested) or externally (stored as given)."""
+    refs = uow.calls.references(
+        command.person_uuid, command.organization_uuid, command.pledge_case_uuid
+    )
+    missing = [
+        FieldError(name, "does not exist")
+        for name, exists in (
+            ("personUuid", refs.person_exists),
+            ("organizationUuid", refs.organization_exists),
+            (
+                "pledgeCaseUuid",
+                command.pledge_case_uuid is None or refs.pledge_case_person_uuid is not None,
+            ),
+        )
+        if not exists
+    ]
+    if missing:
+        raise NotFound(
+            "create refers to rows that do not exist: " + ", ".join(m.field for m in missing),
+            missing,
+        )
+    call = _external_call(command, now) if command.is_external else _managed_call(command, now)
+    if not call.is_external and refs.pledge_case_person_uuid not in (None, command.person_uuid):
+        raise InvalidCommand(
+            f"pledge case {command.pledge_case_uuid} belongs to another person",
+            [FieldError("pledgeCaseUuid", "must be a pledge case of the person called")],
+        )
+    if not uow.calls.add(call):
+        raise CallAlreadyExists(
+            f"a call with uuid {call.uuid} exists already",
+            [FieldError("uuid", "exists already")],
+        )
+    return call
+
+
+def _common(command: CreateCall, now: datetime) -> dict[str, Any]:
+    return {
+        "uuid": command.uuid or uuid4(),
+        "person_uuid": command.person_uuid,
+        "organization_uuid": command.organization_uuid,
+        "pledge_case_uuid": command.pledge_case_uuid,
+        "requested_by": command.requested_by,
+        "notes": command.notes,
+        "created_at": command.created_at or now,
+        "updated_at": now,
+    }
+
+
+def _managed_call(command: CreateCall, now: datetime) -> Call:
+    return Call(
+        status=CallStatus.REQUESTED,
+        type=command.type or CallType.VERIFICATION,
+        **_common(command, now),
+    )
+
+
+def _external_call(command: CreateCall, now: datetime) -> Call:
+    return Call(
+        status=command.status or CallStatus.REQUESTED,
+        type=CallType.VERIFICATION,
+        external_metadata=command.external_metadata,
+        attempts=[CallAttempt(a.user_uuid, a.attempted_at) for a in command.attempts or ()],
+        result=command.result,
+        completed_at=command.completed_at,
+        cancelled_at=command.cancelled_at,
+        **_common(command, now),
+    )
+
+
+def _load(uow: UnitOfWork, call_uuid: UUID) -> Call:
+    call = uow.calls.get_for_update(call_uuid)
+    if call is None:
+        raise NotFound(
+            f"call {call_uuid} does not exist", [FieldError("callUuid", "does not exist")]
+        )
+    return call
+
+
+def add_call_attempt(command: AddCallAttempt, uow: UnitOfWork, now: datetime) -> Call:
+    call = _load(uow, command.call_uuid)
+    attempt = CallAttempt(command.user_uuid, command.attempted_at)
+    call.add_attempt(attempt, now)
+    uow.calls.add_attempt(call, attempt)
+    return call
+
+
+def complete_call(command: CompleteCall, uow: UnitOfWork, now: datetime) -> Call:
+    call = _load(uow, command.call_uuid)
+    call.complete(command.user_uuid, command.result, now)
+    uow.calls.save_state(call)
+    return call
+
+
+def cancel_call(command: CancelCall, uow: UnitOfWork, now: datetime) -> Call:
+    call = _load(uow, command.call_uuid)
+    call.cancel(command.cancelled_at or now, now)
+    uow.calls.save_state(call)
+    return call
+
+
+def expire_call(command: ExpireCall, uow: UnitOfWork, now: datetime) -> Call:
+    call = _load(uow, command.call_uuid)
+    call.expire(command.expired_at or now, now)
+    uow.calls.save_state(call)
+    return call
+
+
+Handler = Callable[[Any, UnitOfWork, datetime], Call]
+
+HANDLERS: dict[type[Command], Handler] = {
+    CreateCall: create_call,
+    AddCallAttempt: add_call_attempt,
+    CompleteCall: complete_call,
+    CancelCall: cancel_call,
+    ExpireCall: expire_call,
+}

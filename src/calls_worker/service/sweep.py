@@ -1,0 +1,41 @@
+"""The expiry sweep: expire every exhausted call, a bounded batch per transaction."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+
+from calls_worker.service.unit_of_work import UnitOfWork
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What one sweep did."""
+
+    expired: int
+    batches: int
+
+
+def expire_exhausted_calls(
+    uow_factory: Callable[[], UnitOfWork], now: datetime, batch_size: int
+) -> SweepResult:
+    """Expire every call whose attempts reached its owning organization's maximum.
+
+    Each batch is its own transaction, so no batch holds row locks for longer than it
+    takes to expire ``batch_size`` calls, and a batch that fails loses only itself.
+    Calls locked by a running command are skipped and left to the next sweep, so two
+    sweeps, or a sweep and a command, never wait on each other nor expire a call twice.
+    The rule itself lives in domain.policy; its SQL twin in the repository.
+    """
+    if batch_size < 1:
+        raise ValueError("batch_size must be at least 1")
+    expired = batches = 0
+    while True:
+        with uow_factory() as uow:
+            count = uow.calls.expire_exhausted(now, batch_size)
+            uow.commit()
+        expired += count
+        batches += 1
+        if count < batch_size:
+            return SweepResult(expired=expired, batches=batches)

@@ -1,0 +1,121 @@
+"""Server fixtures shared by the integration and e2e suites.
+
+The database comes from ``CALLS_WORKER_TEST_DATABASE_URL`` when set; otherwise the suite
+starts an embedded PostgreSQL of its own. A server that is configured but unreachable
+skips its tests on a laptop and fails them when ``CI`` is set, so CI cannot go green by
+testing nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, text
+
+from calls_worker.adapters.db.engine import build_engine, sqlalchemy_url
+from calls_worker.adapters.db.migrate import upgrade
+from calls_worker.adapters.embedded import start_postgres
+
+IN_CI = bool(os.environ.get("CI"))
+
+WORKER_TABLES = (
+    "call_attempts",
+    "calls",
+    "pledge_cases",
+    "persons",
+    "organizations",
+    "worker_processed_commands",
+    "worker_rejected_commands",
+)
+
+
+def unreachable(what: str) -> None:
+    """Fail under CI, skip elsewhere."""
+    if IN_CI:
+        pytest.fail(f"{what} (CI is set, so this fails instead of skipping)")
+    pytest.skip(what)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for suite in ("integration", "e2e"):
+            if f"{os.sep}{suite}{os.sep}" in str(item.path):
+                item.add_marker(getattr(pytest.mark, suite))
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server URL (of its maintenance database)."""
+    configured = os.environ.get("CALLS_WORKER_TEST_DATABASE_URL")
+    if configured:
+        engine = build_engine(configured, pool_size=1)
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        except Exception as error:  # any failure to connect means the same here
+            unreachable(f"PostgreSQL at CALLS_WORKER_TEST_DATABASE_URL is unreachable: {error}")
+        finally:
+            engine.dispose()
+        yield configured
+        return
+    server = start_postgres(tmp_path_factory.mktemp("pg") / "data", delete=True)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def create_database(server_url: str, name: str) -> str:
+    """Create an empty database on the server; its URL."""
+    admin = build_engine(server_url, pool_size=1).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE DATABASE "{name}"'))
+    admin.dispose()
+    return sqlalchemy_url(server_url).set(database=name).render_as_string(hide_password=False)
+
+
+def drop_database(server_url: str, name: str) -> None:
+    admin = build_engine(server_url, pool_size=1).execution_options(isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def empty_database_url(postgres_server_url: str) -> Iterator[str]:
+    """A brand-new empty database, dropped afterwards."""
+    name = f"calls_worker_empty_{uuid.uuid4().hex[:12]}"
+    url = create_database(postgres_server_url, name)
+    try:
+        yield url
+    finally:
+        drop_database(postgres_server_url, name)
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_server_url: str) -> Iterator[str]:
+    """A database of this test session, migrated to head; dropped at the end."""
+    name = f"calls_worker_test_{uuid.uuid4().hex[:12]}"
+    url = create_database(postgres_server_url, name)
+    engine = build_engine(url, pool_size=1)
+    upgrade(engine)
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        drop_database(postgres_server_url, name)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """An engine on the migrated test database; every table is emptied after the test."""
+    engine = build_engine(database_url, pool_size=10)
+    try:
+        yield engine
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f"TRUNCATE {', '.join(WORKER_TABLES)} CASCADE"))
+        engine.dispose()

@@ -1,0 +1,135 @@
+"""In-memory stand-ins that subclass the real abstractions (no mocks)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Self
+from uuid import UUID, uuid4
+
+from calls_worker.domain.model import Call, CallAttempt, CallStatus
+from calls_worker.domain.outcome import Outcome
+from calls_worker.domain.policy import is_exhausted
+from calls_worker.service.unit_of_work import (
+    CallRepository,
+    ProcessedCommands,
+    References,
+    UnitOfWork,
+)
+
+
+@dataclass
+class FakeState:
+    """What a database would hold."""
+
+    max_call_attempts: dict[UUID, int | None] = field(default_factory=dict)
+    owning_organization: dict[UUID, UUID] = field(default_factory=dict)
+    pledge_case_person: dict[UUID, UUID] = field(default_factory=dict)
+    calls: dict[UUID, Call] = field(default_factory=dict)
+    processed: dict[str, Outcome] = field(default_factory=dict)
+
+    def add_organization(self, max_call_attempts: int | None = 3) -> UUID:
+        uuid = uuid4()
+        self.max_call_attempts[uuid] = max_call_attempts
+        return uuid
+
+    def add_person(self, owning_organization: UUID) -> UUID:
+        uuid = uuid4()
+        self.owning_organization[uuid] = owning_organization
+        return uuid
+
+    def add_pledge_case(self, person: UUID) -> UUID:
+        uuid = uuid4()
+        self.pledge_case_person[uuid] = person
+        return uuid
+
+
+class FakeCallRepository(CallRepository):
+    def __init__(self, state: FakeState) -> None:
+        self.state = state
+
+    def get_for_update(self, call_uuid: UUID) -> Call | None:
+        return self.state.calls.get(call_uuid)
+
+    def add(self, call: Call) -> bool:
+        if call.uuid in self.state.calls:
+            return False
+        self.state.calls[call.uuid] = call
+        return True
+
+    def add_attempt(self, call: Call, attempt: CallAttempt) -> None:
+        assert self.state.calls[call.uuid] is call
+
+    def save_state(self, call: Call) -> None:
+        assert self.state.calls[call.uuid] is call
+
+    def references(
+        self, person_uuid: UUID, organization_uuid: UUID, pledge_case_uuid: UUID | None
+    ) -> References:
+        return References(
+            person_exists=person_uuid in self.state.owning_organization,
+            organization_exists=organization_uuid in self.state.max_call_attempts,
+            pledge_case_person_uuid=(
+                None
+                if pledge_case_uuid is None
+                else self.state.pledge_case_person.get(pledge_case_uuid)
+            ),
+        )
+
+    def expire_exhausted(self, now: datetime, limit: int) -> int:
+        due = [
+            call
+            for call in self.state.calls.values()
+            if is_exhausted(
+                status=call.status,
+                is_external=call.is_external,
+                attempt_count=call.attempt_count,
+                max_call_attempts=self.state.max_call_attempts[
+                    self.state.owning_organization[call.person_uuid]
+                ],
+            )
+        ][:limit]
+        for call in due:
+            call.status = CallStatus.EXPIRED
+            call.expired_at = call.updated_at = now
+        return len(due)
+
+
+class FakeProcessedCommands(ProcessedCommands):
+    def __init__(self, state: FakeState) -> None:
+        self.state = state
+
+    def get(self, command_id: str) -> Outcome | None:
+        return self.state.processed.get(command_id)
+
+    def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> bool:
+        if command_id in self.state.processed:
+            return False
+        self.state.processed[command_id] = outcome
+        return True
+
+
+class FakeUnitOfWork(UnitOfWork):
+    """Works on a copy of ``committed``; commit publishes the copy, rollback drops it."""
+
+    def __init__(self, committed: FakeState | None = None) -> None:
+        self.committed = committed or FakeState()
+        self.commits = 0
+        self._begin()
+
+    def __enter__(self) -> Self:
+        self._begin()
+        return self
+
+    def _begin(self) -> None:
+        self._working = working = copy.deepcopy(self.committed)
+        self.calls = FakeCallRepository(working)
+        self.processed_commands = FakeProcessedCommands(working)
+
+    def commit(self) -> None:
+        self.committed = copy.deepcopy(self._working)
+        self.commits += 1
+
+    def rollback(self) -> None:
+        self._begin()
