@@ -1,4 +1,4 @@
-"""Under CI a configured but unreachable server fails the tests that need it; elsewhere they skip."""
+"""Under CI a configured but unreachable server fails the tests needing it; elsewhere they skip."""
 
 from __future__ import annotations
 
