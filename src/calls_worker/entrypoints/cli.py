@@ -3,41 +3,254 @@
 from __future__ import annotations
 
 import json
+import sys
+from datetime import datetime
 from pathlib import Path
+from typing import Any, get_args
 
 import click
 
 from calls_worker.config import get_settings
+from calls_worker.domain.commands import CommandKind
+from calls_worker.entrypoints.logs import LogFormat
+from calls_worker.entrypoints.servers import Servers
+
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(get_args(LogFormat)),
+    default="text",
+    show_default=True,
+    help="text for people, json (one object a line) for machines.",
+)
+KINDS = {kind.replace("_", "-"): kind for kind in get_args(CommandKind)}
 
 
-def _database_url() -> str:
-    settings = get_settings()
-    if settings.database_url:
-        return settings.database_url
-    from calls_worker.adapters.embedded import start_postgres
+def _json_default(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
 
-    server = start_postgres(settings.data_dir / "postgres")
-    click.echo(f"using the embedded PostgreSQL in {server.pgdata}", err=True)
-    return server.url
+
+def _print_json(value: Any) -> None:
+    click.echo(json.dumps(value, indent=2, default=_json_default, ensure_ascii=False))
+
+
+def _servers() -> Servers:
+    return Servers(get_settings())
+
+
+def _app(servers: Servers, log_format: LogFormat = "text") -> Any:
+    from calls_worker.entrypoints.celery_app import create_app
+
+    return create_app(
+        database_url=servers.database_url(),
+        broker_url=servers.broker_url(start=True),
+        result_backend_url=servers.result_backend_url(start=True),
+        settings=servers.settings,
+        log_format=log_format,
+    )
+
+
+def _engine(servers: Servers) -> Any:
+    from calls_worker.adapters.db.engine import build_engine
+
+    return build_engine(servers.database_url(), pool_size=1)
 
 
 @click.group()
 def main() -> None:
-    """Consumes call commands and expires calls whose attempts are exhausted."""
+    """Consumes call commands and expires calls whose attempts are exhausted.
+
+    With no CALLS_WORKER_DATABASE_URL / CALLS_WORKER_BROKER_URL set, commands use the
+    embedded PostgreSQL and Redis kept under CALLS_WORKER_DATA_DIR (.calls-worker).
+    """
+
+
+@main.command()
+@log_format_option
+def run(log_format: LogFormat) -> None:
+    """Migrate, then run a worker and beat until Ctrl-C (embedded servers if no URLs)."""
+    from calls_worker.entrypoints.supervisor import run_everything
+
+    sys.exit(run_everything(_servers(), log_format=log_format))
+
+
+@main.command()
+@log_format_option
+@click.option("--queues", "-Q", default="calls.commands,calls.sweeps", show_default=True)
+@click.option("--concurrency", "-c", type=int, default=None, help="Processes (default: cores).")
+@click.option("--hostname", "-n", default=None, help="Worker name, e.g. commands@%h.")
+def worker(
+    log_format: LogFormat, queues: str, concurrency: int | None, hostname: str | None
+) -> None:
+    """Run a Celery worker consuming the command and sweep queues."""
+    servers = _servers()
+    argv = ["worker", "--loglevel", "INFO", "--queues", queues, "--without-mingle"]
+    if concurrency:
+        argv += ["--concurrency", str(concurrency)]
+    if hostname:
+        argv += ["--hostname", hostname]
+    try:
+        _app(servers, log_format).worker_main(argv)
+    finally:
+        servers.stop()
+
+
+@main.command()
+@log_format_option
+def beat(log_format: LogFormat) -> None:
+    """Run Celery beat: the sweep every CALLS_WORKER_SWEEP_INTERVAL_SECONDS. Run one only."""
+    servers = _servers()
+    servers.settings.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        _app(servers, log_format).start(["beat", "--loglevel", "INFO"])
+    finally:
+        servers.stop()
 
 
 @main.command()
 def migrate() -> None:
     """Upgrade the database schema to the newest revision (safe to run again)."""
-    from calls_worker.adapters.db.engine import build_engine
     from calls_worker.adapters.db.migrate import current_revision, upgrade
 
-    engine = build_engine(_database_url(), pool_size=1)
+    servers = _servers()
+    engine = _engine(servers)
     try:
         upgrade(engine)
         click.echo(f"schema at revision {current_revision(engine)}")
     finally:
         engine.dispose()
+        servers.stop()
+
+
+@main.command()
+@click.option("--dry-run", is_flag=True, help="Show what would expire, by organization.")
+def sweep(dry_run: bool) -> None:
+    """Run one sweep now and print its result."""
+    from calls_worker.adapters.db.journal import exhausted_by_organization
+    from calls_worker.entrypoints.runtime import Runtime
+    from calls_worker.entrypoints.tasks import run_sweep
+
+    servers = _servers()
+    try:
+        if dry_run:
+            engine = _engine(servers)
+            by_organization = exhausted_by_organization(engine)
+            engine.dispose()
+            _print_json(
+                {
+                    "wouldExpire": sum(o["calls"] for o in by_organization),
+                    "byOrganization": by_organization,
+                }
+            )
+            return
+        runtime = Runtime(database_url=servers.database_url(), settings=servers.settings)
+        try:
+            _print_json(run_sweep(runtime))
+        finally:
+            runtime.dispose()
+    finally:
+        servers.stop()
+
+
+@main.command()
+@click.argument("kind", type=click.Choice(sorted(KINDS)))
+@click.argument("file", type=click.File("r"), default="-")
+@click.option("--command-id", help="Your own command id (default: a new UUID).")
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+def send(kind: str, file: Any, command_id: str | None, timeout: float) -> None:
+    """Queue one command (its JSON from FILE or stdin) and print its outcome.
+
+    Exit status: 0 ok, 1 an error outcome, 2 refused before sending.
+    """
+    from calls_worker.client import CallsClient
+    from calls_worker.domain.errors import InvalidCommand
+    from calls_worker.domain.outcome import failed
+
+    servers = _servers()
+    with CallsClient(
+        servers.broker_url(start=False), servers.result_backend_url(start=False)
+    ) as client:
+        try:
+            handle = client.send(KINDS[kind], file.read(), command_id=command_id)
+        except InvalidCommand as error:
+            _print_json(failed(error))
+            sys.exit(2)
+        outcome = handle.outcome(timeout)
+    _print_json(outcome)
+    sys.exit(0 if outcome["ok"] else 1)
+
+
+@main.group(name="dead-letters")
+def dead_letters() -> None:
+    """Commands the worker could not handle, kept with the reason."""
+
+
+@dead_letters.command(name="list")
+@click.option("--all", "include_replayed", is_flag=True, help="Include those replayed already.")
+@click.option("--limit", type=int, default=100, show_default=True)
+def dead_letters_list(include_replayed: bool, limit: int) -> None:
+    """Print the rejected commands waiting for an operator, oldest first, as JSON."""
+    from dataclasses import asdict
+
+    from calls_worker.adapters.db.journal import list_rejected
+
+    servers = _servers()
+    engine = _engine(servers)
+    try:
+        _print_json(
+            [
+                asdict(r)
+                for r in list_rejected(engine, include_replayed=include_replayed, limit=limit)
+            ]
+        )
+    finally:
+        engine.dispose()
+        servers.stop()
+
+
+@dead_letters.command(name="replay")
+@click.argument("rejected_id", type=int)
+@click.argument("file", type=click.File("r"), required=False)
+@click.option("--timeout", type=float, default=30.0, show_default=True)
+def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
+    """Send rejected command REJECTED_ID again, as it was or as corrected in FILE (- for stdin).
+
+    Its command id is derived from REJECTED_ID and the command, so replaying the same
+    command twice has its effect once.
+    """
+    from calls_worker.adapters.db.journal import get_rejected, mark_replayed
+    from calls_worker.client import CallsClient
+    from calls_worker.domain.errors import InvalidCommand
+    from calls_worker.domain.outcome import failed
+    from calls_worker.entrypoints.replay import command_of, replay_id
+    from calls_worker.wire import TASK_NAMES
+
+    servers = _servers()
+    engine = _engine(servers)
+    try:
+        rejected = get_rejected(engine, rejected_id)
+        if rejected is None:
+            raise click.ClickException(f"no rejected command {rejected_id}")
+        kinds = {name: kind for kind, name in TASK_NAMES.items()}
+        if rejected.task_name not in kinds:
+            raise click.ClickException(
+                f"{rejected.task_name!r} is not a command task; nothing to replay"
+            )
+        command = file.read() if file is not None else command_of(rejected.raw_body)
+        with CallsClient(
+            servers.broker_url(start=False), servers.result_backend_url(start=False)
+        ) as client:
+            try:
+                handle = client.send(
+                    kinds[rejected.task_name], command, command_id=replay_id(rejected_id, command)
+                )
+            except InvalidCommand as error:
+                _print_json(failed(error))
+                sys.exit(2)
+            mark_replayed(engine, rejected_id)
+            _print_json(handle.outcome(timeout))
+    finally:
+        engine.dispose()
+        servers.stop()
 
 
 @main.command()
@@ -52,7 +265,7 @@ def schema(out: Path | None) -> None:
 
     schemas = {kind: model.model_json_schema(by_alias=True) for kind, model in COMMANDS.items()}
     if out is None:
-        click.echo(json.dumps(schemas, indent=2))
+        _print_json(schemas)
         return
     out.mkdir(parents=True, exist_ok=True)
     for kind, document in schemas.items():

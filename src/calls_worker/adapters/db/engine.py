@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import Engine, create_engine
 from sqlalchemy.engine import URL, make_url
+from sqlalchemy.pool import NullPool
 
 
 def sqlalchemy_url(database_url: str) -> URL:
@@ -14,11 +17,18 @@ def sqlalchemy_url(database_url: str) -> URL:
     return url.set(drivername="postgresql+psycopg")
 
 
-def build_engine(database_url: str, *, pool_size: int = 5) -> Engine:
-    """An engine whose sessions speak UTC, so timestamps round-trip unchanged."""
+def build_engine(database_url: str, *, pool_size: int | None = 5) -> Engine:
+    """An engine whose sessions speak UTC, so timestamps round-trip unchanged.
+
+    ``pool_size=None``: keep no connection open between uses (for rare writers).
+    """
+    pooling: dict[str, Any] = (
+        {"poolclass": NullPool}
+        if pool_size is None
+        else {"pool_size": pool_size, "pool_pre_ping": True}
+    )
     return create_engine(
         sqlalchemy_url(database_url),
-        pool_size=pool_size,
-        pool_pre_ping=True,
         connect_args={"options": "-c timezone=UTC", "application_name": "calls-worker"},
+        **pooling,
     )

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     MetaData,
@@ -98,4 +100,16 @@ rejected_commands = Table(
     Column("reason", Text, nullable=False),
     Column("details", JSONB, nullable=False),
     Column("replayed_at", DateTime(timezone=True)),
+)
+
+sweep_runs = Table(
+    "worker_sweep_runs",
+    metadata,
+    Column("id", BigInteger, primary_key=True),
+    Column("swept_at", DateTime(timezone=True), nullable=False),
+    Column("finished_at", DateTime(timezone=True), nullable=False),
+    Column("duration_seconds", Float, nullable=False),
+    Column("expired", Integer, nullable=False),
+    Column("batches", Integer, nullable=False),
+    Column("skipped", Boolean, nullable=False),
 )

@@ -1,0 +1,179 @@
+"""What the worker records about itself: rejected commands (to look at and replay) and
+sweep runs (for operators and the status command)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Engine, func, select, text, update
+
+from calls_worker.domain.errors import FieldError
+
+from .repository import calls_with_owning_organization, exhausted
+from .tables import calls, organizations, rejected_commands, sweep_runs
+
+# Any constant will do: one sweep at a time across every worker and beat.
+_SWEEP_LOCK = 7_304_118_002
+
+
+@dataclass(frozen=True)
+class RejectedCommand:
+    id: int
+    received_at: datetime
+    task_name: str
+    command_id: str | None
+    raw_body: str
+    reason: str
+    details: list[dict[str, str]]
+    replayed_at: datetime | None
+
+
+def record_rejected(
+    engine: Engine,
+    *,
+    task_name: str,
+    command_id: str | None,
+    raw_body: str,
+    reason: str,
+    details: Sequence[FieldError] = (),
+) -> int:
+    """Keep a command that could not be handled, with why; its id."""
+    with engine.begin() as connection:
+        rejected_id: int = connection.execute(
+            rejected_commands.insert()
+            .values(
+                received_at=func.now(),
+                task_name=task_name,
+                command_id=command_id,
+                raw_body=raw_body,
+                reason=reason,
+                details=[{"field": d.field, "reason": d.reason} for d in details],
+            )
+            .returning(rejected_commands.c.id)
+        ).scalar_one()
+        return rejected_id
+
+
+def list_rejected(
+    engine: Engine, *, include_replayed: bool = False, limit: int = 100
+) -> list[RejectedCommand]:
+    query = select(rejected_commands).order_by(rejected_commands.c.id).limit(limit)
+    if not include_replayed:
+        query = query.where(rejected_commands.c.replayed_at.is_(None))
+    with engine.connect() as connection:
+        return [RejectedCommand(**row._mapping) for row in connection.execute(query)]
+
+
+def get_rejected(engine: Engine, rejected_id: int) -> RejectedCommand | None:
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(rejected_commands).where(rejected_commands.c.id == rejected_id)
+        ).one_or_none()
+    return None if row is None else RejectedCommand(**row._mapping)
+
+
+def mark_replayed(engine: Engine, rejected_id: int) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            update(rejected_commands)
+            .where(rejected_commands.c.id == rejected_id)
+            .values(replayed_at=func.now())
+        )
+
+
+@contextmanager
+def exclusive_sweep(engine: Engine) -> Iterator[bool]:
+    """Whether this process may sweep now: True for one holder at a time, across processes.
+
+    Does not wait: a second sweep (two beats, or a manual sweep during a scheduled one)
+    gets False at once instead of queueing behind the first.
+    """
+    with engine.connect() as connection:
+        locked = bool(
+            connection.execute(
+                text("SELECT pg_try_advisory_lock(:key)"), {"key": _SWEEP_LOCK}
+            ).scalar()
+        )
+        connection.commit()
+        try:
+            yield locked
+        finally:
+            if locked:
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _SWEEP_LOCK})
+                connection.commit()
+
+
+def record_sweep_run(
+    engine: Engine,
+    *,
+    swept_at: datetime,
+    duration_seconds: float,
+    expired: int,
+    batches: int,
+    skipped: bool,
+) -> None:
+    with engine.begin() as connection:
+        connection.execute(
+            sweep_runs.insert().values(
+                swept_at=swept_at,
+                duration_seconds=duration_seconds,
+                expired=expired,
+                batches=batches,
+                skipped=skipped,
+            )
+        )
+
+
+def last_sweep_run(engine: Engine) -> dict[str, Any] | None:
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(sweep_runs).where(~sweep_runs.c.skipped).order_by(sweep_runs.c.id.desc())
+        ).first()
+    return None if row is None else dict(row._mapping)
+
+
+def exhausted_by_organization(engine: Engine) -> list[dict[str, Any]]:
+    """What a sweep would expire now, by owning organization (a dry run: nothing changes)."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            select(
+                organizations.c.uuid,
+                organizations.c.name,
+                organizations.c.max_call_attempts,
+                func.count(calls.c.uuid).label("calls"),
+            )
+            .select_from(calls_with_owning_organization())
+            .where(exhausted())
+            .group_by(organizations.c.uuid)
+            .order_by(func.count(calls.c.uuid).desc())
+        )
+        return [
+            {
+                "organizationUuid": str(row.uuid),
+                "name": row.name,
+                "maxCallAttempts": row.max_call_attempts,
+                "calls": row.calls,
+            }
+            for row in rows
+        ]
+
+
+def body_text(body: bytes | str) -> str:
+    """A message body as text to store: UTF-8 as is, anything else as ``base64:...``."""
+    if isinstance(body, str):
+        return body
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError:
+        import base64
+
+        return "base64:" + base64.b64encode(body).decode("ascii")
+
+
+def dumps(value: Any) -> str:
+    return json.dumps(value, default=str, ensure_ascii=False)

@@ -1,0 +1,63 @@
+"""The Celery app, built by a factory from resolved URLs and the settings (never at import)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery, signals
+
+from calls_worker.config import Settings
+from calls_worker.entrypoints.logs import LogFormat, use_format
+from calls_worker.entrypoints.runtime import Runtime, runtime_of
+from calls_worker.entrypoints.tasks import register_tasks
+from calls_worker.wire import SWEEP_TASK, SWEEPS_QUEUE, celery_config
+
+# Longest a task may run; the broker's visibility timeout (wire.VISIBILITY_TIMEOUT) must
+# exceed it, or Redis hands a still-running task to a second worker.
+TASK_TIME_LIMIT = 300
+
+
+def create_app(
+    *,
+    database_url: str,
+    broker_url: str,
+    result_backend_url: str | None,
+    settings: Settings,
+    log_format: LogFormat = "text",
+) -> Celery:
+    app = Celery("calls-worker")
+    app.conf.update(
+        celery_config(broker_url, result_backend_url or broker_url),
+        # At least once, effect once: a task is acknowledged only after it ran, and put back
+        # if its process dies; the command id makes the second run return the first outcome.
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_time_limit=TASK_TIME_LIMIT,
+        task_soft_time_limit=TASK_TIME_LIMIT - 30,
+        task_routes={SWEEP_TASK: {"queue": SWEEPS_QUEUE}},
+        worker_consumer="calls_worker.entrypoints.consumer:RecordingConsumer",
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        worker_hijack_root_logger=True,
+        beat_schedule={
+            "expire-exhausted-calls": {
+                "task": SWEEP_TASK,
+                "schedule": float(settings.sweep_interval_seconds),
+                # A sweep that waited a whole interval is superseded by the next one.
+                "options": {"queue": SWEEPS_QUEUE, "expires": settings.sweep_interval_seconds},
+            }
+        },
+        beat_schedule_filename=str(settings.data_dir / "beat-schedule"),
+    )
+    app.calls_runtime = Runtime(database_url=database_url, settings=settings)  # type: ignore[attr-defined]
+    register_tasks(app)
+
+    def set_format(**_: Any) -> None:
+        use_format(log_format)
+
+    # weak=False: the handler is a closure that would otherwise be collected at once.
+    signals.after_setup_logger.connect(set_format, weak=False)
+    signals.after_setup_task_logger.connect(set_format, weak=False)
+    signals.worker_process_shutdown.connect(lambda **_: runtime_of(app).dispose(), weak=False)
+    return app

@@ -1,0 +1,52 @@
+"""What a worker process needs at run time, built lazily in the process that uses it."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine
+
+from calls_worker.adapters.db.engine import build_engine
+from calls_worker.config import Settings
+
+
+@dataclass
+class Runtime:
+    """The database of this worker, with one engine per process.
+
+    Celery's prefork pool forks children from the parent: an engine (and its pooled
+    connections) must never be shared across that fork, so each process builds its own
+    on first use, and a child drops what it inherited without closing the parent's sockets.
+    """
+
+    database_url: str
+    settings: Settings
+    _engine: Engine | None = field(default=None, repr=False)
+    _engine_pid: int = 0
+
+    def engine(self) -> Engine:
+        """This process's engine (pool of 2: a task and a sweep lock at most)."""
+        if self._engine is not None and self._engine_pid != os.getpid():
+            self._engine.dispose(close=False)
+            self._engine = None
+        if self._engine is None:
+            self._engine = build_engine(self.database_url, pool_size=2)
+            self._engine_pid = os.getpid()
+        return self._engine
+
+    def unpooled_engine(self) -> Engine:
+        """An engine that keeps no connection open, for the rare writes of a pool's parent."""
+        return build_engine(self.database_url, pool_size=None)
+
+    def dispose(self) -> None:
+        if self._engine is not None and self._engine_pid == os.getpid():
+            self._engine.dispose()
+        self._engine = None
+
+
+def runtime_of(app: Any) -> Runtime:
+    """The Runtime that ``celery_app.create_app`` attached to this app."""
+    runtime: Runtime = app.calls_runtime
+    return runtime

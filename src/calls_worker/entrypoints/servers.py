@@ -1,0 +1,74 @@
+"""Where the database and the broker are: the configured URLs, else the embedded servers.
+
+With nothing configured, ``run`` starts an embedded PostgreSQL and Redis under the data
+folder; every other command finds them there, so a second terminal can send commands to
+the worker the first one runs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import click
+
+from calls_worker.adapters.embedded import (
+    EmbeddedPostgres,
+    EmbeddedRedis,
+    running_redis,
+    start_postgres,
+    start_redis,
+)
+from calls_worker.config import Settings
+
+
+@dataclass
+class Servers:
+    """Resolved URLs, and the embedded servers this process started or attached to."""
+
+    settings: Settings
+    postgres: EmbeddedPostgres | None = None
+    redis: EmbeddedRedis | None = None
+    started_redis: bool = field(default=False)
+
+    def database_url(self) -> str:
+        if self.settings.database_url:
+            return self.settings.database_url
+        if self.postgres is None:
+            self.postgres = start_postgres(self.settings.data_dir / "postgres")
+        return self.postgres.url
+
+    def broker_url(self, *, start: bool) -> str:
+        """The broker; with ``start`` false, only an embedded Redis that is already running."""
+        if self.settings.broker_url:
+            return self.settings.broker_url
+        if self.redis is None:
+            self.redis = running_redis(self.settings.data_dir / "redis")
+            if self.redis is None:
+                if not start:
+                    raise click.ClickException(
+                        "no broker: set CALLS_WORKER_BROKER_URL, or start the worker with "
+                        "`calls-worker run` (it starts an embedded Redis) in another terminal"
+                    )
+                self.redis = start_redis(self.settings.data_dir / "redis")
+                self.started_redis = True
+        return self.redis.url
+
+    def result_backend_url(self, *, start: bool) -> str:
+        return self.settings.result_backend_url or self.broker_url(start=start)
+
+    def describe(self) -> list[str]:
+        lines = []
+        if self.postgres is not None:
+            lines.append(
+                f"embedded PostgreSQL: {self.postgres.url} (data in {self.postgres.pgdata})"
+            )
+        if self.redis is not None:
+            lines.append(f"embedded Redis: {self.redis.url} (data in {self.redis.data_dir})")
+        return lines
+
+    def stop(self) -> None:
+        """Stop what this process started (PostgreSQL stops when its last user lets go)."""
+        if self.redis is not None and self.started_redis:
+            self.redis.stop()
+        if self.postgres is not None:
+            self.postgres.stop()

@@ -1,0 +1,112 @@
+"""``calls-worker run``: everything a newcomer needs in one foreground process.
+
+It resolves (or starts) the database and the broker, migrates, and runs as child
+processes a command worker, a sweep worker (so a flood of commands never delays a sweep)
+and beat. Ctrl-C or SIGTERM stops the children with a warm shutdown, then the embedded
+servers it started. Children die with it even if it is killed outright (PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+import click
+
+from calls_worker.entrypoints.logs import LogFormat
+from calls_worker.entrypoints.servers import Servers
+
+SHUTDOWN_GRACE_SECONDS = 60
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(  # noqa: S603 - our own interpreter and module
+        [sys.executable, "-m", "calls_worker", *args],
+        env=env,
+        # Own process group: a Ctrl-C reaches only us, and we stop the children in order.
+        start_new_session=True,
+        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+    )
+
+
+def run_everything(servers: Servers, *, log_format: LogFormat) -> int:
+    """Run until a signal or until a child dies; the exit status."""
+    from calls_worker.adapters.db.engine import build_engine
+    from calls_worker.adapters.db.migrate import current_revision, upgrade
+
+    stopping: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    children: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        database_url = servers.database_url()
+        broker_url = servers.broker_url(start=True)
+        engine = build_engine(database_url, pool_size=1)
+        upgrade(engine)
+        revision = current_revision(engine)
+        engine.dispose()
+        env = {
+            **os.environ,
+            "CALLS_WORKER_DATABASE_URL": database_url,
+            "CALLS_WORKER_BROKER_URL": broker_url,
+            "CALLS_WORKER_RESULT_BACKEND_URL": servers.result_backend_url(start=True),
+            "CALLS_WORKER_DATA_DIR": str(servers.settings.data_dir.resolve()),
+        }
+        fmt = ["--log-format", log_format]
+        children["worker"] = _spawn(
+            ["worker", *fmt, "-Q", "calls.commands", "-n", "commands@%h"], env
+        )
+        children["sweeper"] = _spawn(
+            ["worker", *fmt, "-Q", "calls.sweeps", "-c", "1", "-n", "sweeps@%h"], env
+        )
+        children["beat"] = _spawn(["beat", *fmt], env)
+        for line in servers.describe():
+            click.echo(line)
+        click.echo(f"schema at revision {revision}")
+        for name, child in children.items():
+            click.echo(f"{name}: pid {child.pid}")
+        click.echo(
+            f"sweep every {servers.settings.sweep_interval_seconds}s. "
+            "Try: ./dev send create command.json — Ctrl-C stops everything."
+        )
+        while not stopping:
+            exited = [name for name, child in children.items() if child.poll() is not None]
+            if exited:
+                click.echo(f"{', '.join(exited)} exited; stopping", err=True)
+                return 1
+            time.sleep(0.2)
+        return 0
+    finally:
+        _stop(children)
+        servers.stop()
+        click.echo("stopped")
+
+
+def _stop(children: dict[str, subprocess.Popen[bytes]]) -> None:
+    """Warm shutdown: SIGTERM lets running tasks finish; SIGKILL after the grace period
+    (their unacknowledged messages are redelivered, so nothing is lost)."""
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + SHUTDOWN_GRACE_SECONDS
+    for child in children.values():
+        try:
+            child.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            child.kill()
+            child.wait()

@@ -1,0 +1,179 @@
+"""The thin tasks: parse the payload, open a unit of work, call the handler, log the outcome.
+
+No business ``if`` here; the rules are in the domain and the handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from typing import Any
+
+from celery import Celery, Task
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
+
+from calls_worker.adapters.db import journal
+from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.domain.commands import CommandKind, parse_command
+from calls_worker.domain.errors import FieldError, InvalidCommand
+from calls_worker.domain.outcome import Outcome, failed
+from calls_worker.entrypoints.runtime import Runtime, runtime_of
+from calls_worker.service.handlers import handle, utc_now
+from calls_worker.service.sweep import expire_exhausted_calls
+from calls_worker.wire import COMMANDS_QUEUE, SWEEP_TASK, SWEEPS_QUEUE, TASK_NAMES
+
+logger = logging.getLogger("calls_worker")
+
+# Errors worth another try: the database or the network was away for a moment, a deadlock
+# or serialization failure was resolved by rolling us back. A broken rule is never retried.
+TRANSIENT_ERRORS = (OperationalError, InterfaceError, PoolTimeoutError)
+MAX_RETRIES = 8
+
+
+class CommandTask(Task[Any, Outcome]):
+    """Delivery settings of every command task: late acks, retried on transient errors.
+
+    A command that still fails after its retries is kept in the rejected-commands table,
+    so giving up loses nothing.
+    """
+
+    acks_late = True
+    reject_on_worker_lost = True
+    autoretry_for = TRANSIENT_ERRORS
+    max_retries = MAX_RETRIES
+    retry_backoff = 1
+    retry_backoff_max = 60
+    retry_jitter = True
+
+    def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        journal.record_rejected(
+            runtime_of(self.app).unpooled_engine(),
+            task_name=self.name,
+            command_id=task_id,
+            raw_body=journal.dumps([list(args), dict(kwargs), {}]),
+            reason=f"failed after {self.request.retries} retries: {exc!r}",
+        )
+
+
+def command_payload(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
+    """The ``command`` keyword argument, the only argument a command task takes."""
+    if args or set(kwargs) != {"command"}:
+        raise InvalidCommand(
+            "a command task takes exactly one keyword argument, command",
+            [FieldError("kwargs", f"got {len(args)} positional and keywords {sorted(kwargs)}")],
+        )
+    return kwargs["command"]
+
+
+def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any) -> Outcome:
+    runtime = runtime_of(task.app)
+    command_id = str(task.request.id)
+    try:
+        payload = command_payload(tuple(args), kwargs)
+        command = parse_command(kind, payload if isinstance(payload, str) else _mapping(payload))
+    except InvalidCommand as error:
+        rejected_id = journal.record_rejected(
+            runtime.engine(),
+            task_name=task.name,
+            command_id=command_id,
+            raw_body=journal.dumps([list(args), dict(kwargs), {}]),
+            reason=error.message,
+            details=error.details,
+        )
+        outcome = failed(error)
+        logger.warning(
+            "command %s %s rejected as %s: %s",
+            kind,
+            command_id,
+            rejected_id,
+            error.message,
+            extra={"command_id": command_id, "kind": kind, "rejected_id": rejected_id},
+        )
+        return outcome
+    outcome = handle(command_id, command, SqlUnitOfWork(runtime.engine()))
+    call_uuid = outcome["call"]["uuid"] if outcome["ok"] else command.call_uuid_or_none
+    code = "ok" if outcome["ok"] else outcome["error"]["code"]
+    logger.info(
+        "command %s %s call=%s outcome=%s",
+        kind,
+        command_id,
+        call_uuid,
+        code,
+        extra={
+            "command_id": command_id,
+            "kind": kind,
+            "call_uuid": str(call_uuid),
+            "outcome": code,
+        },
+    )
+    return outcome
+
+
+def _mapping(payload: Any) -> Mapping[str, Any]:
+    if not isinstance(payload, Mapping):
+        raise InvalidCommand(
+            "command must be a JSON object",
+            [FieldError("command", f"got {type(payload).__name__}")],
+        )
+    return payload
+
+
+def run_sweep(runtime: Runtime) -> dict[str, Any]:
+    """One sweep, unless another is running; its report (also kept in worker_sweep_runs)."""
+    engine = runtime.engine()
+    now = utc_now()
+    started = time.perf_counter()
+    with journal.exclusive_sweep(engine) as mine:
+        expired = batches = 0
+        if mine:
+            result = expire_exhausted_calls(
+                lambda: SqlUnitOfWork(engine), now, runtime.settings.sweep_batch_size
+            )
+            expired, batches = result.expired, result.batches
+    duration = time.perf_counter() - started
+    journal.record_sweep_run(
+        engine,
+        swept_at=now,
+        duration_seconds=duration,
+        expired=expired,
+        batches=batches,
+        skipped=not mine,
+    )
+    report = {
+        "sweptAt": now.isoformat(),
+        "expired": expired,
+        "batches": batches,
+        "durationSeconds": round(duration, 6),
+        "skipped": not mine,
+    }
+    logger.info(
+        "sweep expired=%d batches=%d duration=%.3fs%s",
+        expired,
+        batches,
+        duration,
+        " (skipped: another sweep is running)" if not mine else "",
+        extra={"sweep": report},
+    )
+    return report
+
+
+def _command_task(kind: CommandKind) -> Any:
+    def command_task(self: Task[Any, Any], *args: Any, **kwargs: Any) -> Outcome:
+        return run_command(self, kind, args, kwargs)
+
+    command_task.__doc__ = f"Handle a queued {kind} command (``command``: its JSON)."
+    return command_task
+
+
+def register_tasks(app: Celery) -> None:
+    """One task per command, plus the sweep, under their stable names."""
+    for kind, name in TASK_NAMES.items():
+        app.task(name=name, bind=True, base=CommandTask, queue=COMMANDS_QUEUE)(_command_task(kind))
+
+    def sweep(self: Task[Any, Any]) -> dict[str, Any]:
+        """Expire every call whose attempts reached its owning organization's maximum."""
+        return run_sweep(runtime_of(self.app))
+
+    app.task(name=SWEEP_TASK, bind=True, queue=SWEEPS_QUEUE, acks_late=True)(sweep)

@@ -1,0 +1,49 @@
+"""The wire format's names, shared by the worker and the producer client (no worker code).
+
+See docs/wire-format.md.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Final
+
+from calls_worker.domain.commands import CommandKind
+
+COMMANDS_QUEUE: Final = "calls.commands"
+SWEEPS_QUEUE: Final = "calls.sweeps"
+
+TASK_NAMES: Final[dict[CommandKind, str]] = {
+    "create": "calls.create",
+    "add_attempt": "calls.add_attempt",
+    "complete": "calls.complete",
+    "cancel": "calls.cancel",
+    "expire": "calls.expire",
+}
+SWEEP_TASK: Final = "calls.sweep"
+
+# JSON only: pickle (or anything else that can run code when decoded) is refused.
+CONTENT_TYPES: Final = ["json"]
+
+# Longer than any task may run (celery_app.TASK_TIME_LIMIT): Redis redelivers a message
+# not acknowledged within it.
+VISIBILITY_TIMEOUT: Final = 3600
+
+
+def celery_config(broker_url: str, result_backend_url: str) -> dict[str, Any]:
+    """The Celery settings the worker and the producer client share."""
+    return {
+        "broker_url": broker_url,
+        "result_backend": result_backend_url,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": CONTENT_TYPES,
+        "result_accept_content": CONTENT_TYPES,
+        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        "broker_connection_retry_on_startup": True,
+        "result_expires": timedelta(days=1),
+        "task_default_queue": COMMANDS_QUEUE,
+        "enable_utc": True,
+        "timezone": "UTC",
+    }
