@@ -18,6 +18,7 @@ from sqlalchemy import Engine, text
 from calls_worker.adapters.db.engine import build_engine, sqlalchemy_url
 from calls_worker.adapters.db.migrate import upgrade
 from calls_worker.adapters.embedded import start_postgres
+from tests.db_world import Db
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -29,6 +30,7 @@ WORKER_TABLES = (
     "organizations",
     "worker_processed_commands",
     "worker_rejected_commands",
+    "worker_sweep_runs",
 )
 
 
@@ -119,3 +121,9 @@ def engine(database_url: str) -> Iterator[Engine]:
         with engine.begin() as connection:
             connection.execute(text(f"TRUNCATE {', '.join(WORKER_TABLES)} CASCADE"))
         engine.dispose()
+
+
+@pytest.fixture
+def db(engine: Engine) -> Db:
+    """Seed and inspect the test database (emptied after the test)."""
+    return Db(engine)

@@ -6,7 +6,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
-from tests.integration.conftest import ISSUED, Db
+from tests.db_world import ISSUED, Db
 
 
 @pytest.fixture

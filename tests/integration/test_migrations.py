@@ -21,6 +21,7 @@ TABLES = {
     "call_attempts",
     "worker_processed_commands",
     "worker_rejected_commands",
+    "worker_sweep_runs",
 }
 
 

@@ -22,7 +22,7 @@ from calls_worker.domain.commands import parse_command
 from calls_worker.domain.outcome import Outcome
 from calls_worker.service.handlers import handle
 from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
-from tests.integration.conftest import Db
+from tests.db_world import Db
 
 NOW = datetime(2026, 4, 1, 6, 0, tzinfo=UTC)
 WAIT = 10.0

@@ -7,7 +7,7 @@ from uuid import UUID
 import pytest
 from sqlalchemy.exc import IntegrityError
 
-from tests.integration.conftest import Db
+from tests.db_world import Db
 
 
 @pytest.fixture

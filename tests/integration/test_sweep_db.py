@@ -10,8 +10,8 @@ from sqlalchemy import Engine
 
 from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
+from tests.db_world import Db
 from tests.expiry_cases import EXPIRY_CASES, ExpiryCase
-from tests.integration.conftest import Db
 
 NOW = datetime(2026, 4, 1, 6, 0, tzinfo=UTC)
 

@@ -1,4 +1,7 @@
-"""A seeded world on the real database: organizations, persons, pledge cases, calls."""
+"""A seeded world on the real database: organizations, persons, pledge cases, calls.
+
+Seeding is plain SQL, as the Calls API writes; commands go through the worker's handlers.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
-import pytest
 from sqlalchemy import Engine, text
 
 from calls_worker.adapters.db.repository import SqlUnitOfWork
@@ -97,8 +99,3 @@ class Db:
     ) -> Outcome:
         command = parse_command(kind, payload)
         return handle(command_id or str(uuid4()), command, SqlUnitOfWork(self.engine))
-
-
-@pytest.fixture
-def db(engine: Engine) -> Db:
-    return Db(engine)

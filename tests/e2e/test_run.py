@@ -1,0 +1,94 @@
+"""The README's first command: `calls-worker run` on the embedded default, then Ctrl-C."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+from sqlalchemy import text
+
+from calls_worker.adapters.db.engine import build_engine
+from calls_worker.adapters.embedded import running_redis
+from tests.e2e.conftest import Process, wait_until
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (the daemonized postmaster's reaper is not ours to run)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def embedded_env(data_dir: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLS_WORKER_")}
+    return {**env, "CALLS_WORKER_DATA_DIR": str(data_dir)}
+
+
+def send(
+    env: dict[str, str], kind: str, command: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "calls_worker", "send", kind, "-"],
+        input=json.dumps(command), env=env, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+def test_run_starts_everything_accepts_a_command_and_stops_cleanly(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    env = {**embedded_env(data_dir), "CALLS_WORKER_SWEEP_INTERVAL_SECONDS": "1"}
+    run = Process(["run"], env, tmp_path / "run.log")
+    try:
+        wait_until(lambda: "Ctrl-C stops everything" in run.output(), 120, "run to start")
+        output = run.output()
+        children = [int(pid) for pid in re.findall(r"^\w+: pid (\d+)$", output, re.MULTILINE)]
+        assert len(children) == 3, output
+        database_url = re.search(r"embedded PostgreSQL: (\S+)", output)
+        assert database_url is not None, output
+        postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+
+        engine = build_engine(database_url.group(1), pool_size=1)
+        with engine.begin() as connection:
+            connection.execute(text(
+                "INSERT INTO organizations VALUES ('11111111-1111-4111-8111-111111111111', 'o', 1);"
+                "INSERT INTO persons VALUES ('22222222-2222-4222-8222-222222222222',"
+                " '11111111-1111-4111-8111-111111111111')"
+            ))  # fmt: skip
+        person = {
+            "personUuid": "22222222-2222-4222-8222-222222222222",
+            "organizationUuid": "11111111-1111-4111-8111-111111111111",
+        }
+        created = send(env, "create", person)  # from a "second terminal": nothing configured
+        assert created.returncode == 0, created.stderr
+        call = json.loads(created.stdout)["call"]["uuid"]
+        attempted = send(env, "add-attempt", {
+            "callUuid": call, "userUuid": person["personUuid"],
+            "attemptedAt": "2026-01-01T00:00:00Z",
+        })  # fmt: skip
+        assert json.loads(attempted.stdout)["call"]["attemptCount"] == 1
+
+        def expired_by_beat() -> bool:
+            with engine.connect() as connection:
+                status = connection.execute(
+                    text("SELECT status FROM calls WHERE uuid = :u"), {"u": call}
+                ).scalar()
+            return status == "expired"
+
+        wait_until(expired_by_beat, 30, "beat's sweep to expire the call at its limit")
+        engine.dispose()
+
+        assert run.stop(signal.SIGINT, timeout=90) == 0, run.output()
+    finally:
+        run.stop(signal.SIGKILL)
+    assert "stopped" in run.output()
+    assert not [pid for pid in [*children, postmaster] if running(pid)]
+    assert running_redis(data_dir / "redis") is None

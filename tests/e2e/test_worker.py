@@ -1,0 +1,111 @@
+"""The queue path end to end: producer client → Redis → a real worker process → PostgreSQL."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
+
+from celery import Celery
+
+from calls_worker.client import CallsClient
+from calls_worker.wire import SWEEP_TASK, SWEEPS_QUEUE
+from tests.db_world import ISSUED, Db
+from tests.e2e.conftest import Process, queues_drained, wait_until
+
+TIMEOUT = 30
+
+
+def seeded_person(db: Db, max_call_attempts: int | None) -> dict[str, str]:
+    organization = db.organization(max_call_attempts)
+    return {"personUuid": str(db.person(organization)), "organizationUuid": str(organization)}
+
+
+def attempt(client: CallsClient, call: str, command_id: str | None = None) -> Any:
+    command = {"callUuid": call, "userUuid": str(uuid4()), "attemptedAt": ISSUED}
+    return client.send("add_attempt", command, command_id=command_id).outcome(TIMEOUT)
+
+
+def test_create_attempts_then_the_sweep_expires_exactly_the_calls_at_the_limit(
+    db: Db, worker: Process, client: CallsClient, control_app: Celery
+) -> None:
+    person = seeded_person(db, 2)
+    calls = [client.send("create", person).outcome(TIMEOUT)["call"]["uuid"] for _ in range(3)]
+    for call, attempts in zip(calls, (1, 2, 3), strict=True):
+        for _ in range(attempts):
+            assert attempt(client, call)["ok"] is True
+    unlimited = client.send("create", seeded_person(db, None)).outcome(TIMEOUT)["call"]["uuid"]
+    for _ in range(5):
+        attempt(client, unlimited)
+
+    report = control_app.send_task(SWEEP_TASK, queue=SWEEPS_QUEUE).get(timeout=TIMEOUT)
+
+    assert report["expired"] == 2
+    assert report["skipped"] is False
+    assert report["durationSeconds"] > 0
+    statuses = [db.row(UUID(c))["status"] for c in [*calls, unlimited]]
+    assert statuses == ["requested", "expired", "expired", "requested"]
+
+
+def test_the_same_command_delivered_twice_has_one_effect(
+    db: Db, worker: Process, client: CallsClient, redis_url: str
+) -> None:
+    call = client.send("create", seeded_person(db, 5)).outcome(TIMEOUT)["call"]["uuid"]
+    command_id = f"twice-{uuid4()}"
+    command = {"callUuid": call, "userUuid": str(uuid4()), "attemptedAt": ISSUED}
+    first = client.send("add_attempt", command, command_id=command_id)
+    second = client.send("add_attempt", command, command_id=command_id)
+    assert first.outcome(TIMEOUT) == second.outcome(TIMEOUT)
+    wait_until(lambda: queues_drained(redis_url), TIMEOUT, "both deliveries to be acknowledged")
+    wait_until(
+        lambda: worker.output().count(f"command add_attempt {command_id}") == 2,
+        TIMEOUT,
+        "the worker to handle both deliveries",
+    )
+    assert db.row(UUID(call))["attempt_count"] == db.attempt_rows(UUID(call)) == 1
+
+
+def rejected(db: Db) -> list[dict[str, Any]]:
+    rows = db.sql("SELECT * FROM worker_rejected_commands ORDER BY id").mappings()
+    return [dict(row) for row in rows]
+
+
+class RunsWhenUnpickled:
+    """Unpickling this creates a file: the proof that a pickle body was never loaded."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Path.touch, (self.marker,))
+
+
+def test_bad_messages_are_kept_with_their_reason_and_the_worker_keeps_serving(
+    db: Db, worker: Process, client: CallsClient, control_app: Celery, tmp_path: Path
+) -> None:
+    marker = tmp_path / "pickle-was-loaded"
+    pickle.dumps(RunsWhenUnpickled(marker))  # it does pickle
+    control_app.send_task(
+        "calls.create", kwargs={"command": RunsWhenUnpickled(marker)}, serializer="pickle"
+    )
+    control_app.send_task("calls.create", kwargs={"command": {"personUuid": "nobody"}})
+    control_app.send_task("calls.cancel", args=[str(uuid4())])
+    control_app.send_task("calls.cancel", kwargs={"command": "{not json"})
+    control_app.send_task("calls.no_such_task", kwargs={"command": {}})
+
+    rows = wait_until(lambda: len(rejected(db)) == 5 and rejected(db), TIMEOUT, "5 rejections")
+    reasons: dict[str, list[str]] = {row["task_name"]: [] for row in rows}
+    for row in rows:
+        reasons[row["task_name"]].append(row["reason"])
+    assert any("pickle" in reason for reason in reasons["calls.create"])
+    assert any("create command is invalid" in reason for reason in reasons["calls.create"])
+    assert any("exactly one keyword argument" in r for r in reasons["calls.cancel"])
+    assert any("cancel command is invalid" in r for r in reasons["calls.cancel"])
+    assert any("unknown task" in r for r in reasons["calls.no_such_task"])
+    assert all(row["raw_body"] for row in rows)
+    assert not marker.exists()
+
+    outcome = client.send("create", seeded_person(db, 3)).outcome(TIMEOUT)
+    assert outcome["ok"] is True
+    assert db.sql("SELECT count(*) FROM calls").scalar() == 1
