@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import pickle
 from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+import redis
 from celery import Celery
 
 from calls_worker.client import CallsClient
@@ -15,6 +18,7 @@ from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import Process, queues_drained, wait_until
 
 TIMEOUT = 30
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def seeded_person(db: Db, max_call_attempts: int | None) -> dict[str, str]:
@@ -109,3 +113,26 @@ def test_bad_messages_are_kept_with_their_reason_and_the_worker_keeps_serving(
     outcome = client.send("create", seeded_person(db, 3)).outcome(TIMEOUT)
     assert outcome["ok"] is True
     assert db.sql("SELECT count(*) FROM calls").scalar() == 1
+
+
+def test_the_documented_envelope_works_without_celery(
+    db: Db, worker: Process, client: CallsClient, redis_url: str
+) -> None:
+    call = client.send("create", seeded_person(db, 3)).outcome(TIMEOUT)["call"]["uuid"]
+    envelope = json.loads((ROOT / "docs/examples/cancel-message.json").read_text())
+    args, kwargs, embed = json.loads(base64.b64decode(envelope["body"]))
+    kwargs["command"]["callUuid"] = call
+    envelope["body"] = base64.b64encode(json.dumps([args, kwargs, embed]).encode()).decode()
+    command_id = f"raw-{uuid4()}"
+    envelope["headers"].update(id=command_id, root_id=command_id)
+    envelope["properties"].update(correlation_id=command_id, delivery_tag=str(uuid4()))
+    connection = redis.Redis.from_url(redis_url)
+    connection.lpush("calls.commands", json.dumps(envelope))
+
+    meta = wait_until(
+        lambda: connection.get(f"celery-task-meta-{command_id}"), TIMEOUT, "the outcome"
+    )
+    outcome = json.loads(meta)["result"]
+    assert outcome["ok"] is True, outcome
+    assert outcome["call"]["status"] == "cancelled"
+    assert outcome["call"]["cancelledAt"] == "2026-03-01T09:00:00+00:00"  # its issuedAt

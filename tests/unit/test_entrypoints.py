@@ -1,0 +1,57 @@
+"""Entry-point contracts that need no server."""
+
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from calls_worker.entrypoints.cli import main
+from calls_worker.entrypoints.logs import formatter
+from calls_worker.entrypoints.replay import replay_id
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_committed_json_schemas_are_current(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["schema", "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    generated = sorted(tmp_path.iterdir())
+    assert len(generated) == 5
+    for schema in generated:
+        committed = ROOT / "docs/schemas" / schema.name
+        assert committed.read_text() == schema.read_text(), f"regenerate {committed}"
+
+
+def test_the_producer_client_loads_no_worker_code() -> None:
+    probe = (
+        "import sys, calls_worker.client; "
+        "bad = [m for m in sys.modules if m.startswith(('sqlalchemy', 'psycopg', "
+        "'calls_worker.service', 'calls_worker.adapters', 'calls_worker.entrypoints'))]; "
+        "print(bad)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert run.stdout.strip() == "[]"
+
+
+def test_json_log_lines_carry_the_command_fields() -> None:
+    record = logging.LogRecord(
+        "calls_worker", logging.INFO, __file__, 1, "command %s", ("x",), None
+    )
+    record.command_id, record.outcome = "cmd-1", "ok"
+    line = json.loads(formatter("json").format(record))
+    assert (line["message"], line["command_id"], line["outcome"]) == ("command x", "cmd-1", "ok")
+    assert line["level"] == "INFO"
+
+
+def test_a_replay_id_is_stable_for_the_same_command() -> None:
+    same = replay_id(7, '{"b": 1, "a": 2}') == replay_id(7, {"a": 2, "b": 1})
+    assert same
+    assert replay_id(7, {"a": 1}) != replay_id(7, {"a": 2})
+    assert replay_id(7, {"a": 1}) != replay_id(8, {"a": 1})
