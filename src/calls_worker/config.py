@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field, PositiveInt
+from pydantic import Field, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -31,6 +31,16 @@ class Settings(BaseSettings):
     sweep_batch_size: PositiveInt = Field(
         default=5000,
         description="Calls expired per transaction; bounds how long one batch holds row locks.",
+    )
+    metrics_port: int = Field(
+        default=9808,
+        ge=0,
+        le=65535,
+        description="Port of this process's Prometheus /metrics (0: none).",
+    )
+    flower_basic_auth: SecretStr | None = Field(
+        default=None,
+        description="user:password that Flower requires; Flower refuses to start without it.",
     )
     data_dir: Path = Field(
         default=Path(".calls-worker"),

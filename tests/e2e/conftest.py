@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -42,10 +43,33 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         server.stop()
 
 
+def free_ports(count: int) -> int:
+    """The first of ``count`` consecutive free ports on 127.0.0.1."""
+    for _ in range(100):
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            first = int(probe.getsockname()[1])
+        if first + count > 65535:
+            continue
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError("no free ports")
+
+
 def worker_env(database_url: str, broker_url: str, data_dir: Path, **extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLS_WORKER_")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("CALLS_WORKER_") and k != "PROMETHEUS_MULTIPROC_DIR"
+    }
     return {
         **env,
+        "CALLS_WORKER_METRICS_PORT": str(free_ports(1)),
         "CALLS_WORKER_DATABASE_URL": database_url,
         "CALLS_WORKER_BROKER_URL": broker_url,
         "CALLS_WORKER_DATA_DIR": str(data_dir),

@@ -16,7 +16,7 @@ from sqlalchemy import text
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.embedded import running_redis
-from tests.e2e.conftest import Process, wait_until
+from tests.e2e.conftest import Process, free_ports, wait_until
 
 
 def running(pid: int) -> bool:
@@ -45,12 +45,16 @@ def send(
 @pytest.mark.slow
 def test_run_starts_everything_accepts_a_command_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
-    env = {**embedded_env(data_dir), "CALLS_WORKER_SWEEP_INTERVAL_SECONDS": "1"}
+    env = {
+        **embedded_env(data_dir),
+        "CALLS_WORKER_SWEEP_INTERVAL_SECONDS": "1",
+        "CALLS_WORKER_METRICS_PORT": str(free_ports(3)),
+    }
     run = Process(["run"], env, tmp_path / "run.log")
     try:
         wait_until(lambda: "Ctrl-C stops everything" in run.output(), 120, "run to start")
         output = run.output()
-        children = [int(pid) for pid in re.findall(r"^\w+: pid (\d+)$", output, re.MULTILINE)]
+        children = [int(pid) for pid in re.findall(r"^\w+: pid (\d+)", output, re.MULTILINE)]
         assert len(children) == 3, output
         database_url = re.search(r"embedded PostgreSQL: (\S+)", output)
         assert database_url is not None, output

@@ -83,6 +83,10 @@ def worker(
 ) -> None:
     """Run a Celery worker consuming the command and sweep queues."""
     servers = _servers()
+    if servers.settings.metrics_port:
+        from calls_worker.entrypoints.metrics import prepare_multiprocess_dir
+
+        prepare_multiprocess_dir()
     argv = ["worker", "--loglevel", "INFO", "--queues", queues, "--without-mingle"]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]

@@ -14,6 +14,7 @@ from typing import Any
 from celery.worker.consumer import Consumer
 
 from calls_worker.adapters.db import journal
+from calls_worker.entrypoints.metrics import worker_metrics
 from calls_worker.entrypoints.runtime import runtime_of
 
 logger = logging.getLogger("calls_worker")
@@ -50,4 +51,5 @@ class RecordingConsumer(Consumer):
         except Exception:  # the broker's copy is about to go: log everything we have
             logger.exception("could not record a rejected message: %r", message.body)
             return
+        worker_metrics().rejection("message")
         logger.warning("message rejected as %s: %s", rejected_id, reason)

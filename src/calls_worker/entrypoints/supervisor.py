@@ -22,6 +22,8 @@ from calls_worker.entrypoints.logs import LogFormat
 from calls_worker.entrypoints.servers import Servers
 
 SHUTDOWN_GRACE_SECONDS = 60
+# The children's metrics ports: CALLS_WORKER_METRICS_PORT, and the next two.
+METRICS_ORDER = ("worker", "sweeper", "beat")
 _PR_SET_PDEATHSIG = 1
 
 
@@ -60,26 +62,34 @@ def run_everything(servers: Servers, *, log_format: LogFormat) -> int:
         upgrade(engine)
         revision = current_revision(engine)
         engine.dispose()
+        inherited = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
         env = {
-            **os.environ,
+            **inherited,
             "CALLS_WORKER_DATABASE_URL": database_url,
             "CALLS_WORKER_BROKER_URL": broker_url,
             "CALLS_WORKER_RESULT_BACKEND_URL": servers.result_backend_url(start=True),
             "CALLS_WORKER_DATA_DIR": str(servers.settings.data_dir.resolve()),
         }
         fmt = ["--log-format", log_format]
+        port = servers.settings.metrics_port
+        ports = {name: (port + n if port else 0) for n, name in enumerate(METRICS_ORDER)}
         children["worker"] = _spawn(
-            ["worker", *fmt, "-Q", "calls.commands", "-n", "commands@%h"], env
+            ["worker", *fmt, "-Q", "calls.commands", "-n", "commands@%h"],
+            {**env, "CALLS_WORKER_METRICS_PORT": str(ports["worker"])},
         )
         children["sweeper"] = _spawn(
-            ["worker", *fmt, "-Q", "calls.sweeps", "-c", "1", "-n", "sweeps@%h"], env
+            ["worker", *fmt, "-Q", "calls.sweeps", "-c", "1", "-n", "sweeps@%h"],
+            {**env, "CALLS_WORKER_METRICS_PORT": str(ports["sweeper"])},
         )
-        children["beat"] = _spawn(["beat", *fmt], env)
+        children["beat"] = _spawn(
+            ["beat", *fmt], {**env, "CALLS_WORKER_METRICS_PORT": str(ports["beat"])}
+        )
         for line in servers.describe():
             click.echo(line)
         click.echo(f"schema at revision {revision}")
         for name, child in children.items():
-            click.echo(f"{name}: pid {child.pid}")
+            metrics = f", metrics on http://127.0.0.1:{ports[name]}/metrics" if ports[name] else ""
+            click.echo(f"{name}: pid {child.pid}{metrics}")
         click.echo(
             f"sweep every {servers.settings.sweep_interval_seconds}s. "
             "Try: ./dev send create command.json — Ctrl-C stops everything."

@@ -19,6 +19,7 @@ from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.errors import FieldError, InvalidCommand
 from calls_worker.domain.outcome import Outcome, failed
+from calls_worker.entrypoints.metrics import worker_metrics
 from calls_worker.entrypoints.runtime import Runtime, runtime_of
 from calls_worker.service.handlers import handle, utc_now
 from calls_worker.service.sweep import expire_exhausted_calls
@@ -83,6 +84,7 @@ def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any)
             details=error.details,
         )
         outcome = failed(error)
+        worker_metrics().rejection("task")
         logger.warning(
             "command %s %s rejected as %s: %s",
             kind,
@@ -95,6 +97,7 @@ def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any)
     outcome = handle(command_id, command, SqlUnitOfWork(runtime.engine()))
     call_uuid = outcome["call"]["uuid"] if outcome["ok"] else command.call_uuid_or_none
     code = "ok" if outcome["ok"] else outcome["error"]["code"]
+    worker_metrics().command(kind, code)
     logger.info(
         "command %s %s call=%s outcome=%s",
         kind,
@@ -133,6 +136,7 @@ def run_sweep(runtime: Runtime) -> dict[str, Any]:
             )
             expired, batches = result.expired, result.batches
     duration = time.perf_counter() - started
+    worker_metrics().sweep(skipped=not mine, duration=duration, expired=expired)
     journal.record_sweep_run(
         engine,
         swept_at=now,

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, func, select, text, update
 from calls_worker.domain.errors import FieldError
 
 from .repository import calls_with_owning_organization, exhausted
-from .tables import calls, organizations, rejected_commands, sweep_runs
+from .tables import call_attempts, calls, organizations, rejected_commands, sweep_runs
 
 # Any constant will do: one sweep at a time across every worker and beat.
 _SWEEP_LOCK = 7_304_118_002
@@ -161,6 +161,64 @@ def exhausted_by_organization(engine: Engine) -> list[dict[str, Any]]:
             }
             for row in rows
         ]
+
+
+@dataclass(frozen=True)
+class OperationalFigures:
+    """What operators watch, read in one go (metrics and the status command)."""
+
+    requested: int
+    exhausted: int
+    sweep_lag_seconds: float
+    rejected_waiting: int
+    last_sweep: dict[str, Any] | None
+
+    @property
+    def last_sweep_at(self) -> datetime | None:
+        return None if self.last_sweep is None else self.last_sweep["swept_at"]
+
+
+def operational_figures(engine: Engine) -> OperationalFigures:
+    """Counts of requested and exhausted calls, the sweep lag, rejected commands waiting.
+
+    The sweep lag is how long the oldest exhausted call has waited since its latest
+    attempt, the one that took it to its limit (0 when none waits).
+    """
+    reached_limit_at = (
+        select(func.max(call_attempts.c.attempted_at))
+        .where(call_attempts.c.call_uuid == calls.c.uuid)
+        .scalar_subquery()
+    )
+    due = (
+        select(reached_limit_at.label("reached_limit_at"))
+        .select_from(calls_with_owning_organization())
+        .where(exhausted())
+        .subquery()
+    )
+    with engine.connect() as connection:
+        requested = connection.execute(
+            select(func.count()).select_from(calls).where(calls.c.status == "requested")
+        ).scalar_one()
+        exhausted_count, lag = connection.execute(
+            select(
+                func.count(),
+                func.coalesce(
+                    func.extract("epoch", func.now() - func.min(due.c.reached_limit_at)), 0
+                ),
+            ).select_from(due)
+        ).one()
+        rejected_waiting = connection.execute(
+            select(func.count())
+            .select_from(rejected_commands)
+            .where(rejected_commands.c.replayed_at.is_(None))
+        ).scalar_one()
+    return OperationalFigures(
+        requested=requested,
+        exhausted=exhausted_count,
+        sweep_lag_seconds=max(0.0, float(lag)),
+        rejected_waiting=rejected_waiting,
+        last_sweep=last_sweep_run(engine),
+    )
 
 
 def body_text(body: bytes | str) -> str:

@@ -1,0 +1,161 @@
+"""Prometheus metrics.
+
+Workers count what they do (commands by kind and outcome code, rejected commands,
+sweeps); Celery's prefork children write to ``PROMETHEUS_MULTIPROC_DIR`` and the worker's
+main process serves their sum. Beat (of which there is exactly one) also serves what the
+database says: requested calls, calls at their limit not yet expired, the sweep lag, the
+last sweep, rejected commands waiting, and the queue lengths. No label names a call or an
+organization, so cardinality stays bounded.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+from calls_worker.domain.commands import CommandKind
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def prepare_multiprocess_dir() -> str:
+    """Point prometheus_client at a fresh directory for this worker's processes.
+
+    Must run before prometheus_client is imported: it picks its storage on import.
+    """
+    directory = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="calls-worker-metrics-")
+    os.environ[MULTIPROC_ENV] = directory
+    for stale in os.scandir(directory):  # a previous run's values must not count
+        if stale.name.endswith(".db"):
+            os.unlink(stale.path)
+    return directory
+
+
+@dataclass(frozen=True)
+class WorkerMetrics:
+    commands: Any
+    rejected: Any
+    sweeps: Any
+    sweep_duration: Any
+    sweep_expired: Any
+
+    def command(self, kind: CommandKind, outcome: str) -> None:
+        self.commands.labels(kind=kind, outcome=outcome).inc()
+
+    def rejection(self, stage: str) -> None:
+        self.rejected.labels(stage=stage).inc()
+
+    def sweep(self, *, skipped: bool, duration: float, expired: int) -> None:
+        self.sweeps.labels(result="skipped" if skipped else "done").inc()
+        if not skipped:
+            self.sweep_duration.observe(duration)
+            self.sweep_expired.inc(expired)
+
+
+@cache
+def worker_metrics() -> WorkerMetrics:
+    """This process's counters, made on first use (after fork, in a pool child)."""
+    from prometheus_client import Counter, Histogram
+
+    return WorkerMetrics(
+        commands=Counter(
+            "calls_worker_commands_total",
+            "Commands handled, by kind and outcome code (ok, invalid, not_found, conflict).",
+            ["kind", "outcome"],
+        ),
+        rejected=Counter(
+            "calls_worker_rejected_commands_total",
+            "Commands kept in the rejected-commands table, by where they were stopped.",
+            ["stage"],
+        ),
+        sweeps=Counter(
+            "calls_worker_sweeps_total",
+            "Sweeps run, or skipped because one was running.",
+            ["result"],
+        ),
+        sweep_duration=Histogram(
+            "calls_worker_sweep_duration_seconds",
+            "How long a sweep took.",
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        ),
+        sweep_expired=Counter(
+            "calls_worker_sweep_expired_calls_total", "Calls the sweeps expired."
+        ),
+    )
+
+
+def serve_worker_metrics(port: int) -> None:
+    """Serve the sum of every pool process's counters (call in the worker's main process)."""
+    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    start_http_server(port, registry=registry)
+
+
+def forget_process(pid: int) -> None:
+    """A pool process exited: drop its live gauges (counters keep their totals)."""
+    from prometheus_client import multiprocess
+
+    multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]
+
+
+class DatabaseCollector:
+    """Figures read from the database and the broker at each scrape (served by beat)."""
+
+    def __init__(self, engine: Any, broker_url: str) -> None:
+        self._engine = engine
+        self._broker_url = broker_url
+
+    def describe(self) -> list[Any]:
+        return []  # collected live; nothing to register up front
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        from calls_worker.adapters.db.journal import operational_figures
+        from calls_worker.adapters.queue import queue_lengths
+
+        figures = operational_figures(self._engine)
+        yield GaugeMetricFamily(
+            "calls_worker_requested_calls", "Calls in status requested.", figures.requested
+        )
+        yield GaugeMetricFamily(
+            "calls_worker_exhausted_calls",
+            "Requested calls at or over their limit, not expired yet.",
+            figures.exhausted,
+        )
+        yield GaugeMetricFamily(
+            "calls_worker_sweep_lag_seconds",
+            "How long the oldest call at its limit has waited to be expired (0: none waits).",
+            figures.sweep_lag_seconds,
+        )
+        yield GaugeMetricFamily(
+            "calls_worker_rejected_commands_waiting",
+            "Rejected commands not replayed yet.",
+            figures.rejected_waiting,
+        )
+        if figures.last_sweep_at is not None:
+            yield GaugeMetricFamily(
+                "calls_worker_last_sweep_timestamp_seconds",
+                "When the last sweep that ran (not skipped) started, as a Unix time.",
+                figures.last_sweep_at.timestamp(),
+            )
+        queues = GaugeMetricFamily(
+            "calls_worker_queue_messages", "Messages waiting in a queue.", labels=["queue"]
+        )
+        for queue, length in queue_lengths(self._broker_url).items():
+            queues.add_metric([queue], length)
+        yield queues
+
+
+def serve_database_metrics(port: int, engine: Any, broker_url: str) -> None:
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry()
+    registry.register(DatabaseCollector(engine, broker_url))
+    start_http_server(port, registry=registry)
