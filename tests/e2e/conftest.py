@@ -81,6 +81,7 @@ class Process:
     """A calls-worker child process whose output goes to a log file."""
 
     def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+        self.env = env
         self.log = log
         self._file = log.open("wb")
         self.popen = subprocess.Popen(
@@ -168,3 +169,18 @@ def queues_drained(redis_url: str) -> bool:
     """No command waiting, none delivered but unacknowledged."""
     connection = redis.Redis.from_url(redis_url)
     return not connection.llen("calls.commands") and not connection.hlen("unacked")
+
+
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """Every sample of a /metrics endpoint, by name and sorted labels."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }

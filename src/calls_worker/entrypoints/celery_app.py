@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from celery import Celery, signals
 
 from calls_worker.config import Settings
 from calls_worker.entrypoints.logs import LogFormat, use_format
+from calls_worker.entrypoints.metrics import (
+    MULTIPROC_ENV,
+    forget_process,
+    serve_database_metrics,
+    serve_worker_metrics,
+)
 from calls_worker.entrypoints.runtime import Runtime, runtime_of
 from calls_worker.entrypoints.tasks import register_tasks
 from calls_worker.wire import SWEEP_TASK, SWEEPS_QUEUE, celery_config
@@ -59,5 +66,23 @@ def create_app(
     # weak=False: the handler is a closure that would otherwise be collected at once.
     signals.after_setup_logger.connect(set_format, weak=False)
     signals.after_setup_task_logger.connect(set_format, weak=False)
-    signals.worker_process_shutdown.connect(lambda **_: runtime_of(app).dispose(), weak=False)
+
+    def process_shutdown(**_: Any) -> None:
+        runtime_of(app).dispose()
+        if os.environ.get(MULTIPROC_ENV):
+            forget_process(os.getpid())
+
+    signals.worker_process_shutdown.connect(process_shutdown, weak=False)
+    if settings.metrics_port:
+        port = settings.metrics_port
+
+        def serve_worker(**_: Any) -> None:
+            if os.environ.get(MULTIPROC_ENV):  # set by `calls-worker worker`
+                serve_worker_metrics(port)
+
+        def serve_beat(**_: Any) -> None:
+            serve_database_metrics(port, runtime_of(app).engine(), broker_url)
+
+        signals.worker_init.connect(serve_worker, weak=False)
+        signals.beat_init.connect(serve_beat, weak=False)
     return app

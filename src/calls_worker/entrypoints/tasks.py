@@ -49,6 +49,7 @@ class CommandTask(Task[Any, Outcome]):
     retry_jitter = True
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        worker_metrics().rejection("gave_up")
         journal.record_rejected(
             runtime_of(self.app).unpooled_engine(),
             task_name=self.name,

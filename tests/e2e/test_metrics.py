@@ -1,0 +1,106 @@
+"""The /metrics endpoints, scraped after real commands and real sweeps."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from uuid import uuid4
+
+import pytest
+from celery import Celery
+from sqlalchemy import Engine
+
+from calls_worker.client import CallsClient
+from calls_worker.entrypoints.metrics import serve_database_metrics
+from calls_worker.wire import SWEEP_TASK, SWEEPS_QUEUE
+from tests.db_world import ISSUED, Db
+from tests.e2e.conftest import Process, free_ports, scrape, wait_until, worker_env
+
+TIMEOUT = 30
+
+
+def command_count(samples: dict, kind: str, outcome: str) -> float:  # type: ignore[type-arg]
+    key = ("calls_worker_commands_total", (("kind", kind), ("outcome", outcome)))
+    return float(samples.get(key, 0.0))
+
+
+def test_worker_metrics_count_what_happened(
+    db: Db, worker: Process, client: CallsClient, control_app: Celery
+) -> None:
+    port = int(worker.env["CALLS_WORKER_METRICS_PORT"])
+    before = scrape(port)
+    organization = db.organization(1)
+    person = {"personUuid": str(db.person(organization)), "organizationUuid": str(organization)}
+    calls = [client.send("create", person).outcome(TIMEOUT)["call"]["uuid"] for _ in range(3)]
+    for call in calls[:2]:
+        command = {"callUuid": call, "userUuid": str(uuid4()), "attemptedAt": ISSUED}
+        client.send("add_attempt", command).outcome(TIMEOUT)
+    client.send("cancel", {"callUuid": str(uuid4())}).outcome(TIMEOUT)  # not_found
+    control_app.send_task("calls.cancel", kwargs={"command": {"callUuid": "x"}})  # rejected
+    report = control_app.send_task(SWEEP_TASK, queue=SWEEPS_QUEUE).get(timeout=TIMEOUT)
+    assert report["expired"] == 2
+
+    def rejected_counted() -> bool:
+        key = ("calls_worker_rejected_commands_total", (("stage", "task"),))
+        return scrape(port).get(key, 0) - before.get(key, 0) == 1
+
+    wait_until(rejected_counted, TIMEOUT, "the rejection to be counted")
+    after = scrape(port)
+    assert command_count(after, "create", "ok") - command_count(before, "create", "ok") == 3
+    added = command_count(after, "add_attempt", "ok") - command_count(before, "add_attempt", "ok")
+    assert added == 2
+    assert (
+        command_count(after, "cancel", "not_found") - command_count(before, "cancel", "not_found")
+        == 1
+    )
+    expired = ("calls_worker_sweep_expired_calls_total", ())
+    assert after[expired] - before.get(expired, 0) == 2
+    sweeps = ("calls_worker_sweep_duration_seconds_count", ())
+    assert after[sweeps] - before.get(sweeps, 0) == 1
+
+
+def test_database_metrics_match_the_database(db: Db, engine: Engine, redis_url: str) -> None:
+    organization = db.organization(2)
+    person = db.person(organization)
+    waiting = db.call(person, organization, attempts=2)  # at its limit since EARLIER
+    db.call(person, organization, attempts=1)
+    db.call(person, organization, status="completed", attempts=3)
+    db.sql(
+        "INSERT INTO worker_rejected_commands (task_name, raw_body, reason)"
+        " VALUES ('calls.create', '{}', 'test')"
+    )
+    port = free_ports(1)
+    serve_database_metrics(port, engine, redis_url)
+    samples = scrape(port)
+    assert samples[("calls_worker_requested_calls", ())] == 2
+    assert samples[("calls_worker_exhausted_calls", ())] == 1
+    assert samples[("calls_worker_rejected_commands_waiting", ())] == 1
+    oldest = db.sql(
+        "SELECT max(attempted_at) FROM call_attempts WHERE call_uuid = :c", c=waiting
+    ).scalar()
+    lag = samples[("calls_worker_sweep_lag_seconds", ())]
+    expected = (datetime.now(UTC) - oldest).total_seconds()
+    assert expected - 60 < lag <= expected + 1
+    assert ("calls_worker_queue_messages", (("queue", "calls.commands"),)) in samples
+    assert ("calls_worker_last_sweep_timestamp_seconds", ()) not in samples  # none ran yet
+
+
+@pytest.mark.slow
+def test_beat_serves_the_database_metrics(
+    db: Db, database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    env = worker_env(database_url, redis_url, tmp_path, CALLS_WORKER_SWEEP_INTERVAL_SECONDS="3600")
+    beat = Process(["beat"], env, tmp_path / "beat.log")
+    try:
+        port = int(env["CALLS_WORKER_METRICS_PORT"])
+
+        def served() -> dict | None:  # type: ignore[type-arg]
+            try:
+                return scrape(port)
+            except OSError:
+                return None
+
+        samples = wait_until(served, TIMEOUT, "beat's metrics endpoint")
+        assert ("calls_worker_requested_calls", ()) in samples
+    finally:
+        beat.stop()
