@@ -66,11 +66,12 @@ def main() -> None:
 
 @main.command()
 @log_format_option
-def run(log_format: LogFormat) -> None:
+@click.option("--flower", is_flag=True, help="Also run Flower on 127.0.0.1:5555.")
+def run(log_format: LogFormat, flower: bool) -> None:
     """Migrate, then run a worker and beat until Ctrl-C (embedded servers if no URLs)."""
     from calls_worker.entrypoints.supervisor import run_everything
 
-    sys.exit(run_everything(_servers(), log_format=log_format))
+    sys.exit(run_everything(_servers(), log_format=log_format, flower=flower))
 
 
 @main.command()
@@ -108,6 +109,43 @@ def beat(log_format: LogFormat) -> None:
         _app(servers, log_format).start(["beat", "--loglevel", "INFO"])
     finally:
         servers.stop()
+
+
+@main.command()
+@click.option("--address", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=5555, show_default=True)
+def flower(address: str, port: int) -> None:
+    """Run Flower, the task dashboard (requires CALLS_WORKER_FLOWER_BASIC_AUTH)."""
+    from calls_worker.entrypoints.flower import require_auth, run_flower
+
+    servers = _servers()
+    auth = servers.settings.flower_basic_auth
+    basic_auth = require_auth(auth.get_secret_value() if auth else None)
+    try:
+        run_flower(_app(servers), basic_auth, address, port)
+    finally:
+        servers.stop()
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="One JSON object, for machines.")
+def status(as_json: bool) -> None:
+    """Whether the database and broker answer, queues, the last sweep, calls waiting.
+
+    Exit status 0 when the database and the broker answer, 1 otherwise.
+    """
+    from calls_worker.entrypoints.status import gather_status, render_status
+
+    servers = _servers()
+    try:
+        report = gather_status(servers)
+    finally:
+        servers.stop()
+    if as_json:
+        _print_json(report)
+    else:
+        click.echo(render_status(report))
+    sys.exit(0 if report["database"]["ok"] and report["broker"]["ok"] else 1)
 
 
 @main.command()

@@ -42,7 +42,7 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def run_everything(servers: Servers, *, log_format: LogFormat) -> int:
+def run_everything(servers: Servers, *, log_format: LogFormat, flower: bool = False) -> int:
     """Run until a signal or until a child dies; the exit status."""
     from calls_worker.adapters.db.engine import build_engine
     from calls_worker.adapters.db.migrate import current_revision, upgrade
@@ -84,12 +84,24 @@ def run_everything(servers: Servers, *, log_format: LogFormat) -> int:
         children["beat"] = _spawn(
             ["beat", *fmt], {**env, "CALLS_WORKER_METRICS_PORT": str(ports["beat"])}
         )
+        flower_login = None
+        if flower:
+            from calls_worker.entrypoints.flower import FLOWER_PORT, start_flower
+
+            children["flower"], flower_login = start_flower(env, FLOWER_PORT)
+            ports["flower"] = 0
         for line in servers.describe():
             click.echo(line)
         click.echo(f"schema at revision {revision}")
         for name, child in children.items():
             metrics = f", metrics on http://127.0.0.1:{ports[name]}/metrics" if ports[name] else ""
             click.echo(f"{name}: pid {child.pid}{metrics}")
+        if flower_login:
+            user, password = flower_login.split(":", 1)
+            click.echo(
+                f"Flower: http://127.0.0.1:{FLOWER_PORT}/ (user {user}, password {password};"
+                " shown once)"
+            )
         click.echo(
             f"sweep every {servers.settings.sweep_interval_seconds}s. "
             "Try: ./dev send create command.json — Ctrl-C stops everything."

@@ -1,0 +1,119 @@
+"""What operators use: the status command and Flower."""
+
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from calls_worker.client import CallsClient
+from tests.db_world import Db
+from tests.e2e.conftest import Process, free_ports, wait_until, worker_env
+
+TIMEOUT = 30
+
+
+def calls_worker(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "calls_worker", *args],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+
+
+def test_status_reports_what_the_database_holds(
+    db: Db, database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    organization = db.organization(1)
+    person = db.person(organization)
+    db.call(person, organization, attempts=1)
+    db.call(person, organization)
+    db.sql(
+        "INSERT INTO worker_rejected_commands (task_name, raw_body, reason)"
+        " VALUES ('calls.create', '{}', 'test')"
+    )
+    run = calls_worker(worker_env(database_url, redis_url, tmp_path), "status", "--json")
+    assert run.returncode == 0, run.stderr
+    report = json.loads(run.stdout)
+    assert report["database"]["ok"] is True
+    assert report["broker"]["ok"] is True
+    assert report["calls"]["requested"] == 2
+    assert report["calls"]["atLimitNotExpired"] == 1
+    assert report["rejectedCommandsWaiting"] == 1
+    assert set(report["queues"]) == {"calls.commands", "calls.sweeps"}
+    text = calls_worker(worker_env(database_url, redis_url, tmp_path), "status").stdout
+    assert "at their limit, not yet expired: 1" in text
+
+
+def test_status_says_which_server_does_not_answer(tmp_path: Path) -> None:
+    env = worker_env("postgresql://postgres@127.0.0.1:1/x", "redis://127.0.0.1:1/0", tmp_path)
+    run = calls_worker(env, "status")
+    assert run.returncode == 1
+    assert run.stdout.count("NOT ANSWERING") == 2
+
+
+def get(url: str, auth: str | None = None) -> Any:
+    request = urllib.request.Request(url)
+    if auth:
+        request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.loads(response.read()) if "json" in response.headers["Content-Type"] else None
+
+
+def test_flower_refuses_to_start_without_authentication(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    run = calls_worker(worker_env(database_url, redis_url, tmp_path), "flower")
+    assert run.returncode != 0
+    assert "Flower needs authentication" in run.stderr
+
+
+@pytest.mark.slow
+def test_flower_lists_the_calls_tasks_that_ran(
+    db: Db, worker: Process, client: CallsClient, database_url: str, redis_url: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    port, auth = free_ports(1), "ops:s3cret-test"
+    env = worker_env(database_url, redis_url, tmp_path, CALLS_WORKER_FLOWER_BASIC_AUTH=auth)
+    flower = Process(["flower", "--port", str(port)], env, tmp_path / "flower.log")
+    try:
+
+        def answers() -> bool:
+            try:
+                get(f"http://127.0.0.1:{port}/healthcheck")
+            except OSError:
+                return False
+            return True
+
+        wait_until(answers, TIMEOUT, "Flower to answer")
+        wait_until(
+            lambda: get(f"http://127.0.0.1:{port}/api/workers?refresh=1", auth),
+            TIMEOUT,
+            "Flower to see the worker",
+        )
+        organization = db.organization(3)
+        person = {"personUuid": str(db.person(organization)), "organizationUuid": str(organization)}
+        handle = client.send("create", person)
+        assert handle.outcome(TIMEOUT)["ok"] is True
+
+        def task_seen() -> dict[str, Any] | None:
+            tasks = get(f"http://127.0.0.1:{port}/api/tasks", auth)
+            task: dict[str, Any] | None = tasks.get(handle.command_id)
+            return task if task and task["state"] == "SUCCESS" else None
+
+        task = wait_until(task_seen, TIMEOUT, "Flower to list the task")
+        assert task["name"] == "calls.create"
+        assert task["state"] == "SUCCESS"
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            get(f"http://127.0.0.1:{port}/api/tasks")
+        refused.value.close()
+        assert refused.value.code == 401
+        assert auth.split(":")[1] not in flower.output()
+    finally:
+        flower.stop()
