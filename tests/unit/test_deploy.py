@@ -1,0 +1,189 @@
+"""The deployment files, checked by real validators and for what matters in them.
+
+Nothing here runs Docker or Kubernetes (there are none on the test machines): the
+Compose file is validated against the Compose specification's schema, every manifest
+against the Kubernetes schemas, the alert rules and dashboard queries by promtool.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.conftest import IN_CI
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+KUBERNETES = DEPLOY / "kubernetes" / "base"
+BIN = Path(sys.executable).parent
+DASHBOARD_METRICS = (
+    "calls_worker_commands_total",
+    "calls_worker_sweep_lag_seconds",
+    "calls_worker_requested_calls",
+    "calls_worker_exhausted_calls",
+    "calls_worker_rejected_commands_total",
+    "calls_worker_sweep_duration_seconds_bucket",
+    "calls_worker_queue_messages",
+    "calls_worker_last_sweep_timestamp_seconds",
+)
+
+
+def tool(name: str) -> str:
+    """A validator on this machine; missing fails under CI (which installs it), else skips."""
+    found = shutil.which(name, path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
+    if found is None:
+        message = f"{name} is not installed"
+        if IN_CI:
+            pytest.fail(f"{message} (CI is set, so this fails instead of skipping)")
+        pytest.skip(message)
+    return found
+
+
+def run(*argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    return document
+
+
+def test_compose_file_follows_the_compose_specification() -> None:
+    result = run(
+        tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", "docker-compose.yml"
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_runs_exactly_one_beat(compose: dict[str, Any]) -> None:
+    beats = [
+        name for name, s in compose["services"].items() if s.get("command", [None])[0] == "beat"
+    ]
+    assert beats == ["beat"]
+    assert compose["services"]["beat"].get("deploy", {}).get("replicas", 1) == 1
+
+
+def test_compose_uses_one_image_for_every_role(compose: dict[str, Any]) -> None:
+    roles = {"migrate", "worker", "beat", "flower"}
+    images = {compose["services"][role]["image"] for role in roles}
+    assert images == {"calls-worker:${CALLS_WORKER_VERSION:-latest}"}
+    assert {compose["services"][role]["build"]["dockerfile"] for role in roles} == {
+        "deploy/Dockerfile"
+    }
+
+
+def test_compose_flower_requires_authentication(compose: dict[str, Any]) -> None:
+    flower = compose["services"]["flower"]
+    assert flower["command"][0] == "flower"
+    auth = flower["environment"]["CALLS_WORKER_FLOWER_BASIC_AUTH"]
+    assert ":?" in auth  # compose refuses to start without it
+
+
+def test_compose_checks_health_and_starts_in_order(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    for name, service in services.items():
+        if service.get("restart") == "no":
+            continue  # one-shot: its health is its exit status
+        assert service["healthcheck"]["test"], name
+    assert services["migrate"]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    for role in ("worker", "beat"):
+        depends = services[role]["depends_on"]
+        assert depends["migrate"]["condition"] == "service_completed_successfully"
+        assert depends["redis"]["condition"] == "service_healthy"
+
+
+def test_compose_redis_keeps_queued_commands(compose: dict[str, Any]) -> None:
+    command = compose["services"]["redis"]["command"]
+    assert command[command.index("--appendonly") + 1] == "yes"
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+
+
+def kubernetes_documents() -> list[Path]:
+    return sorted(p for p in KUBERNETES.glob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((KUBERNETES / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == [p.name for p in kubernetes_documents()]
+
+
+@pytest.mark.parametrize("manifest", kubernetes_documents(), ids=lambda p: p.name)
+def test_manifest_follows_the_kubernetes_schema(manifest: Path) -> None:
+    result = run(tool("kubernetes-validate"), "--strict", "--quiet", str(manifest))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def manifest(name: str) -> dict[str, Any]:
+    document: dict[str, Any] = yaml.safe_load((KUBERNETES / name).read_text())
+    return document
+
+
+def test_beat_is_one_replica_recreated() -> None:
+    beat = manifest("beat-deployment.yaml")["spec"]
+    assert beat["replicas"] == 1
+    assert beat["strategy"]["type"] == "Recreate"
+
+
+def test_worker_probes_ask_the_worker_itself() -> None:
+    container = manifest("worker-deployment.yaml")["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert "calls-worker ping" in " ".join(container[probe]["exec"]["command"])
+    assert "--database" in " ".join(container["readinessProbe"]["exec"]["command"])
+
+
+def test_workers_scale_on_the_command_queue() -> None:
+    hpa = manifest("worker-hpa.yaml")["spec"]
+    assert hpa["scaleTargetRef"]["name"] == manifest("worker-deployment.yaml")["metadata"]["name"]
+    metric = hpa["metrics"][0]["external"]["metric"]
+    assert metric["name"] == "calls_worker_queue_messages"
+    assert metric["selector"]["matchLabels"] == {"queue": "calls.commands"}
+
+
+def test_every_pod_runs_as_non_root_with_the_same_image() -> None:
+    images = set()
+    for name in ("worker-deployment.yaml", "beat-deployment.yaml", "flower-deployment.yaml",
+                 "migrate-job.yaml"):  # fmt: skip
+        pod = manifest(name)["spec"]["template"]["spec"]
+        assert pod["securityContext"]["runAsNonRoot"] is True, name
+        images |= {c["image"] for c in pod["containers"]}
+    assert images == {"calls-worker"}
+
+
+def test_alert_rules_pass_promtool_and_their_tests() -> None:
+    promtool = tool("promtool")
+    check = run(promtool, "check", "rules", "deploy/prometheus/alerts.yml")
+    assert check.returncode == 0, check.stdout + check.stderr
+    tests = run(promtool, "test", "rules", "deploy/prometheus/alerts.test.yml")
+    assert tests.returncode == 0, tests.stdout + tests.stderr
+    names = {r["alert"] for g in yaml.safe_load((DEPLOY / "prometheus/alerts.yml").read_text())[
+        "groups"] for r in g["rules"]}  # fmt: skip
+    assert names == {
+        "CallsWorkerDown",
+        "CallsWorkerSweepNotRunning",
+        "CallsWorkerSweepLagHigh",
+        "CallsWorkerRejectedCommandsRising",
+        "CallsWorkerTaskFailureRate",
+    }
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    dashboard = json.loads((DEPLOY / "grafana/calls-worker-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    rules = {"groups": [{"name": "dashboard", "rules": [
+        {"record": f"dashboard:query_{n}", "expr": expr} for n, expr in enumerate(exprs)
+    ]}]}  # fmt: skip
+    (tmp_path / "dashboard-rules.yml").write_text(yaml.safe_dump(rules))
+    check = run(tool("promtool"), "check", "rules", str(tmp_path / "dashboard-rules.yml"))
+    assert check.returncode == 0, check.stdout + check.stderr
+    shown = " ".join(exprs)
+    for metric in DASHBOARD_METRICS:
+        assert metric in shown
