@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -48,7 +51,35 @@ class Settings(BaseSettings):
     )
 
 
+ENV_PREFIX = "CALLS_WORKER_"
+
+
+def _from_files(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``CALLS_WORKER_X_FILE=/path`` sets X from the file's content (for mounted secrets),
+    unless ``CALLS_WORKER_X`` itself is set."""
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        variable = f"{ENV_PREFIX}{name.upper()}"
+        path = environ.get(f"{variable}_FILE")
+        if path and variable not in environ:
+            values[name] = Path(path).read_text().strip()
+    return values
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
     """The settings of this process, read from the environment on first use."""
-    return Settings()
+    return Settings(**_from_files(os.environ))
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table, for the README (a test keeps the two equal)."""
+    rows = ["| variable | default | meaning |", "|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = "unset" if field.default is None else f"`{field.default}`"
+        rows.append(f"| `{ENV_PREFIX}{name.upper()}` | {default} | {field.description} |")
+    rows.append(
+        f"\nEvery variable can instead be read from a file: `{ENV_PREFIX}X_FILE=/path` "
+        "(for mounted secrets)."
+    )
+    return "\n".join(rows)

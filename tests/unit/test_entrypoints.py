@@ -55,3 +55,25 @@ def test_a_replay_id_is_stable_for_the_same_command() -> None:
     assert same
     assert replay_id(7, {"a": 1}) != replay_id(7, {"a": 2})
     assert replay_id(7, {"a": 1}) != replay_id(8, {"a": 1})
+
+
+def test_the_readme_shows_the_current_settings() -> None:
+    from calls_worker.config import settings_table
+
+    readme = (ROOT / "README.md").read_text()
+    shown = readme.split("<!-- settings:start")[1].split("-->", 1)[1].split("<!-- settings:end")[0]
+    assert shown.strip() == settings_table().strip()
+
+
+def test_a_setting_can_come_from_a_file(tmp_path: Path) -> None:
+    from calls_worker.config import Settings, _from_files
+
+    secret = tmp_path / "auth"
+    secret.write_text("ops:from-a-file\n")
+    environ = {"CALLS_WORKER_FLOWER_BASIC_AUTH_FILE": str(secret)}
+    settings = Settings(**_from_files(environ))
+    assert settings.flower_basic_auth is not None
+    assert settings.flower_basic_auth.get_secret_value() == "ops:from-a-file"
+    assert "from-a-file" not in repr(settings)
+    direct = {**environ, "CALLS_WORKER_FLOWER_BASIC_AUTH": "ops:direct"}
+    assert _from_files(direct) == {}

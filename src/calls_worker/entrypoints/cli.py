@@ -329,6 +329,14 @@ def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
         servers.stop()
 
 
+@main.command(name="settings")
+def settings_command() -> None:
+    """The settings this worker reads, as a Markdown table."""
+    from calls_worker.config import settings_table
+
+    click.echo(settings_table())
+
+
 @main.command()
 @click.option(
     "--out",
