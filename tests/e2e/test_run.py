@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import psutil
@@ -24,6 +27,19 @@ def running(pid: int) -> bool:
     try:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
     except psutil.NoSuchProcess:
+        return False
+
+
+def flower_answers(url: str, auth: str) -> bool:
+    request = urllib.request.Request(f"{url}api/workers")
+    request.add_header("Authorization", "Basic " + base64.b64encode(auth.encode()).decode())
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return bool(response.status == 200)
+    except urllib.error.HTTPError as error:
+        error.close()
+        return False
+    except OSError:
         return False
 
 
@@ -50,12 +66,19 @@ def test_run_starts_everything_accepts_a_command_and_stops_cleanly(tmp_path: Pat
         "CALLS_WORKER_SWEEP_INTERVAL_SECONDS": "1",
         "CALLS_WORKER_METRICS_PORT": str(free_ports(3)),
     }
-    run = Process(["run"], env, tmp_path / "run.log")
+    flower_port = free_ports(1)
+    run = Process(["run", "--flower", "--flower-port", str(flower_port)], env, tmp_path / "run.log")
     try:
         wait_until(lambda: "Ctrl-C stops everything" in run.output(), 120, "run to start")
         output = run.output()
         children = [int(pid) for pid in re.findall(r"^\w+: pid (\d+)", output, re.MULTILINE)]
-        assert len(children) == 3, output
+        assert len(children) == 4, output
+        login = re.search(r"Flower: (\S+) \(user (\S+), password (\S+);", output)
+        assert login is not None, output
+        flower_url, user, password = login.groups()
+        assert flower_url == f"http://127.0.0.1:{flower_port}/"
+        wait_until(lambda: flower_answers(flower_url, f"{user}:{password}"), 60, "Flower")
+        assert not flower_answers(flower_url, f"{user}:wrong")
         database_url = re.search(r"embedded PostgreSQL: (\S+)", output)
         assert database_url is not None, output
         postmaster = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])

@@ -66,12 +66,17 @@ def main() -> None:
 
 @main.command()
 @log_format_option
-@click.option("--flower", is_flag=True, help="Also run Flower on 127.0.0.1:5555.")
-def run(log_format: LogFormat, flower: bool) -> None:
+@click.option("--flower", is_flag=True, help="Also run Flower on 127.0.0.1.")
+@click.option("--flower-port", type=int, default=5555, show_default=True)
+def run(log_format: LogFormat, flower: bool, flower_port: int) -> None:
     """Migrate, then run a worker and beat until Ctrl-C (embedded servers if no URLs)."""
     from calls_worker.entrypoints.supervisor import run_everything
 
-    sys.exit(run_everything(_servers(), log_format=log_format, flower=flower))
+    sys.exit(
+        run_everything(
+            _servers(), log_format=log_format, flower_port=flower_port if flower else None
+        )
+    )
 
 
 @main.command()

@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 FLOWER_USER = "admin"
-FLOWER_PORT = 5555
 
 
 def flower_argv(address: str, port: int) -> list[str]:

@@ -42,7 +42,9 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     )
 
 
-def run_everything(servers: Servers, *, log_format: LogFormat, flower: bool = False) -> int:
+def run_everything(
+    servers: Servers, *, log_format: LogFormat, flower_port: int | None = None
+) -> int:
     """Run until a signal or until a child dies; the exit status."""
     from calls_worker.adapters.db.engine import build_engine
     from calls_worker.adapters.db.migrate import current_revision, upgrade
@@ -85,10 +87,10 @@ def run_everything(servers: Servers, *, log_format: LogFormat, flower: bool = Fa
             ["beat", *fmt], {**env, "CALLS_WORKER_METRICS_PORT": str(ports["beat"])}
         )
         flower_login = None
-        if flower:
-            from calls_worker.entrypoints.flower import FLOWER_PORT, start_flower
+        if flower_port:
+            from calls_worker.entrypoints.flower import start_flower
 
-            children["flower"], flower_login = start_flower(env, FLOWER_PORT)
+            children["flower"], flower_login = start_flower(env, flower_port)
             ports["flower"] = 0
         for line in servers.describe():
             click.echo(line)
@@ -99,7 +101,7 @@ def run_everything(servers: Servers, *, log_format: LogFormat, flower: bool = Fa
         if flower_login:
             user, password = flower_login.split(":", 1)
             click.echo(
-                f"Flower: http://127.0.0.1:{FLOWER_PORT}/ (user {user}, password {password};"
+                f"Flower: http://127.0.0.1:{flower_port}/ (user {user}, password {password};"
                 " shown once)"
             )
         click.echo(
