@@ -31,6 +31,7 @@ WORKER_TABLES = (
     "worker_processed_commands",
     "worker_rejected_commands",
     "worker_sweep_runs",
+    "worker_due_calls",
 )
 
 

@@ -22,6 +22,7 @@ TABLES = {
     "worker_processed_commands",
     "worker_rejected_commands",
     "worker_sweep_runs",
+    "worker_due_calls",
 }
 
 

@@ -15,7 +15,7 @@ from sqlalchemy import Engine, func, select, text, update
 from calls_worker.domain.errors import FieldError
 
 from .repository import calls_with_owning_organization, exhausted
-from .tables import call_attempts, calls, organizations, rejected_commands, sweep_runs
+from .tables import calls, due_calls, organizations, rejected_commands, sweep_runs
 
 # Any constant will do: one sweep at a time across every worker and beat.
 _SWEEP_LOCK = 7_304_118_002
@@ -181,20 +181,9 @@ class OperationalFigures:
 def operational_figures(engine: Engine) -> OperationalFigures:
     """Counts of requested and exhausted calls, the sweep lag, rejected commands waiting.
 
-    The sweep lag is how long the oldest exhausted call has waited since its latest
-    attempt, the one that took it to its limit (0 when none waits).
+    The sweep lag is how long the oldest exhausted call has waited since it became due
+    (``worker_due_calls.due_since``, the commit that took it to its limit; 0 when none waits).
     """
-    reached_limit_at = (
-        select(func.max(call_attempts.c.attempted_at))
-        .where(call_attempts.c.call_uuid == calls.c.uuid)
-        .scalar_subquery()
-    )
-    due = (
-        select(reached_limit_at.label("reached_limit_at"))
-        .select_from(calls_with_owning_organization())
-        .where(exhausted())
-        .subquery()
-    )
     with engine.connect() as connection:
         requested = connection.execute(
             select(func.count()).select_from(calls).where(calls.c.status == "requested")
@@ -203,9 +192,9 @@ def operational_figures(engine: Engine) -> OperationalFigures:
             select(
                 func.count(),
                 func.coalesce(
-                    func.extract("epoch", func.now() - func.min(due.c.reached_limit_at)), 0
+                    func.extract("epoch", func.now() - func.min(due_calls.c.due_since)), 0
                 ),
-            ).select_from(due)
+            ).select_from(due_calls)
         ).one()
         rejected_waiting = connection.execute(
             select(func.count())

@@ -37,6 +37,7 @@ from calls_worker.service.unit_of_work import (
 from .tables import (
     call_attempts,
     calls,
+    due_calls,
     organizations,
     persons,
     pledge_cases,
@@ -203,10 +204,18 @@ class SqlCallRepository(CallRepository):
         )
 
     def expire_exhausted(self, now: datetime, limit: int) -> int:
+        # worker_due_calls lists the exhausted calls (kept by triggers), oldest first; the
+        # policy is checked again on the calls themselves, so a call is expired only if
+        # it is exhausted now, whatever that table says.
         due = (
             select(calls.c.uuid)
-            .select_from(calls_with_owning_organization())
+            .select_from(
+                due_calls.join(calls, calls.c.uuid == due_calls.c.call_uuid)
+                .join(persons, persons.c.uuid == calls.c.person_uuid)
+                .join(organizations, organizations.c.uuid == persons.c.owning_organization_uuid)
+            )
             .where(exhausted())
+            .order_by(due_calls.c.due_since)
             .limit(limit)
             .with_for_update(of=calls, skip_locked=True)
             .cte("due")

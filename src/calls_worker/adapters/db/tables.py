@@ -113,3 +113,10 @@ sweep_runs = Table(
     Column("batches", Integer, nullable=False),
     Column("skipped", Boolean, nullable=False),
 )
+
+due_calls = Table(
+    "worker_due_calls",
+    metadata,
+    Column("call_uuid", UUID(as_uuid=True), ForeignKey("calls.uuid"), primary_key=True),
+    Column("due_since", DateTime(timezone=True), nullable=False),
+)

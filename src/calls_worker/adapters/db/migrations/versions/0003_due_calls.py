@@ -1,0 +1,141 @@
+"""Keep a record of the calls that are due to expire, so a sweep costs what is due.
+
+``worker_due_calls`` holds exactly the calls the expiry policy says must expire
+(requested, managed here, attempts ≥ the owning organization's maximum), with the time
+each became due. Triggers keep it in the same transaction as whatever made a call due
+or not due any more: an attempt (through ``attempt_count``), a change of status or of
+person, a new maximum for an organization, a person moving to another organization.
+The sweep then reads this small table instead of scanning every requested call.
+
+Revision ID: 0003
+Revises: 0002
+"""
+
+from alembic import op
+
+revision = "0003"
+down_revision = "0002"
+branch_labels = None
+depends_on = None
+
+UPGRADE = """
+CREATE TABLE worker_due_calls (
+    call_uuid uuid PRIMARY KEY REFERENCES calls (uuid) ON DELETE CASCADE,
+    due_since timestamptz NOT NULL DEFAULT clock_timestamp()
+);
+CREATE INDEX worker_due_calls_due_since_idx ON worker_due_calls (due_since);
+
+-- The expiry policy (domain/policy.py) in SQL, for the triggers: whether a call with these
+-- values, called person PERSON, is exhausted.
+CREATE FUNCTION calls_worker_is_exhausted(
+    status text, external_metadata jsonb, attempt_count integer, person uuid
+) RETURNS boolean
+LANGUAGE sql STABLE AS $$
+    SELECT status = 'requested'
+       AND external_metadata IS NULL
+       AND coalesce(attempt_count >= (
+               SELECT o.max_call_attempts
+               FROM persons p JOIN organizations o ON o.uuid = p.owning_organization_uuid
+               WHERE p.uuid = person), false)
+$$;
+
+-- After any UPDATE of calls, set-based over the changed rows: add the calls that became
+-- due, drop those that are not due any more (ended, or moved to another person).
+CREATE FUNCTION calls_worker_track_due_calls() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    DELETE FROM worker_due_calls d
+    USING changed c
+    WHERE d.call_uuid = c.uuid
+      AND NOT calls_worker_is_exhausted(c.status, c.external_metadata, c.attempt_count,
+                                        c.person_uuid);
+    INSERT INTO worker_due_calls (call_uuid)
+    SELECT c.uuid FROM changed c
+    WHERE calls_worker_is_exhausted(c.status, c.external_metadata, c.attempt_count,
+                                    c.person_uuid)
+    ON CONFLICT (call_uuid) DO NOTHING;
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER calls_track_due
+    AFTER UPDATE ON calls
+    REFERENCING NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION calls_worker_track_due_calls();
+
+-- A new maximum, or a new owner of a person: recompute the calls concerned.
+CREATE FUNCTION calls_worker_recheck_calls_of_persons(people uuid[]) RETURNS void
+LANGUAGE sql AS $$
+    DELETE FROM worker_due_calls d
+    USING calls c
+    WHERE d.call_uuid = c.uuid
+      AND c.person_uuid = ANY (people)
+      AND NOT calls_worker_is_exhausted(c.status, c.external_metadata, c.attempt_count,
+                                        c.person_uuid);
+    INSERT INTO worker_due_calls (call_uuid)
+    SELECT c.uuid FROM calls c
+    WHERE c.person_uuid = ANY (people)
+      AND c.status = 'requested' AND c.external_metadata IS NULL
+      AND calls_worker_is_exhausted(c.status, c.external_metadata, c.attempt_count,
+                                    c.person_uuid)
+    ON CONFLICT (call_uuid) DO NOTHING;
+$$;
+
+CREATE FUNCTION calls_worker_organization_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM calls_worker_recheck_calls_of_persons(
+        ARRAY(SELECT p.uuid FROM persons p
+              JOIN changed n ON n.uuid = p.owning_organization_uuid
+              JOIN before b ON b.uuid = n.uuid
+              WHERE n.max_call_attempts IS DISTINCT FROM b.max_call_attempts));
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER organizations_track_due
+    AFTER UPDATE ON organizations
+    REFERENCING OLD TABLE AS before NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION calls_worker_organization_changed();
+
+CREATE FUNCTION calls_worker_person_changed() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM calls_worker_recheck_calls_of_persons(
+        ARRAY(SELECT n.uuid FROM changed n JOIN before b ON b.uuid = n.uuid
+              WHERE n.owning_organization_uuid IS DISTINCT FROM b.owning_organization_uuid));
+    RETURN NULL;
+END;
+$$;
+CREATE TRIGGER persons_track_due
+    AFTER UPDATE ON persons
+    REFERENCING OLD TABLE AS before NEW TABLE AS changed
+    FOR EACH STATEMENT EXECUTE FUNCTION calls_worker_person_changed();
+
+-- What is due already.
+INSERT INTO worker_due_calls (call_uuid)
+SELECT c.uuid
+FROM calls c
+JOIN persons p ON p.uuid = c.person_uuid
+JOIN organizations o ON o.uuid = p.owning_organization_uuid
+WHERE c.status = 'requested' AND c.external_metadata IS NULL
+  AND o.max_call_attempts IS NOT NULL AND c.attempt_count >= o.max_call_attempts;
+"""
+
+DOWNGRADE = """
+DROP TRIGGER persons_track_due ON persons;
+DROP TRIGGER organizations_track_due ON organizations;
+DROP TRIGGER calls_track_due ON calls;
+DROP FUNCTION calls_worker_person_changed();
+DROP FUNCTION calls_worker_organization_changed();
+DROP FUNCTION calls_worker_recheck_calls_of_persons(uuid[]);
+DROP FUNCTION calls_worker_track_due_calls();
+DROP FUNCTION calls_worker_is_exhausted(text, jsonb, integer, uuid);
+DROP TABLE worker_due_calls;
+"""
+
+
+def upgrade() -> None:
+    op.execute(UPGRADE)
+
+
+def downgrade() -> None:
+    op.execute(DOWNGRADE)
