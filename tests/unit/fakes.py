@@ -12,6 +12,7 @@ from calls_worker.domain.model import Call, CallAttempt, CallStatus
 from calls_worker.domain.outcome import Outcome
 from calls_worker.domain.policy import is_exhausted
 from calls_worker.service.unit_of_work import (
+    Batch,
     CallRepository,
     ProcessedCommands,
     References,
@@ -77,7 +78,7 @@ class FakeCallRepository(CallRepository):
             ),
         )
 
-    def expire_exhausted(self, now: datetime, limit: int) -> int:
+    def expire_exhausted(self, now: datetime, limit: int) -> Batch:
         due = [
             call
             for call in self.state.calls.values()
@@ -93,7 +94,7 @@ class FakeCallRepository(CallRepository):
         for call in due:
             call.status = CallStatus.EXPIRED
             call.expired_at = call.updated_at = now
-        return len(due)
+        return Batch(examined=len(due), expired=len(due))
 
 
 class FakeProcessedCommands(ProcessedCommands):

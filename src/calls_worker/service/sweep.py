@@ -33,9 +33,11 @@ def expire_exhausted_calls(
     expired = batches = 0
     while True:
         with uow_factory() as uow:
-            count = uow.calls.expire_exhausted(now, batch_size)
+            batch = uow.calls.expire_exhausted(now, batch_size)
             uow.commit()
-        expired += count
+        expired += batch.expired
         batches += 1
-        if count < batch_size:
+        # A short batch means nothing more is due (or the rest is another sweep's); a full
+        # batch that expired nothing means everything left is held by running commands.
+        if batch.examined < batch_size or batch.expired == 0:
             return SweepResult(expired=expired, batches=batches)

@@ -26,6 +26,14 @@ class References:
     """The person the named pledge case belongs to; None when none was named or it is missing."""
 
 
+@dataclass(frozen=True)
+class Batch:
+    """What one sweep batch did: due calls it took up, and how many of them it expired."""
+
+    examined: int
+    expired: int
+
+
 class CallRepository(abc.ABC):
     """Calls and their attempts."""
 
@@ -55,8 +63,9 @@ class CallRepository(abc.ABC):
         """Look up, in one go, the rows a new call would point at."""
 
     @abc.abstractmethod
-    def expire_exhausted(self, now: datetime, limit: int) -> int:
-        """Expire up to ``limit`` exhausted calls not locked by anyone else; how many it did."""
+    def expire_exhausted(self, now: datetime, limit: int) -> Batch:
+        """Expire up to ``limit`` of the calls due, oldest first, skipping any that another
+        transaction holds (they are left for the next batch or sweep)."""
 
 
 class ProcessedCommands(abc.ABC):

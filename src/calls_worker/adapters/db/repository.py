@@ -16,10 +16,12 @@ from sqlalchemy import (
     Connection,
     Engine,
     and_,
+    delete,
     exists,
     func,
     literal_column,
     select,
+    true,
     update,
 )
 from sqlalchemy.dialects.postgresql import aggregate_order_by
@@ -28,6 +30,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from calls_worker.domain.model import Call, CallAttempt, CallStatus, CallType
 from calls_worker.domain.outcome import Outcome
 from calls_worker.service.unit_of_work import (
+    Batch,
     CallRepository,
     ProcessedCommands,
     References,
@@ -82,6 +85,53 @@ _ATTEMPTS_JSON = (
     .scalar_subquery()
     .label("attempts_json")
 )
+
+
+def _expire_batch(now: datetime, limit: int) -> Any:
+    """One sweep batch, in one statement (one round trip):
+
+    - take up to ``limit`` rows of worker_due_calls, oldest first, that no other sweep holds;
+    - of their calls, lock those no command holds, checking ``exhausted()`` again on the
+      calls themselves, so that only a call exhausted now is expired;
+    - expire them and remove their rows from worker_due_calls.
+
+    The sweep keeps worker_due_calls itself here, so it asks the due-tracking trigger to
+    stand aside for its transaction (``calls_worker.sweeping``), sparing a re-check of
+    every row it expired.
+    """
+    stand_aside = select(func.set_config("calls_worker.sweeping", "on", True).label("on")).cte(
+        "stand_aside"
+    )
+    batch = (
+        select(due_calls.c.call_uuid)
+        .select_from(due_calls.join(stand_aside, true()))
+        .order_by(due_calls.c.due_since)
+        .limit(limit)
+        .with_for_update(of=due_calls, skip_locked=True)
+        .cte("batch")
+    )
+    # "= ANY(ARRAY(...))" rather than joins: it makes the planner fetch the few calls by
+    # primary key instead of hashing every requested call for each batch.
+    target = (
+        select(calls.c.uuid)
+        .select_from(calls_with_owning_organization())
+        .where(calls.c.uuid == func.any(func.array(select(batch.c.call_uuid).scalar_subquery())))
+        .where(exhausted())
+        .with_for_update(of=calls, skip_locked=True)
+        .cte("target")
+    )
+    expired = (
+        update(calls)
+        .where(calls.c.uuid == func.any(func.array(select(target.c.uuid).scalar_subquery())))
+        .values(status=CallStatus.EXPIRED.value, expired_at=now, updated_at=now)
+        .returning(calls.c.uuid)
+        .cte("expired")
+    )
+    removed = delete(due_calls).where(due_calls.c.call_uuid == expired.c.uuid).cte("removed")
+    return select(
+        select(func.count()).select_from(batch).scalar_subquery().label("examined"),
+        select(func.count()).select_from(expired).scalar_subquery().label("expired"),
+    ).add_cte(removed)
 
 
 def _call_from_row(row: Any) -> Call:
@@ -203,29 +253,9 @@ class SqlCallRepository(CallRepository):
             pledge_case_person_uuid=row.pledge_case_person,
         )
 
-    def expire_exhausted(self, now: datetime, limit: int) -> int:
-        # worker_due_calls lists the exhausted calls (kept by triggers), oldest first; the
-        # policy is checked again on the calls themselves, so a call is expired only if
-        # it is exhausted now, whatever that table says.
-        due = (
-            select(calls.c.uuid)
-            .select_from(
-                due_calls.join(calls, calls.c.uuid == due_calls.c.call_uuid)
-                .join(persons, persons.c.uuid == calls.c.person_uuid)
-                .join(organizations, organizations.c.uuid == persons.c.owning_organization_uuid)
-            )
-            .where(exhausted())
-            .order_by(due_calls.c.due_since)
-            .limit(limit)
-            .with_for_update(of=calls, skip_locked=True)
-            .cte("due")
-        )
-        result = self._connection.execute(
-            update(calls)
-            .where(calls.c.uuid.in_(select(due.c.uuid)))
-            .values(status=CallStatus.EXPIRED.value, expired_at=now, updated_at=now)
-        )
-        return result.rowcount
+    def expire_exhausted(self, now: datetime, limit: int) -> Batch:
+        row = self._connection.execute(_expire_batch(now, limit)).one()
+        return Batch(examined=row.examined, expired=row.expired)
 
 
 class SqlProcessedCommands(ProcessedCommands):

@@ -40,10 +40,14 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 -- After any UPDATE of calls, set-based over the changed rows: add the calls that became
--- due, drop those that are not due any more (ended, or moved to another person).
+-- due, drop those that are not due any more (ended, or moved to another person). The
+-- sweep keeps the table itself and says so with the setting calls_worker.sweeping.
 CREATE FUNCTION calls_worker_track_due_calls() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
+    IF current_setting('calls_worker.sweeping', true) = 'on' THEN
+        RETURN NULL;
+    END IF;
     DELETE FROM worker_due_calls d
     USING changed c
     WHERE d.call_uuid = c.uuid

@@ -1,0 +1,147 @@
+"""Sweep benchmarks, each beside its baseline on the same data in the same run.
+
+    python -m bench.sweep [--calls 1000000] [--idle-sizes 1000000,5000000]
+
+1. Throughput: the worker's own sweep, batched as in production (5,000 calls a batch,
+   each its own transaction), against the best hand-written single statement
+   (``UPDATE calls … FROM persons JOIN organizations … WHERE status = 'requested' AND
+   external_metadata IS NULL AND attempt_count >= max``, with the partial index on
+   requested calls), each on a fresh copy of the data. Goal: ≤ 1.0× the statement, and no
+   batch holding its row locks for more than a second.
+2. Nothing due: a sweep right after everything due was expired, against that same
+   statement with nothing to do (it still scans the requested calls). Goal: ≤ 20 ms, at
+   every size asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Engine, text
+
+from bench.common import (
+    Row,
+    copy_of,
+    median,
+    print_table,
+    server_url,
+    template,
+    timed,
+    write_results,
+)
+from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.service.sweep import expire_exhausted_calls
+from calls_worker.service.unit_of_work import UnitOfWork
+
+BATCH_SIZE = 5_000
+IDLE_RUNS = 20
+
+BEST_SINGLE_STATEMENT = """
+UPDATE calls c
+SET status = 'expired', expired_at = :now, updated_at = :now
+FROM persons p
+JOIN organizations o ON o.uuid = p.owning_organization_uuid
+WHERE c.person_uuid = p.uuid
+  AND c.status = 'requested'
+  AND c.external_metadata IS NULL
+  AND o.max_call_attempts IS NOT NULL
+  AND c.attempt_count >= o.max_call_attempts
+"""
+
+
+def single_statement(engine: Engine) -> tuple[float, int]:
+    """The baseline, without the worker's due-tracking trigger (its best case)."""
+    with engine.begin() as connection:
+        connection.execute(text("ALTER TABLE calls DISABLE TRIGGER calls_track_due"))
+    try:
+        with engine.begin() as connection:
+            seconds, result = timed(
+                lambda: connection.execute(text(BEST_SINGLE_STATEMENT), {"now": datetime.now(UTC)})
+            )
+        return seconds, result.rowcount
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text("ALTER TABLE calls ENABLE TRIGGER calls_track_due"))
+
+
+class TimedUnitOfWork(SqlUnitOfWork):
+    """Records how long each batch's transaction lasted (its row locks live as long)."""
+
+    durations: list[float]
+
+    def __enter__(self) -> TimedUnitOfWork:
+        self._started = time.perf_counter()
+        return super().__enter__()
+
+    def __exit__(self, *exc: Any) -> None:
+        super().__exit__(*exc)
+        self.durations.append(time.perf_counter() - self._started)
+
+
+def worker_sweep(engine: Engine) -> tuple[float, int, list[float]]:
+    durations: list[float] = []
+
+    def factory() -> UnitOfWork:
+        uow = TimedUnitOfWork(engine)
+        uow.durations = durations
+        return uow
+
+    seconds, result = timed(lambda: expire_exhausted_calls(factory, datetime.now(UTC), BATCH_SIZE))
+    return seconds, result.expired, durations
+
+
+def idle(action: Callable[[], Any]) -> float:
+    return median([timed(action)[0] for _ in range(IDLE_RUNS)])
+
+
+def throughput(server: str, calls: int) -> list[Row]:
+    data = template(server, calls)
+    with copy_of(server, data) as engine:
+        baseline_seconds, baseline_count = single_statement(engine)
+    with copy_of(server, data) as engine:
+        seconds, expired, batches = worker_sweep(engine)
+    assert expired == baseline_count, (expired, baseline_count)
+    return [
+        Row("sweep", f"expire all due, {calls:,} calls", seconds, "s",
+            "best single statement", baseline_seconds, "≤ 1.0× baseline",
+            seconds <= baseline_seconds,
+            {"expired": expired, "batches": len(batches), "batch_size": BATCH_SIZE}),
+        Row("sweep", f"longest batch (row locks held), {calls:,}", max(batches), "s",
+            "", None, "≤ 1 s", max(batches) <= 1.0, {"batches": len(batches)}),
+    ]  # fmt: skip
+
+
+def nothing_due(server: str, calls: int) -> Row:
+    data = template(server, calls)
+    with copy_of(server, data) as engine:
+        worker_sweep(engine)  # expire everything due: now nothing is
+        seconds = idle(lambda: worker_sweep(engine))
+        baseline = idle(lambda: single_statement(engine))
+    return Row("sweep", f"sweep with nothing due, {calls:,} calls", seconds * 1000, "ms",
+               "single statement, nothing due", baseline * 1000, "≤ 20 ms",
+               seconds <= 0.020, {"runs": IDLE_RUNS, "statistic": "median"})  # fmt: skip
+
+
+def run(calls: int, idle_sizes: list[int]) -> list[Row]:
+    server = server_url()
+    rows = throughput(server, calls)
+    rows += [nothing_due(server, size) for size in idle_sizes]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--calls", type=int, default=1_000_000)
+    parser.add_argument("--idle-sizes", default="1000000,5000000")
+    arguments = parser.parse_args()
+    rows = run(arguments.calls, [int(n) for n in arguments.idle_sizes.split(",")])
+    print_table(rows)
+    write_results(rows)
+
+
+if __name__ == "__main__":
+    main()
