@@ -1,0 +1,52 @@
+"""The baseline worker: a Celery task that does nothing, with the production settings.
+
+    python -m bench.noop_worker BROKER_URL
+
+Same broker, serializer, result backend, late acks, re-queue on worker loss, prefetch 1
+and pool as calls-worker's worker; only the task body differs.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from celery import Celery
+
+from calls_worker.wire import COMMANDS_QUEUE, celery_config
+
+NOOP_TASK = "bench.noop"
+
+
+def create_noop_app(broker_url: str) -> Celery:
+    app = Celery("bench-noop", set_as_current=False)
+    app.conf.update(
+        celery_config(broker_url, broker_url),
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+    )
+
+    @app.task(name=NOOP_TASK, queue=COMMANDS_QUEUE)
+    def noop(command: Any = None) -> dict[str, Any]:
+        return {"ok": True}
+
+    return app
+
+
+if __name__ == "__main__":
+    create_noop_app(sys.argv[1]).worker_main(
+        [
+            "worker",
+            "--loglevel",
+            "WARNING",
+            "-Q",
+            COMMANDS_QUEUE,
+            "-c",
+            "2",
+            "-n",
+            "noop@%h",
+            "--without-mingle",
+            "--without-gossip",
+        ]
+    )
