@@ -2,8 +2,9 @@
 
     python -m bench.noop_worker BROKER_URL
 
-Same broker, serializer, result backend, late acks, re-queue on worker loss, prefetch 1
-and pool as calls-worker's worker; only the task body differs.
+The very settings of calls-worker's worker (``celery_app.worker_config``: broker,
+serializer, result backend, late acks, re-queue on worker loss, prefetch 1, time limits,
+task events) and the same pool; only the task body differs.
 """
 
 from __future__ import annotations
@@ -13,19 +14,15 @@ from typing import Any
 
 from celery import Celery
 
-from calls_worker.wire import COMMANDS_QUEUE, celery_config
+from calls_worker.entrypoints.celery_app import worker_config
+from calls_worker.wire import COMMANDS_QUEUE
 
 NOOP_TASK = "bench.noop"
 
 
 def create_noop_app(broker_url: str) -> Celery:
     app = Celery("bench-noop", set_as_current=False)
-    app.conf.update(
-        celery_config(broker_url, broker_url),
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-    )
+    app.conf.update(worker_config(broker_url, broker_url))
 
     @app.task(name=NOOP_TASK, queue=COMMANDS_QUEUE)
     def noop(command: Any = None) -> dict[str, Any]:

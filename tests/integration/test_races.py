@@ -29,7 +29,8 @@ WAIT = 10.0
 
 
 class HeldUnitOfWork(SqlUnitOfWork):
-    """Stops just before its first commit until released: its locks are taken by then."""
+    """Writes, then stops just before its first COMMIT until released: its row locks and
+    uncommitted rows are in the database by then."""
 
     def __init__(self, engine: Engine) -> None:
         super().__init__(engine)
@@ -38,6 +39,7 @@ class HeldUnitOfWork(SqlUnitOfWork):
 
     def commit(self) -> None:
         if not self.release.is_set():
+            self.flush()
             self.at_commit.set()
             assert self.release.wait(WAIT)
         super().commit()

@@ -14,6 +14,8 @@ from calls_worker.domain.policy import is_exhausted
 from calls_worker.service.unit_of_work import (
     Batch,
     CallRepository,
+    CallUuidTaken,
+    DuplicateCommand,
     ProcessedCommands,
     References,
     UnitOfWork,
@@ -29,6 +31,8 @@ class FakeState:
     pledge_case_person: dict[UUID, UUID] = field(default_factory=dict)
     calls: dict[UUID, Call] = field(default_factory=dict)
     processed: dict[str, Outcome] = field(default_factory=dict)
+    violations: list[str] = field(default_factory=list)
+    """Uniqueness broken by pending writes; the real database says so at commit."""
 
     def add_organization(self, max_call_attempts: int | None = 3) -> UUID:
         uuid = uuid4()
@@ -53,11 +57,11 @@ class FakeCallRepository(CallRepository):
     def get_for_update(self, call_uuid: UUID) -> Call | None:
         return self.state.calls.get(call_uuid)
 
-    def add(self, call: Call) -> bool:
+    def add(self, call: Call) -> None:
         if call.uuid in self.state.calls:
-            return False
+            self.state.violations.append("call uuid taken")
+            return
         self.state.calls[call.uuid] = call
-        return True
 
     def add_attempt(self, call: Call, attempt: CallAttempt) -> None:
         assert self.state.calls[call.uuid] is call
@@ -104,11 +108,11 @@ class FakeProcessedCommands(ProcessedCommands):
     def get(self, command_id: str) -> Outcome | None:
         return self.state.processed.get(command_id)
 
-    def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> bool:
+    def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> None:
         if command_id in self.state.processed:
-            return False
+            self.state.violations.insert(0, "duplicate command")  # its write goes first
+            return
         self.state.processed[command_id] = outcome
-        return True
 
 
 class FakeUnitOfWork(UnitOfWork):
@@ -129,6 +133,10 @@ class FakeUnitOfWork(UnitOfWork):
         self.processed_commands = FakeProcessedCommands(working)
 
     def commit(self) -> None:
+        violations = self._working.violations
+        if violations:
+            self.rollback()
+            raise DuplicateCommand() if violations[0] == "duplicate command" else CallUuidTaken()
         self.committed = copy.deepcopy(self._working)
         self.commits += 1
 

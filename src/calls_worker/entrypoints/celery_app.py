@@ -24,6 +24,23 @@ from calls_worker.wire import SWEEP_TASK, SWEEPS_QUEUE, celery_config
 TASK_TIME_LIMIT = 300
 
 
+def worker_config(broker_url: str, result_backend_url: str) -> dict[str, Any]:
+    """How a worker consumes: what the benchmarks' no-op baseline shares with the real one."""
+    return {
+        **celery_config(broker_url, result_backend_url),
+        # At least once, effect once: a task is acknowledged only after it ran, and put back
+        # if its process dies; the command id makes the second run return the first outcome.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": TASK_TIME_LIMIT,
+        "task_soft_time_limit": TASK_TIME_LIMIT - 30,
+        # Events for Flower.
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+    }
+
+
 def create_app(
     *,
     database_url: str,
@@ -34,18 +51,9 @@ def create_app(
 ) -> Celery:
     app = Celery("calls-worker")
     app.conf.update(
-        celery_config(broker_url, result_backend_url or broker_url),
-        # At least once, effect once: a task is acknowledged only after it ran, and put back
-        # if its process dies; the command id makes the second run return the first outcome.
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_time_limit=TASK_TIME_LIMIT,
-        task_soft_time_limit=TASK_TIME_LIMIT - 30,
+        worker_config(broker_url, result_backend_url or broker_url),
         task_routes={SWEEP_TASK: {"queue": SWEEPS_QUEUE}},
         worker_consumer="calls_worker.entrypoints.consumer:RecordingConsumer",
-        worker_send_task_events=True,
-        task_send_sent_event=True,
         worker_hijack_root_logger=True,
         beat_schedule={
             "expire-exhausted-calls": {

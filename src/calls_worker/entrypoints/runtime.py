@@ -32,7 +32,9 @@ class Runtime:
             self._engine.dispose(close=False)
             self._engine = None
         if self._engine is None:
-            self._engine = build_engine(self.database_url, pool_size=2)
+            # No pre-ping: it would cost every command a round trip, and a command that
+            # meets a dead connection is retried (tasks.TRANSIENT_ERRORS) on a fresh one.
+            self._engine = build_engine(self.database_url, pool_size=2, pre_ping=False)
             self._engine_pid = os.getpid()
         return self._engine
 

@@ -29,7 +29,7 @@ from calls_worker.domain.errors import (
 )
 from calls_worker.domain.model import Call, CallAttempt, CallStatus, CallType
 from calls_worker.domain.outcome import Outcome, failed, succeeded
-from calls_worker.service.unit_of_work import UnitOfWork
+from calls_worker.service.unit_of_work import CallUuidTaken, DuplicateCommand, UnitOfWork
 
 
 def utc_now() -> datetime:
@@ -47,12 +47,11 @@ def handle(
 
     Idempotent by ``command_id``: the effect happens once, and a command id seen before
     gets the outcome first recorded for it, even while the first delivery is still running
-    (the second waits for it). Raises nothing for a broken rule: that is an error outcome.
+    (the second waits for it). The outcome is recorded in the transaction of the effect, so
+    a redelivery is found out when that record is written, and its effect is dropped with
+    it. Raises nothing for a broken rule: that is an error outcome.
     """
     with uow:
-        first = uow.processed_commands.get(command_id)
-        if first is not None:
-            return first
         now = command.issued_at or clock()
         call_uuid = command.call_uuid_or_none
         try:
@@ -61,13 +60,28 @@ def handle(
         except DomainError as error:
             uow.rollback()
             outcome = failed(error)
-        if not uow.processed_commands.add(command_id, command.kind, call_uuid, outcome):
-            uow.rollback()
-            first = uow.processed_commands.get(command_id)
-            assert first is not None, "a recorded command id cannot vanish"
-            return first
+        try:
+            return _record(command_id, command, call_uuid, outcome, uow)
+        except CallUuidTaken:
+            taken = CallAlreadyExists(
+                f"a call with uuid {call_uuid} exists already",
+                [FieldError("uuid", "exists already")],
+            )
+            return _record(command_id, command, call_uuid, failed(taken), uow)
+
+
+def _record(
+    command_id: str, command: Command, call_uuid: UUID | None, outcome: Outcome, uow: UnitOfWork
+) -> Outcome:
+    """Commit the effect with its outcome; a command id seen before gets its first outcome."""
+    uow.processed_commands.add(command_id, command.kind, call_uuid, outcome)
+    try:
         uow.commit()
-        return outcome
+    except DuplicateCommand:
+        first = uow.processed_commands.get(command_id)
+        assert first is not None, "a recorded command id cannot vanish"
+        return first
+    return outcome
 
 
 def create_call(command: CreateCall, uow: UnitOfWork, now: datetime) -> Call:
@@ -98,11 +112,7 @@ def create_call(command: CreateCall, uow: UnitOfWork, now: datetime) -> Call:
             f"pledge case {command.pledge_case_uuid} belongs to another person",
             [FieldError("pledgeCaseUuid", "must be a pledge case of the person called")],
         )
-    if not uow.calls.add(call):
-        raise CallAlreadyExists(
-            f"a call with uuid {call.uuid} exists already",
-            [FieldError("uuid", "exists already")],
-        )
+    uow.calls.add(call)  # a taken uuid is found out at commit (CallUuidTaken)
     return call
 
 

@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Self
 from uuid import UUID
 
+from calls_worker.domain.errors import CallsWorkerError
 from calls_worker.domain.model import Call, CallAttempt
 from calls_worker.domain.outcome import Outcome
 
@@ -42,19 +43,17 @@ class CallRepository(abc.ABC):
         """The call with its attempts, locked until the unit of work ends; None if missing."""
 
     @abc.abstractmethod
-    def add(self, call: Call) -> bool:
-        """Insert a new call and its attempts; False (and nothing written) if the uuid exists.
-
-        Waits for a concurrent insert of the same uuid to commit or roll back.
-        """
+    def add(self, call: Call) -> None:
+        """Insert a new call and its attempts at commit, which raises CallUuidTaken if a call
+        with this uuid exists (waiting for a concurrent insert of it to end first)."""
 
     @abc.abstractmethod
     def add_attempt(self, call: Call, attempt: CallAttempt) -> None:
-        """Store ``attempt`` (already appended to ``call``) and the call's ``updated_at``."""
+        """At commit, store ``attempt`` (already appended to ``call``) and ``updated_at``."""
 
     @abc.abstractmethod
     def save_state(self, call: Call) -> None:
-        """Store the call's status, result and timestamps after a transition."""
+        """At commit, store the call's status, result and timestamps after a transition."""
 
     @abc.abstractmethod
     def references(
@@ -76,15 +75,26 @@ class ProcessedCommands(abc.ABC):
         """The outcome first recorded for this command id, if any."""
 
     @abc.abstractmethod
-    def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> bool:
-        """Record the outcome; False if this command id is recorded already.
+    def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> None:
+        """Record the outcome at commit, which raises DuplicateCommand if this command id is
+        recorded already (waiting for a concurrent record of it to end first)."""
 
-        Waits for a concurrent record of the same id to commit or roll back.
-        """
+
+class DuplicateCommand(CallsWorkerError):
+    """The command id has an outcome already: nothing of this transaction was kept."""
+
+
+class CallUuidTaken(CallsWorkerError):
+    """A call with the new call's uuid exists: nothing of this transaction was kept."""
 
 
 class UnitOfWork(abc.ABC):
-    """One transaction over the repositories; rolled back on exit unless committed."""
+    """One transaction over the repositories; rolled back on exit unless committed.
+
+    Reads happen at once; writes are kept until ``commit``, which sends them together
+    (one round trip) and raises DuplicateCommand or CallUuidTaken when a write breaks
+    uniqueness, in which case nothing is kept and the unit of work is rolled back.
+    """
 
     calls: CallRepository
     processed_commands: ProcessedCommands
@@ -101,7 +111,8 @@ class UnitOfWork(abc.ABC):
         self.rollback()
 
     @abc.abstractmethod
-    def commit(self) -> None: ...
+    def commit(self) -> None:
+        """Write what is pending and commit. Raises DuplicateCommand, CallUuidTaken."""
 
     @abc.abstractmethod
     def rollback(self) -> None:

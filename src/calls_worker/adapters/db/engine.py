@@ -17,15 +17,19 @@ def sqlalchemy_url(database_url: str) -> URL:
     return url.set(drivername="postgresql+psycopg")
 
 
-def build_engine(database_url: str, *, pool_size: int | None = 5) -> Engine:
+def build_engine(
+    database_url: str, *, pool_size: int | None = 5, pre_ping: bool = True
+) -> Engine:
     """An engine whose sessions speak UTC, so timestamps round-trip unchanged.
 
     ``pool_size=None``: keep no connection open between uses (for rare writers).
+    ``pre_ping=False``: no test query before each use; a dead connection then fails the
+    statement instead (the pool drops it), which suits callers that retry anyway.
     """
     pooling: dict[str, Any] = (
         {"poolclass": NullPool}
         if pool_size is None
-        else {"pool_size": pool_size, "pool_pre_ping": True}
+        else {"pool_size": pool_size, "pool_pre_ping": pre_ping}
     )
     return create_engine(
         sqlalchemy_url(database_url),

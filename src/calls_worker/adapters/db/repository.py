@@ -6,11 +6,14 @@ All the worker's SQL about calls lives here, including ``exhausted``: the SQL tw
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
-from uuid import UUID, uuid4
+from uuid import UUID
 
+import psycopg
+from psycopg.types.json import Jsonb
 from sqlalchemy import (
     ColumnElement,
     Connection,
@@ -25,13 +28,14 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import aggregate_order_by
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 
 from calls_worker.domain.model import Call, CallAttempt, CallStatus, CallType
 from calls_worker.domain.outcome import Outcome
 from calls_worker.service.unit_of_work import (
     Batch,
     CallRepository,
+    CallUuidTaken,
+    DuplicateCommand,
     ProcessedCommands,
     References,
     UnitOfWork,
@@ -160,6 +164,7 @@ def _call_from_row(row: Any) -> Call:
 
 def _state(call: Call) -> dict[str, Any]:
     return {
+        "uuid": call.uuid,
         "status": call.status.value,
         "result": call.result,
         "completed_by": call.completed_by,
@@ -170,9 +175,48 @@ def _state(call: Call) -> dict[str, Any]:
     }
 
 
+# The writes of a command, sent together at commit (see SqlUnitOfWork.commit).
+_INSERT_PROCESSED = (
+    "INSERT INTO worker_processed_commands (command_id, kind, call_uuid, outcome)"
+    " VALUES (%(command_id)s, %(kind)s, %(call_uuid)s, %(outcome)s)"
+)
+_INSERT_CALL = (
+    "INSERT INTO calls (uuid, status, type, person_uuid, organization_uuid, pledge_case_uuid,"
+    " requested_by, result, notes, external_metadata, completed_by, created_at, updated_at,"
+    " completed_at, cancelled_at, expired_at) VALUES (%(uuid)s, %(status)s, %(type)s,"
+    " %(person_uuid)s, %(organization_uuid)s, %(pledge_case_uuid)s, %(requested_by)s,"
+    " %(result)s, %(notes)s, %(external_metadata)s, %(completed_by)s, %(created_at)s,"
+    " %(updated_at)s, %(completed_at)s, %(cancelled_at)s, %(expired_at)s)"
+)
+_INSERT_ATTEMPT = (
+    "INSERT INTO call_attempts (call_uuid, user_uuid, attempted_at)"
+    " VALUES (%(call_uuid)s, %(user_uuid)s, %(attempted_at)s)"
+)
+_TOUCH_CALL = "UPDATE calls SET updated_at = %(updated_at)s WHERE uuid = %(uuid)s"
+_SAVE_STATE = (
+    "UPDATE calls SET status = %(status)s, result = %(result)s, completed_by = %(completed_by)s,"
+    " completed_at = %(completed_at)s, cancelled_at = %(cancelled_at)s,"
+    " expired_at = %(expired_at)s, updated_at = %(updated_at)s WHERE uuid = %(uuid)s"
+)
+# Unique constraints whose violation at commit means something to the handlers.
+_DUPLICATE_COMMAND = "worker_processed_commands_pkey"
+_CALL_UUID_TAKEN = "calls_pkey"
+
+
+@dataclass
+class _Pending:
+    """Writes kept for commit: (SQL, parameters or a list of them for executemany)."""
+
+    writes: list[tuple[str, Any]] = field(default_factory=list)
+
+    def add(self, sql: str, params: Any) -> None:
+        self.writes.append((sql, params))
+
+
 class SqlCallRepository(CallRepository):
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, pending: _Pending) -> None:
         self._connection = connection
+        self._pending = pending
 
     def get_for_update(self, call_uuid: UUID) -> Call | None:
         row = self._connection.execute(
@@ -180,33 +224,29 @@ class SqlCallRepository(CallRepository):
         ).one_or_none()
         return None if row is None else _call_from_row(row)
 
-    def add(self, call: Call) -> bool:
-        inserted = self._connection.execute(
-            pg_insert(calls)
-            .values(
-                uuid=call.uuid,
-                type=call.type.value,
-                person_uuid=call.person_uuid,
-                organization_uuid=call.organization_uuid,
-                pledge_case_uuid=call.pledge_case_uuid,
-                requested_by=call.requested_by,
-                notes=call.notes,
-                external_metadata=call.external_metadata,
-                attempt_count=0,
-                created_at=call.created_at,
+    def add(self, call: Call) -> None:
+        self._pending.add(
+            _INSERT_CALL,
+            {
                 **_state(call),
-            )
-            .on_conflict_do_nothing(index_elements=[calls.c.uuid])
-            .returning(calls.c.uuid)
-        ).scalar_one_or_none()
-        if inserted is None:
-            return False
+                "type": call.type.value,
+                "person_uuid": call.person_uuid,
+                "organization_uuid": call.organization_uuid,
+                "pledge_case_uuid": call.pledge_case_uuid,
+                "requested_by": call.requested_by,
+                "notes": call.notes,
+                # SQL NULL, never JSON null, for a call managed here.
+                "external_metadata": None
+                if call.external_metadata is None
+                else Jsonb(call.external_metadata),
+                "created_at": call.created_at,
+            },
+        )
         if call.attempts:
-            self._connection.execute(
-                call_attempts.insert(),
+            self._pending.add(
+                _INSERT_ATTEMPT,
                 [
                     {
-                        "uuid": uuid4(),
                         "call_uuid": call.uuid,
                         "user_uuid": a.user_uuid,
                         "attempted_at": a.attempted_at,
@@ -214,25 +254,17 @@ class SqlCallRepository(CallRepository):
                     for a in call.attempts
                 ],
             )
-        return True
 
     def add_attempt(self, call: Call, attempt: CallAttempt) -> None:
-        self._connection.execute(
-            call_attempts.insert().values(
-                uuid=uuid4(),
-                call_uuid=call.uuid,
-                user_uuid=attempt.user_uuid,
-                attempted_at=attempt.attempted_at,
-            )
-        )
-        self._connection.execute(
-            update(calls).where(calls.c.uuid == call.uuid).values(updated_at=call.updated_at)
-        )
+        self._pending.add(
+            _INSERT_ATTEMPT,
+            {"call_uuid": call.uuid, "user_uuid": attempt.user_uuid,
+             "attempted_at": attempt.attempted_at},
+        )  # fmt: skip
+        self._pending.add(_TOUCH_CALL, {"uuid": call.uuid, "updated_at": call.updated_at})
 
     def save_state(self, call: Call) -> None:
-        self._connection.execute(
-            update(calls).where(calls.c.uuid == call.uuid).values(**_state(call))
-        )
+        self._pending.add(_SAVE_STATE, _state(call))
 
     def references(
         self, person_uuid: UUID, organization_uuid: UUID, pledge_case_uuid: UUID | None
@@ -259,8 +291,9 @@ class SqlCallRepository(CallRepository):
 
 
 class SqlProcessedCommands(ProcessedCommands):
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, pending: _Pending) -> None:
         self._connection = connection
+        self._pending = pending
 
     def get(self, command_id: str) -> Outcome | None:
         outcome: Outcome | None = self._connection.execute(
@@ -270,32 +303,33 @@ class SqlProcessedCommands(ProcessedCommands):
         ).scalar_one_or_none()
         return outcome
 
-    def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> bool:
-        recorded = self._connection.execute(
-            pg_insert(processed_commands)
-            .values(
-                command_id=command_id,
-                kind=kind,
-                call_uuid=call_uuid,
-                outcome=outcome,
-                processed_at=func.now(),
-            )
-            .on_conflict_do_nothing(index_elements=[processed_commands.c.command_id])
-            .returning(processed_commands.c.command_id)
-        ).scalar_one_or_none()
-        return recorded is not None
+    def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> None:
+        # First among the writes: a redelivery then fails before doing any of its work.
+        self._pending.writes.insert(
+            0,
+            (
+                _INSERT_PROCESSED,
+                {"command_id": command_id, "kind": kind, "call_uuid": call_uuid,
+                 "outcome": Jsonb(outcome)},
+            ),
+        )  # fmt: skip
 
 
 class SqlUnitOfWork(UnitOfWork):
-    """A connection and its transaction, opened on enter and closed on exit."""
+    """A connection and its transaction, opened on enter and closed on exit.
+
+    Reads go out at once. Writes wait for ``commit``, which sends them and the COMMIT in
+    one round trip (psycopg's pipeline mode): a command costs its reads plus one.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
 
     def __enter__(self) -> Self:
         self._connection = self._engine.connect()
-        self.calls = SqlCallRepository(self._connection)
-        self.processed_commands = SqlProcessedCommands(self._connection)
+        self._pending = _Pending()
+        self.calls = SqlCallRepository(self._connection, self._pending)
+        self.processed_commands = SqlProcessedCommands(self._connection, self._pending)
         return self
 
     def __exit__(
@@ -310,7 +344,40 @@ class SqlUnitOfWork(UnitOfWork):
             self._connection.close()
 
     def commit(self) -> None:
-        self._connection.commit()
+        self._send(commit=True)
+        self._connection.commit()  # the transaction is over; tell SQLAlchemy (no round trip)
+
+    def flush(self) -> None:
+        """Write what is pending without committing (its row locks are then held)."""
+        self._send(commit=False)
+
+    def _send(self, *, commit: bool) -> None:
+        writes, self._pending.writes[:] = list(self._pending.writes), []
+        driver: psycopg.Connection[Any] = self._connection.connection.driver_connection  # type: ignore[assignment]
+        try:
+            with driver.pipeline(), driver.cursor() as cursor:
+                for sql, params in writes:
+                    if isinstance(params, list):
+                        cursor.executemany(sql, params)
+                    else:
+                        cursor.execute(sql, params)
+                if commit:
+                    driver.commit()
+        except psycopg.errors.UniqueViolation as error:
+            self.rollback()
+            constraint = error.diag.constraint_name
+            if constraint == _DUPLICATE_COMMAND:
+                raise DuplicateCommand(str(error)) from error
+            if constraint == _CALL_UUID_TAKEN:
+                raise CallUuidTaken(str(error)) from error
+            raise
+        except BaseException:
+            self.rollback()
+            raise
 
     def rollback(self) -> None:
+        self._pending.writes.clear()
         self._connection.rollback()
+        driver = self._connection.connection.driver_connection
+        if driver is not None and not driver.closed:
+            driver.rollback()  # a failed pipeline leaves psycopg's transaction open
