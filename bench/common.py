@@ -22,7 +22,7 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from calls_worker.adapters.db.engine import build_engine, sqlalchemy_url
-from calls_worker.adapters.db.migrate import upgrade
+from calls_worker.adapters.db.migrate import head_revision, upgrade
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results.json"
@@ -53,7 +53,7 @@ def template(server: str, calls: int) -> str:
     """The name of a template database holding the data set of ``calls`` calls (made once)."""
     from bench.generate import generate
 
-    name = f"calls_worker_bench_{calls}"
+    name = f"calls_worker_bench_{calls}_r{head_revision()}"  # a new schema, a new data set
     engine = build_engine(server, pool_size=1)
     with engine.connect() as connection:
         exists = connection.execute(

@@ -21,8 +21,16 @@ def formatter(log_format: LogFormat) -> logging.Formatter:
     return logging.Formatter(TEXT_FORMAT)
 
 
+# Celery's own line per task received and per task succeeded say less than ours (no call,
+# no outcome code) and cost the worker a repr of every outcome: warnings and errors only.
+QUIETED = ("celery.worker.strategy", "celery.app.trace")
+
+
 def use_format(log_format: LogFormat) -> None:
-    """Give every handler of the root and Celery loggers this format."""
+    """Give every handler of the root and Celery loggers this format; quiet Celery's
+    per-task lines (the worker logs one line per command itself)."""
     for name in ("", "celery", "celery.task", "calls_worker"):
         for handler in logging.getLogger(name).handlers:
             handler.setFormatter(formatter(log_format))
+    for name in QUIETED:
+        logging.getLogger(name).setLevel(logging.WARNING)

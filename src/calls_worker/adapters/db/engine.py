@@ -17,9 +17,7 @@ def sqlalchemy_url(database_url: str) -> URL:
     return url.set(drivername="postgresql+psycopg")
 
 
-def build_engine(
-    database_url: str, *, pool_size: int | None = 5, pre_ping: bool = True
-) -> Engine:
+def build_engine(database_url: str, *, pool_size: int | None = 5, pre_ping: bool = True) -> Engine:
     """An engine whose sessions speak UTC, so timestamps round-trip unchanged.
 
     ``pool_size=None``: keep no connection open between uses (for rare writers).

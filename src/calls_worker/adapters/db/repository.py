@@ -13,6 +13,7 @@ from typing import Any, Self
 from uuid import UUID
 
 import psycopg
+from psycopg.rows import namedtuple_row
 from psycopg.types.json import Jsonb
 from sqlalchemy import (
     ColumnElement,
@@ -20,14 +21,11 @@ from sqlalchemy import (
     Engine,
     and_,
     delete,
-    exists,
     func,
-    literal_column,
     select,
     true,
     update,
 )
-from sqlalchemy.dialects.postgresql import aggregate_order_by
 
 from calls_worker.domain.model import Call, CallAttempt, CallStatus, CallType
 from calls_worker.domain.outcome import Outcome
@@ -42,13 +40,10 @@ from calls_worker.service.unit_of_work import (
 )
 
 from .tables import (
-    call_attempts,
     calls,
     due_calls,
     organizations,
     persons,
-    pledge_cases,
-    processed_commands,
 )
 
 
@@ -72,23 +67,23 @@ def calls_with_owning_organization() -> Any:
     )
 
 
-_ATTEMPTS_JSON = (
-    select(
-        func.coalesce(
-            func.json_agg(
-                aggregate_order_by(
-                    func.json_build_array(call_attempts.c.user_uuid, call_attempts.c.attempted_at),
-                    call_attempts.c.attempted_at,
-                    call_attempts.c.uuid,
-                )
-            ),
-            literal_column("'[]'::json"),
-        )
-    )
-    .where(call_attempts.c.call_uuid == calls.c.uuid)
-    .scalar_subquery()
-    .label("attempts_json")
+# The reads of a command, sent through psycopg directly: in pipeline mode the BEGIN of
+# the transaction goes out with the statement, one round trip for both.
+_LOAD_CALL = (
+    "SELECT c.uuid, c.status, c.type, c.person_uuid, c.organization_uuid, c.pledge_case_uuid,"
+    " c.requested_by, c.result, c.notes, c.external_metadata, c.completed_by, c.created_at,"
+    " c.updated_at, c.completed_at, c.cancelled_at, c.expired_at,"
+    " (SELECT coalesce(json_agg(json_build_array(a.user_uuid, a.attempted_at)"
+    "   ORDER BY a.attempted_at, a.uuid), '[]'::json)"
+    "  FROM call_attempts a WHERE a.call_uuid = c.uuid) AS attempts_json"
+    " FROM calls c WHERE c.uuid = %(uuid)s FOR UPDATE OF c"
 )
+_REFERENCES = (
+    "SELECT EXISTS (SELECT FROM persons WHERE uuid = %(person)s) AS person,"
+    " EXISTS (SELECT FROM organizations WHERE uuid = %(organization)s) AS organization,"
+    " (SELECT person_uuid FROM pledge_cases WHERE uuid = %(pledge_case)s) AS pledge_case_person"
+)
+_PROCESSED_OUTCOME = "SELECT outcome FROM worker_processed_commands WHERE command_id = %(id)s"
 
 
 def _expire_batch(now: datetime, limit: int) -> Any:
@@ -100,8 +95,8 @@ def _expire_batch(now: datetime, limit: int) -> Any:
     - expire them and remove their rows from worker_due_calls.
 
     The sweep keeps worker_due_calls itself here, so it asks the due-tracking trigger to
-    stand aside for its transaction (``calls_worker.sweeping``), sparing a re-check of
-    every row it expired.
+    stand aside for its transaction (``calls_worker.sweeping``), sparing a call of the
+    trigger for every row it expires.
     """
     stand_aside = select(func.set_config("calls_worker.sweeping", "on", True).label("on")).cte(
         "stand_aside"
@@ -136,6 +131,19 @@ def _expire_batch(now: datetime, limit: int) -> Any:
         select(func.count()).select_from(batch).scalar_subquery().label("examined"),
         select(func.count()).select_from(expired).scalar_subquery().label("expired"),
     ).add_cte(removed)
+
+
+def _driver(connection: Connection) -> psycopg.Connection[Any]:
+    driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
+    return driver
+
+
+def _read(connection: Connection, sql: str, params: dict[str, Any]) -> Any:
+    """One row (or None), read in pipeline mode: with the BEGIN, in one round trip."""
+    driver = _driver(connection)
+    with driver.pipeline(), driver.cursor(row_factory=namedtuple_row) as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
 
 
 def _call_from_row(row: Any) -> Call:
@@ -219,9 +227,7 @@ class SqlCallRepository(CallRepository):
         self._pending = pending
 
     def get_for_update(self, call_uuid: UUID) -> Call | None:
-        row = self._connection.execute(
-            select(calls, _ATTEMPTS_JSON).where(calls.c.uuid == call_uuid).with_for_update(of=calls)
-        ).one_or_none()
+        row = _read(self._connection, _LOAD_CALL, {"uuid": call_uuid})
         return None if row is None else _call_from_row(row)
 
     def add(self, call: Call) -> None:
@@ -269,16 +275,13 @@ class SqlCallRepository(CallRepository):
     def references(
         self, person_uuid: UUID, organization_uuid: UUID, pledge_case_uuid: UUID | None
     ) -> References:
-        row = self._connection.execute(
-            select(
-                exists().where(persons.c.uuid == person_uuid).label("person"),
-                exists().where(organizations.c.uuid == organization_uuid).label("organization"),
-                select(pledge_cases.c.person_uuid)
-                .where(pledge_cases.c.uuid == pledge_case_uuid)
-                .scalar_subquery()
-                .label("pledge_case_person"),
-            )
-        ).one()
+        row = _read(
+            self._connection,
+            _REFERENCES,
+            {"person": person_uuid, "organization": organization_uuid,
+             "pledge_case": pledge_case_uuid},
+        )  # fmt: skip
+        assert row is not None
         return References(
             person_exists=row.person,
             organization_exists=row.organization,
@@ -296,12 +299,8 @@ class SqlProcessedCommands(ProcessedCommands):
         self._pending = pending
 
     def get(self, command_id: str) -> Outcome | None:
-        outcome: Outcome | None = self._connection.execute(
-            select(processed_commands.c.outcome).where(
-                processed_commands.c.command_id == command_id
-            )
-        ).scalar_one_or_none()
-        return outcome
+        row = _read(self._connection, _PROCESSED_OUTCOME, {"id": command_id})
+        return None if row is None else dict(row.outcome)
 
     def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> None:
         # First among the writes: a redelivery then fails before doing any of its work.
@@ -353,7 +352,7 @@ class SqlUnitOfWork(UnitOfWork):
 
     def _send(self, *, commit: bool) -> None:
         writes, self._pending.writes[:] = list(self._pending.writes), []
-        driver: psycopg.Connection[Any] = self._connection.connection.driver_connection  # type: ignore[assignment]
+        driver = _driver(self._connection)
         try:
             with driver.pipeline(), driver.cursor() as cursor:
                 for sql, params in writes:

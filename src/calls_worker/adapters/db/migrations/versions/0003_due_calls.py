@@ -39,32 +39,31 @@ LANGUAGE sql STABLE AS $$
                WHERE p.uuid = person), false)
 $$;
 
--- After any UPDATE of calls, set-based over the changed rows: add the calls that became
--- due, drop those that are not due any more (ended, or moved to another person). The
--- sweep keeps the table itself and says so with the setting calls_worker.sweeping.
-CREATE FUNCTION calls_worker_track_due_calls() RETURNS trigger
+-- After an UPDATE that changes what the policy looks at (attempt_count, status,
+-- external_metadata, person_uuid) of a call: add it if it became due, drop it otherwise.
+-- The sweep keeps the table itself and says so with the setting calls_worker.sweeping, so
+-- the trigger is not even called for the calls it expires.
+CREATE FUNCTION calls_worker_track_due_call() RETURNS trigger
 LANGUAGE plpgsql AS $$
 BEGIN
-    IF current_setting('calls_worker.sweeping', true) = 'on' THEN
-        RETURN NULL;
+    IF calls_worker_is_exhausted(NEW.status, NEW.external_metadata, NEW.attempt_count,
+                                 NEW.person_uuid) THEN
+        INSERT INTO worker_due_calls (call_uuid) VALUES (NEW.uuid)
+        ON CONFLICT (call_uuid) DO NOTHING;
+    ELSE
+        DELETE FROM worker_due_calls WHERE call_uuid = NEW.uuid;
     END IF;
-    DELETE FROM worker_due_calls d
-    USING changed c
-    WHERE d.call_uuid = c.uuid
-      AND NOT calls_worker_is_exhausted(c.status, c.external_metadata, c.attempt_count,
-                                        c.person_uuid);
-    INSERT INTO worker_due_calls (call_uuid)
-    SELECT c.uuid FROM changed c
-    WHERE calls_worker_is_exhausted(c.status, c.external_metadata, c.attempt_count,
-                                    c.person_uuid)
-    ON CONFLICT (call_uuid) DO NOTHING;
     RETURN NULL;
 END;
 $$;
 CREATE TRIGGER calls_track_due
-    AFTER UPDATE ON calls
-    REFERENCING NEW TABLE AS changed
-    FOR EACH STATEMENT EXECUTE FUNCTION calls_worker_track_due_calls();
+    AFTER UPDATE OF attempt_count, status, external_metadata, person_uuid ON calls
+    FOR EACH ROW
+    WHEN ((OLD.attempt_count, OLD.status, OLD.external_metadata, OLD.person_uuid)
+              IS DISTINCT FROM (NEW.attempt_count, NEW.status, NEW.external_metadata,
+                                NEW.person_uuid)
+          AND current_setting('calls_worker.sweeping', true) IS DISTINCT FROM 'on')
+    EXECUTE FUNCTION calls_worker_track_due_call();
 
 -- A new maximum, or a new owner of a person: recompute the calls concerned.
 CREATE FUNCTION calls_worker_recheck_calls_of_persons(people uuid[]) RETURNS void
@@ -131,7 +130,7 @@ DROP TRIGGER calls_track_due ON calls;
 DROP FUNCTION calls_worker_person_changed();
 DROP FUNCTION calls_worker_organization_changed();
 DROP FUNCTION calls_worker_recheck_calls_of_persons(uuid[]);
-DROP FUNCTION calls_worker_track_due_calls();
+DROP FUNCTION calls_worker_track_due_call();
 DROP FUNCTION calls_worker_is_exhausted(text, jsonb, integer, uuid);
 DROP TABLE worker_due_calls;
 """
