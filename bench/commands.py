@@ -21,30 +21,18 @@ from uuid import uuid4
 
 import redis
 from celery import Celery
-from sqlalchemy import text
 
-from bench.common import Row, print_table, server_url, write_results
+from bench.common import Row, print_table, write_results
+from bench.fixtures import broker, fresh_database, seed_person
 from bench.noop_worker import NOOP_TASK
 from bench.workers import bench_env, process, wait_for_ping
-from calls_worker.adapters.db.engine import build_engine
-from calls_worker.adapters.db.migrate import upgrade
 from calls_worker.wire import COMMANDS_QUEUE, TASK_NAMES, celery_config
 
-
-def redis_url() -> tuple[str, Any]:
-    """A Redis for the run: CALLS_WORKER_BENCH_REDIS_URL, else an embedded one."""
-    import os
-
-    configured = os.environ.get("CALLS_WORKER_BENCH_REDIS_URL")
-    if configured:
-        return configured, None
-    from calls_worker.adapters.embedded import start_redis
-
-    server = start_redis(Path(tempfile.mkdtemp(prefix="bench-redis-")))
-    return server.url, server
+Message = tuple[str, dict[str, Any]]
+"""A task name and its keyword arguments."""
 
 
-def publish_and_wait(app: Celery, broker: str, messages: list[tuple[str, dict[str, Any]]]) -> float:
+def publish_and_wait(app: Celery, broker: str, messages: list[Message]) -> float:
     """Seconds from the first publish until every outcome is stored."""
     connection = redis.Redis.from_url(broker)
     ids = [str(uuid4()) for _ in messages]
@@ -64,32 +52,9 @@ def publish_and_wait(app: Celery, broker: str, messages: list[tuple[str, dict[st
 
 
 def run(count: int) -> list[Row]:
-    server = server_url()
-    broker, embedded_redis = redis_url()
-    app = Celery("bench-producer", set_as_current=False)
-    app.conf.update(celery_config(broker, broker))
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
-    try:
-        engine = build_engine(server, pool_size=1)
-        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-            connection.execute(text("DROP DATABASE IF EXISTS calls_worker_bench_commands"))
-            connection.execute(text("CREATE DATABASE calls_worker_bench_commands"))
-        engine.dispose()
-        from bench.common import database_url
-
-        url = database_url(server, "calls_worker_bench_commands")
-        engine = build_engine(url, pool_size=1)
-        upgrade(engine)
-        organization, person = uuid4(), uuid4()
-        with engine.begin() as connection:
-            connection.execute(
-                text("INSERT INTO organizations VALUES (:o, 'bench', NULL)"), {"o": organization}
-            )
-            connection.execute(
-                text("INSERT INTO persons VALUES (:p, :o)"), {"p": person, "o": organization}
-            )
-        engine.dispose()
-
+    with fresh_database("calls_worker_bench_commands") as url, broker() as broker_url:
+        organization, person = seed_person(url, None)
         now = datetime.now(UTC).isoformat()
         calls = [str(uuid4()) for _ in range(count)]
         creates = [(TASK_NAMES["create"], {"command": {
@@ -98,21 +63,21 @@ def run(count: int) -> list[Row]:
         attempts = [(TASK_NAMES["add_attempt"], {"command": {
             "callUuid": call, "userUuid": str(person), "attemptedAt": now,
             "issuedAt": now}}) for call in calls]  # fmt: skip
-        noops = [(NOOP_TASK, {"command": {}}) for _ in range(count)]
-
-        env = bench_env(url, broker)
-        with process(["-m", "bench.noop_worker", broker], env, logs / "noop.log"):
-            wait_for_ping(broker, "noop@")
-            noop_seconds = publish_and_wait(app, broker, noops)
-        with process(["-m", "calls_worker", "worker", "-Q", COMMANDS_QUEUE, "-c", "2",
-                      "-n", "bench@%h"], env, logs / "worker.log"):  # fmt: skip
-            wait_for_ping(broker, "bench@")
-            create_seconds = publish_and_wait(app, broker, creates)
-            attempt_seconds = publish_and_wait(app, broker, attempts)
-    finally:
-        app.close()
-        if embedded_redis is not None:
-            embedded_redis.stop()
+        noops: list[Message] = [(NOOP_TASK, {"command": {}}) for _ in range(count)]
+        app = Celery("bench-producer", set_as_current=False)
+        app.conf.update(celery_config(broker_url, broker_url))
+        env = bench_env(url, broker_url)
+        try:
+            with process(["-m", "bench.noop_worker", broker_url], env, logs / "noop.log"):
+                wait_for_ping(broker_url, "noop@")
+                noop_seconds = publish_and_wait(app, broker_url, noops)
+            with process(["-m", "calls_worker", "worker", "-Q", COMMANDS_QUEUE, "-c", "2",
+                          "-n", "bench@%h"], env, logs / "worker.log"):  # fmt: skip
+                wait_for_ping(broker_url, "bench@")
+                create_seconds = publish_and_wait(app, broker_url, creates)
+                attempt_seconds = publish_and_wait(app, broker_url, attempts)
+        finally:
+            app.close()
     noop_rate = count / noop_seconds
     rows = []
     for kind, seconds in (("create", create_seconds), ("add_attempt", attempt_seconds)):

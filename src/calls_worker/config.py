@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         default=5000,
         description="Calls expired per transaction; bounds how long one batch holds row locks.",
     )
+    processed_retention_hours: PositiveInt = Field(
+        default=72,
+        description="How long a command's outcome is kept to answer a redelivery of it "
+        "(far longer than the broker redelivers: its visibility timeout is an hour).",
+    )
     metrics_port: int = Field(
         default=9808,
         ge=0,

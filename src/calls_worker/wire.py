@@ -21,6 +21,7 @@ TASK_NAMES: Final[dict[CommandKind, str]] = {
     "expire": "calls.expire",
 }
 SWEEP_TASK: Final = "calls.sweep"
+PRUNE_TASK: Final = "calls.prune"
 
 # JSON only: pickle (or anything else that can run code when decoded) is refused.
 CONTENT_TYPES: Final = ["json"]

@@ -17,7 +17,7 @@ from calls_worker.entrypoints.metrics import (
 )
 from calls_worker.entrypoints.runtime import Runtime, runtime_of
 from calls_worker.entrypoints.tasks import register_tasks
-from calls_worker.wire import SWEEP_TASK, SWEEPS_QUEUE, celery_config
+from calls_worker.wire import PRUNE_TASK, SWEEP_TASK, SWEEPS_QUEUE, celery_config
 
 # Longest a task may run; the broker's visibility timeout (wire.VISIBILITY_TIMEOUT) must
 # exceed it, or Redis hands a still-running task to a second worker.
@@ -52,7 +52,7 @@ def create_app(
     app = Celery("calls-worker")
     app.conf.update(
         worker_config(broker_url, result_backend_url or broker_url),
-        task_routes={SWEEP_TASK: {"queue": SWEEPS_QUEUE}},
+        task_routes={SWEEP_TASK: {"queue": SWEEPS_QUEUE}, PRUNE_TASK: {"queue": SWEEPS_QUEUE}},
         worker_consumer="calls_worker.entrypoints.consumer:RecordingConsumer",
         worker_hijack_root_logger=True,
         beat_schedule={
@@ -61,7 +61,12 @@ def create_app(
                 "schedule": float(settings.sweep_interval_seconds),
                 # A sweep that waited a whole interval is superseded by the next one.
                 "options": {"queue": SWEEPS_QUEUE, "expires": settings.sweep_interval_seconds},
-            }
+            },
+            "prune-command-outcomes": {
+                "task": PRUNE_TASK,
+                "schedule": 3600.0,
+                "options": {"queue": SWEEPS_QUEUE, "expires": 3600},
+            },
         },
         beat_schedule_filename=str(settings.data_dir / "beat-schedule"),
     )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
+from datetime import timedelta
 from typing import Any
 
 from celery import Celery, Task
@@ -23,7 +24,7 @@ from calls_worker.entrypoints.metrics import worker_metrics
 from calls_worker.entrypoints.runtime import Runtime, runtime_of
 from calls_worker.service.handlers import handle, utc_now
 from calls_worker.service.sweep import expire_exhausted_calls
-from calls_worker.wire import COMMANDS_QUEUE, SWEEP_TASK, SWEEPS_QUEUE, TASK_NAMES
+from calls_worker.wire import COMMANDS_QUEUE, PRUNE_TASK, SWEEP_TASK, SWEEPS_QUEUE, TASK_NAMES
 
 logger = logging.getLogger("calls_worker")
 
@@ -185,3 +186,13 @@ def register_tasks(app: Celery) -> None:
         return run_sweep(runtime_of(self.app))
 
     app.task(name=SWEEP_TASK, bind=True, queue=SWEEPS_QUEUE, acks_late=True)(sweep)
+
+    def prune(self: Task[Any, Any]) -> dict[str, Any]:
+        """Forget command outcomes older than the retention (they answer redeliveries)."""
+        runtime = runtime_of(self.app)
+        hours = runtime.settings.processed_retention_hours
+        pruned = journal.prune_processed(runtime.engine(), utc_now() - timedelta(hours=hours))
+        logger.info("pruned %d command outcomes older than %dh", pruned, hours)
+        return {"pruned": pruned, "retentionHours": hours}
+
+    app.task(name=PRUNE_TASK, bind=True, queue=SWEEPS_QUEUE, acks_late=True)(prune)

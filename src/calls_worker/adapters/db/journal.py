@@ -10,12 +10,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import Engine, delete, func, select, text, update
 
 from calls_worker.domain.errors import FieldError
 
 from .repository import calls_with_owning_organization, exhausted
-from .tables import calls, due_calls, organizations, rejected_commands, sweep_runs
+from .tables import (
+    calls,
+    due_calls,
+    organizations,
+    processed_commands,
+    rejected_commands,
+    sweep_runs,
+)
 
 # Any constant will do: one sweep at a time across every worker and beat.
 _SWEEP_LOCK = 7_304_118_002
@@ -84,6 +91,28 @@ def mark_replayed(engine: Engine, rejected_id: int) -> None:
             .where(rejected_commands.c.id == rejected_id)
             .values(replayed_at=func.now())
         )
+
+
+def prune_processed(engine: Engine, before: datetime, batch_size: int = 10_000) -> int:
+    """Forget the outcomes of commands processed before ``before``; how many.
+
+    In batches, each its own short transaction, so pruning never holds many locks.
+    """
+    pruned = 0
+    while True:
+        stale = (
+            select(processed_commands.c.command_id)
+            .where(processed_commands.c.processed_at < before)
+            .limit(batch_size)
+            .scalar_subquery()
+        )
+        with engine.begin() as connection:
+            count = connection.execute(
+                delete(processed_commands).where(processed_commands.c.command_id.in_(stale))
+            ).rowcount
+        pruned += count
+        if count < batch_size:
+            return pruned
 
 
 @contextmanager

@@ -1,0 +1,35 @@
+"""Every benchmark, one after the other, then one table and bench/results.json.
+
+python -m bench.run_all              # the sizes of the goals (takes about 25 minutes)
+python -m bench.run_all --quick      # small sizes, to check the benchmarks run
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from bench import commands, lag, memory, sweep
+from bench.common import print_table, write_results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true")
+    arguments = parser.parse_args()
+    if arguments.quick:
+        rows = sweep.run(100_000, [100_000])
+        rows += commands.run(1_000)
+        rows += memory.run(2_000)
+        rows += lag.run(interval=2, calls=30, seconds=6)
+    else:
+        rows = sweep.run(1_000_000, [1_000_000, 5_000_000])
+        rows += commands.run(5_000)
+        rows += memory.run(100_000)
+        rows += lag.run(interval=5, calls=300, seconds=60)
+    print()
+    print_table(rows)
+    write_results(rows)
+
+
+if __name__ == "__main__":
+    main()
