@@ -269,3 +269,26 @@ def test_created_at_can_be_given(world: World) -> None:
     call = world.create(createdAt="2025-12-24T18:00:00-05:00")["call"]
     assert call["createdAt"] == "2025-12-24T23:00:00+00:00"
     assert datetime.fromisoformat(call["createdAt"]).tzinfo == UTC
+
+
+def test_an_absurd_future_timestamp_is_refused_and_skew_is_not(world: World) -> None:
+    call = world.new_call()
+    with freeze_time("2026-03-01 09:00:00"):
+        far = world.send("add_attempt", {"callUuid": call, "userUuid": str(uuid4()),
+                                         "attemptedAt": "2027-03-01T09:00:00Z"})  # fmt: skip
+        skewed = world.send("add_attempt", {"callUuid": call, "userUuid": str(uuid4()),
+                                            "attemptedAt": "2026-03-01T11:00:00Z",
+                                            "issuedAt": "2026-03-01T11:00:00Z"})  # fmt: skip
+    assert error_of(far) == ("invalid", 422)
+    assert far["error"]["details"][0]["field"] == "attemptedAt"
+    assert skewed["ok"] is True  # two hours ahead: a producer's clock, accepted
+    assert skewed["call"]["updatedAt"] == "2026-03-01T11:00:00+00:00"  # the data decides
+
+
+def test_absurd_timestamps_inside_attempts_are_named(world: World) -> None:
+    with freeze_time("2026-03-01 09:00:00"):
+        outcome = world.create(externalMetadata={}, attempts=[
+            {"userUuid": str(uuid4()), "attemptedAt": "2026-02-01T09:00:00Z"},
+            {"userUuid": str(uuid4()), "attemptedAt": "3026-02-01T09:00:00Z"},
+        ])  # fmt: skip
+    assert [d["field"] for d in outcome["error"]["details"]] == ["attempts.1.attemptedAt"]

@@ -7,7 +7,8 @@ raises ``InvalidCommand`` naming every bad field and why.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from datetime import datetime, timedelta
 from typing import Annotated, Any, ClassVar, Literal
 from uuid import UUID
 
@@ -68,6 +69,33 @@ class Command(_Model):
     def call_uuid_or_none(self) -> UUID | None:
         """The call this command is about, when the command names it."""
         return None
+
+    def timestamps(self) -> Iterator[tuple[str, datetime]]:
+        """Every timestamp the command carries, by its JSON path."""
+        for name, value in self:
+            if isinstance(value, datetime):
+                yield to_camel(name), value
+            elif isinstance(value, list):
+                for n, item in enumerate(value):
+                    if isinstance(item, _Model):
+                        for field, stamp in item:
+                            if isinstance(stamp, datetime):
+                                yield f"{to_camel(name)}.{n}.{to_camel(field)}", stamp
+
+
+# Producers' clocks may run ahead of the worker's; a timestamp further ahead than this is
+# not skew but a mistake (a wrong year, a unit error) and is refused.
+FUTURE_TOLERANCE = timedelta(hours=24)
+
+
+def absurd_timestamps(command: Command, now: datetime) -> list[FieldError]:
+    """The timestamps of ``command`` more than FUTURE_TOLERANCE after ``now``."""
+    limit = now + FUTURE_TOLERANCE
+    return [
+        FieldError(field, f"is more than {FUTURE_TOLERANCE} in the future")
+        for field, stamp in command.timestamps()
+        if stamp > limit
+    ]
 
 
 class AttemptIn(_Model):

@@ -19,6 +19,7 @@ from calls_worker.domain.commands import (
     CompleteCall,
     CreateCall,
     ExpireCall,
+    absurd_timestamps,
 )
 from calls_worker.domain.errors import (
     CallAlreadyExists,
@@ -55,6 +56,8 @@ def handle(
         now = command.issued_at or clock()
         call_uuid = command.call_uuid_or_none
         try:
+            if absurd := absurd_timestamps(command, clock()):
+                raise InvalidCommand("timestamps in the far future", absurd)
             call = HANDLERS[type(command)](command, uow, now)
             outcome, call_uuid = succeeded(call), call.uuid
         except DomainError as error:
