@@ -84,8 +84,15 @@ def run(log_format: LogFormat, flower: bool, flower_port: int) -> None:
 @click.option("--queues", "-Q", default="calls.commands,calls.sweeps", show_default=True)
 @click.option("--concurrency", "-c", type=int, default=None, help="Processes (default: cores).")
 @click.option("--hostname", "-n", default=None, help="Worker name, e.g. commands@%h.")
+@click.option(
+    "--include", "-I", multiple=True, help="Also import this module (Celery's --include)."
+)
 def worker(
-    log_format: LogFormat, queues: str, concurrency: int | None, hostname: str | None
+    log_format: LogFormat,
+    queues: str,
+    concurrency: int | None,
+    hostname: str | None,
+    include: tuple[str, ...],
 ) -> None:
     """Run a Celery worker consuming the command and sweep queues."""
     servers = _servers()
@@ -98,6 +105,8 @@ def worker(
         argv += ["--concurrency", str(concurrency)]
     if hostname:
         argv += ["--hostname", hostname]
+    for module in include:
+        argv += ["--include", module]
     try:
         _app(servers, log_format).worker_main(argv)
     finally:

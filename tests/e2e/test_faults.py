@@ -1,0 +1,151 @@
+"""A worker process killed mid-command, and a warm shutdown: nothing lost, nothing doubled.
+
+Each test starts its own worker, so the session's worker is never the one hurt.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+from uuid import UUID, uuid4
+
+import psutil
+import pytest
+from celery import Celery
+
+from calls_worker.client import CallsClient
+from tests.db_world import ISSUED, Db
+from tests.e2e.conftest import Process, queues_drained, wait_until, worker_env
+
+TIMEOUT = 60
+
+
+def own_worker(database_url: str, redis_url: str, control_app: Celery, tmp: Path,
+               name: str, **env: str) -> Process:  # fmt: skip
+    process = Process(
+        ["worker", "-c", "1", "-n", f"{name}@%h", "-Q", "calls.commands",
+         "--include", "tests.e2e.faults"],
+        worker_env(database_url, redis_url, tmp, **env),
+        tmp / f"{name}.log",
+    )  # fmt: skip
+
+    def answers() -> bool:
+        replies = control_app.control.ping(timeout=0.5) or []
+        return any(name in host for reply in replies for host in reply)
+
+    wait_until(answers, TIMEOUT, f"worker {name}")
+    return process
+
+
+def pool_processes(worker: Process) -> list[psutil.Process]:
+    return psutil.Process(worker.popen.pid).children(recursive=True)
+
+
+def new_call(db: Db, client: CallsClient, maximum: int = 5) -> str:
+    organization = db.organization(maximum)
+    person = {"personUuid": str(db.person(organization)), "organizationUuid": str(organization)}
+    return str(client.send("create", person).outcome(TIMEOUT)["call"]["uuid"])
+
+
+def attempt(call: str) -> dict[str, str]:
+    return {"callUuid": call, "userUuid": str(uuid4()), "attemptedAt": ISSUED}
+
+
+@pytest.mark.slow
+def test_killed_before_commit_the_command_is_redelivered_and_applied_once(
+    db: Db, worker: Process, client: CallsClient, control_app: Celery, database_url: str,
+    redis_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    call = new_call(db, client)
+    control_app.control.cancel_consumer("calls.commands", destination=[f"e2e@{_host()}"],
+                                        reply=True)  # fmt: skip
+    try:
+        victim = own_worker(database_url, redis_url, control_app, tmp_path, "victim")
+        try:
+            with db.engine.connect() as holder:  # the command will wait on this lock
+                holder.exec_driver_sql("SELECT 1 FROM calls WHERE uuid = %s FOR UPDATE", (call,))
+                handle = client.send("add_attempt", attempt(call))
+                wait_until(lambda: _waiting_on_lock(db), TIMEOUT, "the command to block")
+                for child in pool_processes(victim):
+                    child.kill()  # mid-transaction: nothing committed
+                holder.rollback()
+            outcome = handle.outcome(TIMEOUT)  # redelivered to the new pool process
+        finally:
+            victim.stop()
+    finally:
+        control_app.control.add_consumer("calls.commands", destination=[f"e2e@{_host()}"],
+                                         reply=True)  # fmt: skip
+    assert outcome["ok"] is True
+    assert db.row(UUID(call))["attempt_count"] == db.attempt_rows(UUID(call)) == 1
+
+
+@pytest.mark.slow
+def test_killed_after_commit_before_ack_the_redelivery_changes_nothing(
+    db: Db, worker: Process, client: CallsClient, control_app: Celery, database_url: str,
+    redis_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    call = new_call(db, client)
+    command_id = f"die-after-commit-{uuid4()}"
+    flag = tmp_path / "died"
+    control_app.control.cancel_consumer("calls.commands", destination=[f"e2e@{_host()}"],
+                                        reply=True)  # fmt: skip
+    try:
+        victim = own_worker(
+            database_url, redis_url, control_app, tmp_path, "victim2",
+            CALLS_WORKER_TEST_DIE_AFTER_COMMIT=command_id,
+            CALLS_WORKER_TEST_FAULT_FLAG=str(flag),
+        )  # fmt: skip
+        try:
+            handle = client.send("add_attempt", attempt(call), command_id=command_id)
+            outcome = handle.outcome(TIMEOUT)
+            wait_until(lambda: queues_drained(redis_url), TIMEOUT, "the queue to drain")
+        finally:
+            victim.stop()
+    finally:
+        control_app.control.add_consumer("calls.commands", destination=[f"e2e@{_host()}"],
+                                         reply=True)  # fmt: skip
+    assert flag.exists(), "the fault fired: a pool process died after the commit"
+
+    # The first delivery died before logging; the redelivery found the command recorded.
+    line = f"command add_attempt {command_id}"
+    assert victim.output().count(line) + worker.output().count(line) == 1
+    assert outcome["ok"] is True
+    assert outcome["call"]["attemptCount"] == 1
+    assert db.row(UUID(call))["attempt_count"] == db.attempt_rows(UUID(call)) == 1
+
+
+@pytest.mark.slow
+def test_warm_shutdown_finishes_or_returns_every_command(
+    db: Db, worker: Process, client: CallsClient, control_app: Celery, database_url: str,
+    redis_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    calls = [new_call(db, client) for _ in range(40)]
+    control_app.control.cancel_consumer("calls.commands", destination=[f"e2e@{_host()}"],
+                                        reply=True)  # fmt: skip
+    try:
+        victim = own_worker(database_url, redis_url, control_app, tmp_path, "victim3")
+        handles = [client.send("add_attempt", attempt(call)) for call in calls]
+        time.sleep(0.3)  # some handled, some running, most waiting
+        assert victim.stop(signal.SIGTERM, timeout=TIMEOUT) == 0
+    finally:
+        control_app.control.add_consumer("calls.commands", destination=[f"e2e@{_host()}"],
+                                         reply=True)  # fmt: skip
+    outcomes = [h.outcome(TIMEOUT) for h in handles]  # the rest, by the session's worker
+    assert all(o["ok"] for o in outcomes)
+    assert [db.row(UUID(c))["attempt_count"] for c in calls] == [1] * len(calls)
+
+
+def _host() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def _waiting_on_lock(db: Db) -> bool:
+    return bool(
+        db.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND application_name = 'calls-worker'"
+        ).scalar()
+    )
