@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
+import psycopg
 from celery import Celery, Task
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -30,7 +31,14 @@ logger = logging.getLogger("calls_worker")
 
 # Errors worth another try: the database or the network was away for a moment, a deadlock
 # or serialization failure was resolved by rolling us back. A broken rule is never retried.
-TRANSIENT_ERRORS = (OperationalError, InterfaceError, PoolTimeoutError)
+TRANSIENT_ERRORS = (
+    OperationalError,
+    InterfaceError,
+    PoolTimeoutError,
+    # Commands read and write through psycopg directly too (pipeline mode).
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+)
 MAX_RETRIES = 8
 
 
@@ -52,15 +60,32 @@ class CommandTask(Task[Any, Outcome]):
     # of it says ok or the error code, and a shorter one costs the worker less.
     resultrepr_maxsize = 160
 
+    def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        logger.warning(
+            "command %s will be retried (try %d of %d): %s",
+            task_id,
+            self.request.retries + 1,
+            self.max_retries,
+            str(exc).splitlines()[0],
+            extra={"command_id": task_id, "retry": self.request.retries + 1},
+        )
+
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
         worker_metrics().rejection("gave_up")
-        journal.record_rejected(
-            runtime_of(self.app).unpooled_engine(),
-            task_name=self.name,
-            command_id=task_id,
-            raw_body=journal.dumps([list(args), dict(kwargs), {}]),
-            reason=f"failed after {self.request.retries} retries: {exc!r}",
-        )
+        raw_body = journal.dumps([list(args), dict(kwargs), {}])
+        reason = f"failed after {self.request.retries} retries: {exc!r}"
+        try:
+            journal.record_rejected(
+                runtime_of(self.app).unpooled_engine(),
+                task_name=self.name,
+                command_id=task_id,
+                raw_body=raw_body,
+                reason=reason,
+            )
+        except Exception:  # the database is what failed: keep the command in the log instead
+            logger.exception(
+                "could not keep failed command %s (%s); its body: %s", task_id, reason, raw_body
+            )
 
 
 def command_payload(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:

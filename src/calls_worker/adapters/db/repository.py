@@ -144,9 +144,21 @@ def _driver(connection: Connection) -> psycopg.Connection[Any]:
 def _read(connection: Connection, sql: str, params: dict[str, Any]) -> Any:
     """One row (or None), read in pipeline mode: with the BEGIN, in one round trip."""
     driver = _driver(connection)
-    with driver.pipeline(), driver.cursor(row_factory=namedtuple_row) as cursor:
-        cursor.execute(sql, params)
-        return cursor.fetchone()
+    try:
+        with driver.pipeline(), driver.cursor(row_factory=namedtuple_row) as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone()
+    except psycopg.OperationalError:
+        _drop_if_broken(connection)
+        raise
+
+
+def _drop_if_broken(connection: Connection) -> None:
+    """SQLAlchemy did not see this error (psycopg was used directly): a connection that
+    is gone must not go back to the pool."""
+    driver = _driver(connection)
+    if driver.closed or driver.broken:
+        connection.invalidate()
 
 
 def _call_from_row(row: Any) -> Call:
@@ -373,12 +385,19 @@ class SqlUnitOfWork(UnitOfWork):
             if constraint == _CALL_UUID_TAKEN:
                 raise CallUuidTaken(str(error)) from error
             raise
+        except psycopg.OperationalError:
+            _drop_if_broken(self._connection)
+            if not self._connection.invalidated:
+                self.rollback()
+            raise
         except BaseException:
             self.rollback()
             raise
 
     def rollback(self) -> None:
         self._pending.writes.clear()
+        if self._connection.invalidated:
+            return  # gone, and its transaction with it
         self._connection.rollback()
         driver = self._connection.connection.driver_connection
         if driver is not None and not driver.closed:
