@@ -1,0 +1,18 @@
+-- Privileges of calls_worker_app, after `calls-worker migrate` ran as calls_worker_migrator
+-- (run again after a migration that adds a table). Triggers act as their owner (migration
+-- 0004), so writers need nothing on the tables the triggers keep.
+
+-- The API's tables: the worker reads the directory, and writes calls and attempts.
+GRANT SELECT ON organizations, persons, pledge_cases TO calls_worker_app;
+GRANT SELECT, INSERT, UPDATE ON calls TO calls_worker_app;
+GRANT SELECT, INSERT ON call_attempts TO calls_worker_app;
+
+-- The worker's own tables.
+GRANT SELECT, INSERT, DELETE ON worker_processed_commands TO calls_worker_app;  -- DELETE: pruning
+GRANT SELECT, INSERT, UPDATE ON worker_rejected_commands TO calls_worker_app;   -- UPDATE: replayed
+GRANT SELECT, INSERT ON worker_sweep_runs TO calls_worker_app;
+-- UPDATE: the sweep locks the rows it takes (SELECT … FOR UPDATE).
+GRANT SELECT, UPDATE, DELETE ON worker_due_calls TO calls_worker_app;
+GRANT SELECT ON calls_worker_alembic_version TO calls_worker_app;                -- status
+GRANT USAGE ON SEQUENCE worker_rejected_commands_id_seq, worker_sweep_runs_id_seq
+    TO calls_worker_app;

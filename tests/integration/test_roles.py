@@ -1,0 +1,102 @@
+"""The worker runs as a least-privilege role (deploy/sql), migrations as another."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from sqlalchemy import make_url, text
+from sqlalchemy.exc import ProgrammingError
+
+from calls_worker.adapters.db.engine import build_engine
+from calls_worker.adapters.db.journal import operational_figures, prune_processed, record_rejected
+from calls_worker.adapters.db.migrate import upgrade
+from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.domain.commands import parse_command
+from calls_worker.service.handlers import handle
+from calls_worker.service.sweep import expire_exhausted_calls
+from tests.db_world import ISSUED, Db
+
+SQL = Path(__file__).resolve().parents[2] / "deploy" / "sql"
+
+
+def as_role(url: str, role: str) -> str:
+    return make_url(url).set(username=role, password=None).render_as_string(hide_password=False)
+
+
+@pytest.fixture
+def roles(empty_database_url: str) -> Iterator[tuple[str, str]]:
+    """Migrator and app roles made from deploy/sql, with names of this test's own."""
+    suffix = uuid.uuid4().hex[:8]
+    names = {
+        "calls_worker_migrator": f"cw_migrator_{suffix}",
+        "calls_worker_app": f"cw_app_{suffix}",
+    }
+
+    def script(name: str) -> str:
+        sql = (SQL / name).read_text()
+        for role, unique in names.items():
+            sql = sql.replace(role, unique)
+        return sql
+
+    admin = build_engine(empty_database_url, pool_size=1)
+    with admin.begin() as connection:
+        connection.exec_driver_sql(script("roles.sql"))
+    migrator = build_engine(
+        as_role(empty_database_url, names["calls_worker_migrator"]), pool_size=1
+    )
+    upgrade(migrator)
+    with migrator.begin() as connection:
+        connection.exec_driver_sql(script("grants.sql"))
+    migrator.dispose()
+    try:
+        yield as_role(empty_database_url, names["calls_worker_app"]), empty_database_url
+    finally:
+        with admin.begin() as connection:
+            for role in names.values():
+                connection.execute(text(f'DROP OWNED BY "{role}"'))
+        admin.dispose()
+        # the database goes with empty_database_url; roles are cluster-wide: drop them
+        drop = build_engine(make_url(empty_database_url).set(database="postgres")
+                            .render_as_string(hide_password=False), pool_size=1)  # fmt: skip
+        with drop.begin() as connection:
+            for role in names.values():
+                connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        drop.dispose()
+
+
+def test_the_worker_does_everything_as_the_app_role(roles: tuple[str, str]) -> None:
+    app_url, admin_url = roles
+    admin = build_engine(admin_url, pool_size=2)
+    seed = Db(admin)  # the API's data, written by another role
+    organization = seed.organization(2)
+    person = seed.person(organization)
+    app = build_engine(app_url, pool_size=2)
+    try:
+
+        def send(kind: str, payload: dict[str, str]) -> dict[str, object]:
+            command = parse_command(kind, {"issuedAt": ISSUED, **payload})  # type: ignore[arg-type]
+            return handle(str(uuid.uuid4()), command, SqlUnitOfWork(app))
+
+        created = send("create", {"personUuid": str(person), "organizationUuid": str(organization)})
+        call = created["call"]["uuid"]  # type: ignore[index]
+        for _ in range(2):
+            attempt = {"callUuid": call, "userUuid": str(person), "attemptedAt": ISSUED}
+            assert send("add_attempt", attempt)["ok"] is True
+        seed.plain_attempt(uuid.UUID(call))  # the API's own insert keeps working too
+        assert operational_figures(app).exhausted == 1
+        result = expire_exhausted_calls(lambda: SqlUnitOfWork(app), datetime.now(UTC), 10)
+        assert result.expired == 1
+        record_rejected(app, task_name="calls.create", command_id=None, raw_body="{}",
+                        reason="test")  # fmt: skip
+        assert prune_processed(app, datetime.now(UTC)) == 3
+        with pytest.raises(ProgrammingError, match="permission denied"), app.begin() as c:
+            c.execute(text("CREATE TABLE not_allowed (id int)"))
+        with pytest.raises(ProgrammingError, match="permission denied"), app.begin() as c:
+            c.execute(text("TRUNCATE calls"))
+    finally:
+        app.dispose()
+        admin.dispose()
