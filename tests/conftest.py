@@ -19,6 +19,7 @@ from calls_worker.adapters.db.engine import build_engine, sqlalchemy_url
 from calls_worker.adapters.db.migrate import upgrade
 from calls_worker.adapters.embedded import start_postgres
 from tests.db_world import Db
+from tests.reliability import REPORT, Reliability
 
 IN_CI = bool(os.environ.get("CI"))
 
@@ -128,3 +129,17 @@ def engine(database_url: str) -> Iterator[Engine]:
 def db(engine: Engine) -> Db:
     """Seed and inspect the test database (emptied after the test)."""
     return Db(engine)
+
+
+_RELIABILITY = Reliability()
+
+
+@pytest.fixture(scope="session")
+def reliability() -> Reliability:
+    """Where fault tests record what they injected and counted (docs/reliability.md)."""
+    return _RELIABILITY
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if exitstatus == 0 and _RELIABILITY.complete():
+        REPORT.write_text(_RELIABILITY.markdown())

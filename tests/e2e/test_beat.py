@@ -10,11 +10,17 @@ import pytest
 
 from tests.db_world import Db
 from tests.e2e.conftest import Process, wait_until, worker_env
+from tests.reliability import Reliability
 
 
 @pytest.mark.slow
 def test_two_beats_expire_each_call_once(
-    db: Db, worker: Process, database_url: str, redis_url: str, tmp_path: Path
+    db: Db,
+    worker: Process,
+    database_url: str,
+    redis_url: str,
+    tmp_path: Path,
+    reliability: Reliability,
 ) -> None:
     organization = db.organization(1)
     person = db.person(organization)
@@ -51,6 +57,13 @@ def test_two_beats_expire_each_call_once(
         for beat in beats:
             beat.stop()
     runs = db.sql("SELECT expired, skipped, duration_seconds FROM worker_sweep_runs").all()
+    expired = db.sql("SELECT count(*) FROM calls WHERE status = 'expired'").scalar()
+    reliability.record(
+        "two-beats",
+        commands=len(calls),
+        lost=len(calls) - expired,
+        doubled=sum(run.expired for run in runs) - expired,
+    )
     assert len(runs) >= 4
     assert sum(run.expired for run in runs) == len(calls)  # no call counted by two sweeps
     assert all(run.duration_seconds < 5 for run in runs)  # none waited on another

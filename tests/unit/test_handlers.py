@@ -10,6 +10,7 @@ from freezegun import freeze_time
 from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome
 from calls_worker.service.handlers import handle
+from tests.reliability import Reliability, counted
 from tests.unit.fakes import FakeState, FakeUnitOfWork
 
 ISSUED = "2026-03-01T09:00:00+00:00"
@@ -271,7 +272,9 @@ def test_created_at_can_be_given(world: World) -> None:
     assert datetime.fromisoformat(call["createdAt"]).tzinfo == UTC
 
 
-def test_an_absurd_future_timestamp_is_refused_and_skew_is_not(world: World) -> None:
+def test_an_absurd_future_timestamp_is_refused_and_skew_is_not(
+    world: World, reliability: Reliability
+) -> None:
     call = world.new_call()
     with freeze_time("2026-03-01 09:00:00"):
         far = world.send("add_attempt", {"callUuid": call, "userUuid": str(uuid4()),
@@ -279,6 +282,9 @@ def test_an_absurd_future_timestamp_is_refused_and_skew_is_not(world: World) -> 
         skewed = world.send("add_attempt", {"callUuid": call, "userUuid": str(uuid4()),
                                             "attemptedAt": "2026-03-01T11:00:00Z",
                                             "issuedAt": "2026-03-01T11:00:00Z"})  # fmt: skip
+    attempts = world.state.calls[UUID(call)].attempt_count
+    reliability.record("clock-skew", commands=2, **dict(zip(("lost", "doubled"),
+                       counted([attempts], 1), strict=True)))  # fmt: skip
     assert error_of(far) == ("invalid", 422)
     assert far["error"]["details"][0]["field"] == "attemptedAt"
     assert skewed["ok"] is True  # two hours ahead: a producer's clock, accepted
