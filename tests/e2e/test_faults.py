@@ -6,7 +6,10 @@ Each test starts its own worker, so the session's worker is never the one hurt.
 from __future__ import annotations
 
 import signal
+import socket
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from uuid import UUID, uuid4
 
@@ -39,6 +42,17 @@ def own_worker(database_url: str, redis_url: str, control_app: Celery, tmp: Path
     return process
 
 
+@contextmanager
+def session_worker_paused(control_app: Celery) -> Iterator[None]:
+    """The session's worker stops taking commands, so the test's own worker gets them all."""
+    session_worker = [f"e2e@{socket.gethostname()}"]
+    control_app.control.cancel_consumer("calls.commands", destination=session_worker, reply=True)
+    try:
+        yield
+    finally:
+        control_app.control.add_consumer("calls.commands", destination=session_worker, reply=True)
+
+
 def pool_processes(worker: Process) -> list[psutil.Process]:
     return psutil.Process(worker.popen.pid).children(recursive=True)
 
@@ -59,9 +73,7 @@ def test_killed_before_commit_the_command_is_redelivered_and_applied_once(
     redis_url: str, tmp_path: Path, reliability: Reliability,
 ) -> None:  # fmt: skip
     call = new_call(db, client)
-    control_app.control.cancel_consumer("calls.commands", destination=[f"e2e@{_host()}"],
-                                        reply=True)  # fmt: skip
-    try:
+    with session_worker_paused(control_app):
         victim = own_worker(database_url, redis_url, control_app, tmp_path, "victim")
         try:
             with db.engine.connect() as holder:  # the command will wait on this lock
@@ -74,9 +86,6 @@ def test_killed_before_commit_the_command_is_redelivered_and_applied_once(
             outcome = handle.outcome(TIMEOUT)  # redelivered to the new pool process
         finally:
             victim.stop()
-    finally:
-        control_app.control.add_consumer("calls.commands", destination=[f"e2e@{_host()}"],
-                                         reply=True)  # fmt: skip
     applied = db.attempt_rows(UUID(call))
     reliability.record("killed-before-commit", commands=1, **_counts([applied], 1))
     assert outcome["ok"] is True
@@ -91,9 +100,7 @@ def test_killed_after_commit_before_ack_the_redelivery_changes_nothing(
     call = new_call(db, client)
     command_id = f"die-after-commit-{uuid4()}"
     flag = tmp_path / "died"
-    control_app.control.cancel_consumer("calls.commands", destination=[f"e2e@{_host()}"],
-                                        reply=True)  # fmt: skip
-    try:
+    with session_worker_paused(control_app):
         victim = own_worker(
             database_url, redis_url, control_app, tmp_path, "victim2",
             CALLS_WORKER_TEST_DIE_AFTER_COMMIT=command_id,
@@ -105,9 +112,6 @@ def test_killed_after_commit_before_ack_the_redelivery_changes_nothing(
             wait_until(lambda: queues_drained(redis_url), TIMEOUT, "the queue to drain")
         finally:
             victim.stop()
-    finally:
-        control_app.control.add_consumer("calls.commands", destination=[f"e2e@{_host()}"],
-                                         reply=True)  # fmt: skip
     assert flag.exists(), "the fault fired: a pool process died after the commit"
 
     # The first delivery died before logging; the redelivery found the command recorded.
@@ -126,16 +130,11 @@ def test_warm_shutdown_finishes_or_returns_every_command(
     redis_url: str, tmp_path: Path, reliability: Reliability,
 ) -> None:  # fmt: skip
     calls = [new_call(db, client) for _ in range(40)]
-    control_app.control.cancel_consumer("calls.commands", destination=[f"e2e@{_host()}"],
-                                        reply=True)  # fmt: skip
-    try:
+    with session_worker_paused(control_app):
         victim = own_worker(database_url, redis_url, control_app, tmp_path, "victim3")
         handles = [client.send("add_attempt", attempt(call)) for call in calls]
         time.sleep(0.3)  # some handled, some running, most waiting
         assert victim.stop(signal.SIGTERM, timeout=TIMEOUT) == 0
-    finally:
-        control_app.control.add_consumer("calls.commands", destination=[f"e2e@{_host()}"],
-                                         reply=True)  # fmt: skip
     outcomes = [h.outcome(TIMEOUT) for h in handles]  # the rest, by the session's worker
     applied = [db.attempt_rows(UUID(c)) for c in calls]
     reliability.record("warm-shutdown", commands=len(calls), **_counts(applied, 1))
@@ -146,12 +145,6 @@ def test_warm_shutdown_finishes_or_returns_every_command(
 def _counts(applied: list[int], expected: int) -> dict[str, int]:
     lost, doubled = counted(applied, expected)
     return {"lost": lost, "doubled": doubled}
-
-
-def _host() -> str:
-    import socket
-
-    return socket.gethostname()
 
 
 def _waiting_on_lock(db: Db) -> bool:
