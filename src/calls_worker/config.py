@@ -35,6 +35,11 @@ class Settings(BaseSettings):
         default=5000,
         description="Calls expired per transaction; bounds how long one batch holds row locks.",
     )
+    visibility_timeout_seconds: PositiveInt = Field(
+        default=3600,
+        description="Redis redelivers a message not acknowledged within this; keep it above "
+        "the 300 s a task may run (shorter only redelivers sooner, which is harmless).",
+    )
     processed_retention_hours: PositiveInt = Field(
         default=72,
         description="How long a command's outcome is kept to answer a redelivery of it "

@@ -27,11 +27,13 @@ PRUNE_TASK: Final = "calls.prune"
 CONTENT_TYPES: Final = ["json"]
 
 # Longer than any task may run (celery_app.TASK_TIME_LIMIT): Redis redelivers a message
-# not acknowledged within it.
+# not acknowledged within it. The default; workers take CALLS_WORKER_VISIBILITY_TIMEOUT_SECONDS.
 VISIBILITY_TIMEOUT: Final = 3600
 
 
-def celery_config(broker_url: str, result_backend_url: str) -> dict[str, Any]:
+def celery_config(
+    broker_url: str, result_backend_url: str, visibility_timeout: int = VISIBILITY_TIMEOUT
+) -> dict[str, Any]:
     """The Celery settings the worker and the producer client share."""
     return {
         "broker_url": broker_url,
@@ -40,8 +42,8 @@ def celery_config(broker_url: str, result_backend_url: str) -> dict[str, Any]:
         "result_serializer": "json",
         "accept_content": CONTENT_TYPES,
         "result_accept_content": CONTENT_TYPES,
-        "broker_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
-        "result_backend_transport_options": {"visibility_timeout": VISIBILITY_TIMEOUT},
+        "broker_transport_options": {"visibility_timeout": visibility_timeout},
+        "result_backend_transport_options": {"visibility_timeout": visibility_timeout},
         "broker_connection_retry_on_startup": True,
         "result_expires": timedelta(days=1),
         "task_default_queue": COMMANDS_QUEUE,

@@ -1,4 +1,4 @@
-"""PostgreSQL away for ten seconds under a stream of commands: retried, then applied once.
+"""Servers away under a stream of commands: PostgreSQL for ten seconds, Redis restarted.
 
 The outage is injected into a throw-away embedded PostgreSQL this test starts itself; the
 commands travel on a Redis database of their own, so the session's worker never sees them.
@@ -19,7 +19,7 @@ from sqlalchemy import make_url
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.migrate import upgrade
-from calls_worker.adapters.embedded import start_postgres
+from calls_worker.adapters.embedded import start_postgres, start_redis
 from calls_worker.client import CallsClient
 from calls_worker.wire import celery_config
 from tests.db_world import ISSUED, Db
@@ -102,3 +102,71 @@ def test_commands_survive_a_database_outage(
         engine.dispose()
     finally:
         server.stop()
+
+
+@pytest.mark.slow
+def test_every_accepted_command_survives_a_broker_restart(
+    db: Db, database_url: str, tmp_path: Path, reliability: Reliability
+) -> None:
+    """A throw-away Redis (append-only) is shut down and started again under a stream of
+    commands; the producer resends what it could not hand over, with the same command id."""
+    redis_dir = tmp_path / "redis"
+    redis = start_redis(redis_dir)
+    broker = redis.url
+    organization = db.organization(None)
+    person = {"personUuid": str(db.person(organization)), "organizationUuid": str(organization)}
+    control = Celery("restart-control", set_as_current=False)
+    control.conf.update(celery_config(broker, broker))
+    worker = Process(
+        ["worker", "-c", "2", "-n", "restart@%h", "-Q", "calls.commands"],
+        # A short visibility timeout: a command caught in flight by the restart comes back in
+        # seconds, not in an hour (its redelivery is harmless either way).
+        worker_env(database_url, broker, tmp_path, CALLS_WORKER_VISIBILITY_TIMEOUT_SECONDS="15"),
+        tmp_path / "worker.log",
+    )
+    accepted: list[tuple[str, Any]] = []
+    try:
+        wait_until(
+            lambda: any(
+                "restart@" in h for r in control.control.ping(timeout=0.5) or [] for h in r
+            ),
+            60,
+            "the worker",
+        )
+        with CallsClient(broker) as client:
+            calls = [client.send("create", person).outcome(30)["call"]["uuid"] for _ in range(5)]
+
+            def stream() -> None:  # 60 attempts over ~15 s; a refused one is sent again
+                for n in range(60):
+                    command = {"callUuid": calls[n % 5], "userUuid": str(uuid4()),
+                               "attemptedAt": ISSUED}  # fmt: skip
+                    command_id = str(uuid4())
+                    while True:
+                        try:
+                            accepted.append((calls[n % 5], client.send(
+                                "add_attempt", command, command_id=command_id)))  # fmt: skip
+                            break
+                        except Exception:
+                            time.sleep(0.5)
+                    time.sleep(0.25)
+
+            producer = threading.Thread(target=stream)
+            producer.start()
+            time.sleep(4)
+            redis.stop()  # SHUTDOWN: the append-only file is written
+            time.sleep(3)
+            redis = start_redis(redis_dir, port=redis.port)
+            producer.join()
+            outcomes = [handle.outcome(TIMEOUT) for _, handle in accepted]
+    finally:
+        worker.stop()
+        control.close()
+        redis.stop()
+    applied = [db.attempt_rows(UUID(call)) for call in calls]
+    expected = [sum(1 for call, _ in accepted if call == c) for c in calls]
+    lost = sum(max(0, e - a) for e, a in zip(expected, applied, strict=True))
+    doubled = sum(max(0, a - e) for e, a in zip(expected, applied, strict=True))
+    reliability.record("broker-restart", commands=len(accepted), lost=lost, doubled=doubled)
+    assert len(accepted) == 60
+    assert all(o["ok"] for o in outcomes)
+    assert applied == expected

@@ -17,17 +17,25 @@ from calls_worker.entrypoints.metrics import (
 )
 from calls_worker.entrypoints.runtime import Runtime, runtime_of
 from calls_worker.entrypoints.tasks import register_tasks
-from calls_worker.wire import PRUNE_TASK, SWEEP_TASK, SWEEPS_QUEUE, celery_config
+from calls_worker.wire import (
+    PRUNE_TASK,
+    SWEEP_TASK,
+    SWEEPS_QUEUE,
+    VISIBILITY_TIMEOUT,
+    celery_config,
+)
 
-# Longest a task may run; the broker's visibility timeout (wire.VISIBILITY_TIMEOUT) must
+# Longest a task may run; the broker's visibility timeout (settings) should
 # exceed it, or Redis hands a still-running task to a second worker.
 TASK_TIME_LIMIT = 300
 
 
-def worker_config(broker_url: str, result_backend_url: str) -> dict[str, Any]:
+def worker_config(
+    broker_url: str, result_backend_url: str, visibility_timeout: int = VISIBILITY_TIMEOUT
+) -> dict[str, Any]:
     """How a worker consumes: what the benchmarks' no-op baseline shares with the real one."""
     return {
-        **celery_config(broker_url, result_backend_url),
+        **celery_config(broker_url, result_backend_url, visibility_timeout),
         # At least once, effect once: a task is acknowledged only after it ran, and put back
         # if its process dies; the command id makes the second run return the first outcome.
         "task_acks_late": True,
@@ -51,7 +59,9 @@ def create_app(
 ) -> Celery:
     app = Celery("calls-worker")
     app.conf.update(
-        worker_config(broker_url, result_backend_url or broker_url),
+        worker_config(
+            broker_url, result_backend_url or broker_url, settings.visibility_timeout_seconds
+        ),
         task_routes={SWEEP_TASK: {"queue": SWEEPS_QUEUE}, PRUNE_TASK: {"queue": SWEEPS_QUEUE}},
         worker_consumer="calls_worker.entrypoints.consumer:RecordingConsumer",
         worker_hijack_root_logger=True,
