@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 
 from calls_worker.client import CallsClient
 from tests.db_world import Db
@@ -117,3 +118,34 @@ def test_flower_lists_the_calls_tasks_that_ran(
         assert auth.split(":")[1] not in flower.output()
     finally:
         flower.stop()
+
+
+def test_secrets_never_reach_the_logs(
+    db: Db, database_url: str, redis_url: str, control_app: Celery, tmp_path: Path
+) -> None:
+    """The database password (trust auth lets any through) and the broker's are not logged,
+    not even when a command fails or is rejected."""
+    from sqlalchemy import make_url
+
+    secret = "s3cret-db-pa55"
+    with_password = (
+        make_url(database_url).set(password=secret).render_as_string(hide_password=False)
+    )
+    broker_secret = "s3cret-redis-pa55"
+    env = worker_env(with_password, redis_url, tmp_path,
+                     CALLS_WORKER_FLOWER_BASIC_AUTH=f"ops:{secret}-flower")  # fmt: skip
+    worker = Process(["worker", "-c", "1", "-n", "secrets@%h", "-Q", "calls.commands",
+                      "--log-format", "json"], env, tmp_path / "secrets.log")  # fmt: skip
+    try:
+        wait_until(lambda: any("secrets@" in h for r in control_app.control.ping(timeout=0.5) or []
+                               for h in r), 60, "the worker")  # fmt: skip
+        control_app.send_task("calls.create", kwargs={"command": {"personUuid": "x"}})
+        wait_until(lambda: "rejected as" in worker.output(), 30, "the rejection")
+        status = calls_worker({**env, "CALLS_WORKER_BROKER_URL":
+                               redis_url.replace("redis://", f"redis://:{broker_secret}@")},
+                              "status")  # fmt: skip
+    finally:
+        worker.stop()
+    for text in (worker.output(), status.stdout, status.stderr):
+        assert secret not in text
+        assert broker_secret not in text
