@@ -45,6 +45,11 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
         "completes racing batched sweeps on the same calls, on two real connections",
         "exactly one end state per call; a completed call never expired",
     ),
+    "signed-messages": (
+        "forged and unsigned messages",
+        "a worker that accepts only signed commands gets a forged and an unsigned one",
+        "both refused and kept with the reason; the signed ones handled",
+    ),
     "clock-skew": (
         "clock skew",
         "frozen worker clock, producer timestamps hours ahead, and a year ahead",
@@ -95,7 +100,6 @@ class Reliability:
             )
         lines += [
             "",
-            "Not covered yet: signed messages (Celery's `auth` serializer).",
             "",
         ]
         return "\n".join(lines)

@@ -22,7 +22,13 @@ from celery.result import AsyncResult
 
 from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome
-from calls_worker.wire import COMMANDS_QUEUE, TASK_NAMES, celery_config
+from calls_worker.wire import (
+    COMMANDS_QUEUE,
+    TASK_NAMES,
+    Signing,
+    celery_config,
+    enable_signing,
+)
 
 
 class CommandFailed(Exception):
@@ -76,9 +82,19 @@ def _decoded(kind: CommandKind, command: Mapping[str, Any] | str) -> Mapping[str
 class CallsClient:
     """Queues commands for the worker. Thread-safe; cheap to keep for a process's lifetime."""
 
-    def __init__(self, broker_url: str, result_backend_url: str | None = None) -> None:
+    def __init__(
+        self,
+        broker_url: str,
+        result_backend_url: str | None = None,
+        *,
+        signing: Signing | None = None,
+    ) -> None:
+        """``signing``: sign commands, for a worker that accepts only signed messages.
+        Celery's signing is set up for the whole process: one signing key per process."""
         self._app = Celery("calls-client", set_as_current=False)
         self._app.conf.update(celery_config(broker_url, result_backend_url or broker_url))
+        if signing is not None:
+            enable_signing(self._app, signing)
 
     def send(
         self,

@@ -11,6 +11,8 @@ from typing import Any
 from pydantic import Field, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from calls_worker.wire import Signing
+
 
 class Settings(BaseSettings):
     """Everything the worker can be told. Unset URLs mean "use the embedded servers"."""
@@ -55,6 +57,17 @@ class Settings(BaseSettings):
         default=None,
         description="user:password that Flower requires; Flower refuses to start without it.",
     )
+    signing_key_file: Path | None = Field(
+        default=None,
+        description="PEM private key that signs messages (Celery's auth serializer); with "
+        "the two below, only signed messages are accepted.",
+    )
+    signing_certificate_file: Path | None = Field(
+        default=None, description="PEM certificate of the signing key."
+    )
+    signing_cert_store: str | None = Field(
+        default=None, description="Glob of the PEM certificates whose signatures are trusted."
+    )
     data_dir: Path = Field(
         default=Path(".calls-worker"),
         description="Where the embedded PostgreSQL and Redis keep their data.",
@@ -62,6 +75,24 @@ class Settings(BaseSettings):
 
 
 ENV_PREFIX = "CALLS_WORKER_"
+
+
+def signing_of(settings: Settings) -> Signing | None:
+    """The message signing configured, if any (all three settings, or none)."""
+    parts = (
+        settings.signing_key_file,
+        settings.signing_certificate_file,
+        settings.signing_cert_store,
+    )
+    if not any(parts):
+        return None
+    key, certificate, store = parts
+    if key is None or certificate is None or store is None:
+        raise ValueError(
+            "message signing needs SIGNING_KEY_FILE, SIGNING_CERTIFICATE_FILE and "
+            "SIGNING_CERT_STORE together"
+        )
+    return Signing(key=key, certificate=certificate, cert_store=store)
 
 
 def _from_files(environ: Mapping[str, str]) -> dict[str, Any]:

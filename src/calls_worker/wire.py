@@ -5,7 +5,9 @@ See docs/wire-format.md.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Final
 
 from calls_worker.domain.commands import CommandKind
@@ -50,3 +52,31 @@ def celery_config(
         "enable_utc": True,
         "timezone": "UTC",
     }
+
+
+@dataclass(frozen=True)
+class Signing:
+    """Message signing with Celery's ``auth`` serializer: a key, its certificate, and a
+    glob of the certificates whose signatures are trusted."""
+
+    key: Path
+    certificate: Path
+    cert_store: str
+
+
+def enable_signing(app: Any, signing: Signing) -> None:
+    """Sign every task message this app sends and accept only signed ones.
+
+    Results and control messages stay JSON (the outcome is not signed); task messages
+    must carry a signature from a certificate of the store, or they are refused.
+    """
+    app.conf.update(
+        task_serializer="auth",
+        accept_content=["auth"],
+        security_key=str(signing.key),
+        security_certificate=str(signing.certificate),
+        security_cert_store=signing.cert_store,
+        security_digest="sha256",
+    )
+    # "auth" is registered by setup_security itself; JSON stays readable for results.
+    app.setup_security(allowed_serializers=["json"], serializer="json")

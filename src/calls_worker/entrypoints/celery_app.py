@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from calls_worker.config import Settings
+from calls_worker.config import Settings, signing_of
 from calls_worker.entrypoints.logs import LogFormat, use_format
 from calls_worker.entrypoints.metrics import (
     MULTIPROC_ENV,
@@ -23,6 +23,7 @@ from calls_worker.wire import (
     SWEEPS_QUEUE,
     VISIBILITY_TIMEOUT,
     celery_config,
+    enable_signing,
 )
 
 # Longest a task may run; the broker's visibility timeout (settings) should
@@ -80,6 +81,8 @@ def create_app(
         },
         beat_schedule_filename=str(settings.data_dir / "beat-schedule"),
     )
+    if (signing := signing_of(settings)) is not None:
+        enable_signing(app, signing)
     app.calls_runtime = Runtime(database_url=database_url, settings=settings)  # type: ignore[attr-defined]
     register_tasks(app)
 

@@ -10,7 +10,7 @@ from typing import Any, get_args
 
 import click
 
-from calls_worker.config import get_settings
+from calls_worker.config import get_settings, signing_of
 from calls_worker.domain.commands import CommandKind
 from calls_worker.entrypoints.logs import LogFormat
 from calls_worker.entrypoints.servers import Servers
@@ -174,12 +174,14 @@ def ping(hostname: str, database: bool, timeout: float) -> None:
     from celery import Celery
     from sqlalchemy import text
 
-    from calls_worker.wire import celery_config
+    from calls_worker.wire import celery_config, enable_signing
 
     servers = _servers()
     broker = servers.broker_url(start=False)
     app = Celery("calls-ping", set_as_current=False)
     app.conf.update(celery_config(broker, broker))
+    if (signing := signing_of(servers.settings)) is not None:
+        enable_signing(app, signing)  # a signing worker accepts only signed control messages
     try:
         replies = app.control.ping(destination=[hostname], timeout=timeout) or []
     finally:
@@ -257,7 +259,9 @@ def send(kind: str, file: Any, command_id: str | None, timeout: float) -> None:
 
     servers = _servers()
     with CallsClient(
-        servers.broker_url(start=False), servers.result_backend_url(start=False)
+        servers.broker_url(start=False),
+        servers.result_backend_url(start=False),
+        signing=signing_of(servers.settings),
     ) as client:
         try:
             handle = client.send(KINDS[kind], file.read(), command_id=command_id)
@@ -327,7 +331,9 @@ def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
             )
         command = file.read() if file is not None else command_of(rejected.raw_body)
         with CallsClient(
-            servers.broker_url(start=False), servers.result_backend_url(start=False)
+            servers.broker_url(start=False),
+            servers.result_backend_url(start=False),
+            signing=signing_of(servers.settings),
         ) as client:
             try:
                 handle = client.send(

@@ -1,0 +1,96 @@
+"""Optional message signing (Celery's auth serializer): signed commands pass; forged and
+unsigned ones are refused and kept with the reason."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+from celery import Celery
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
+
+from calls_worker.client import CallsClient
+from calls_worker.wire import Signing, celery_config, enable_signing
+from tests.db_world import Db
+from tests.e2e.conftest import Process, wait_until, worker_env
+from tests.reliability import Reliability
+
+
+def key_and_certificate(directory: Path, name: str) -> Signing:
+    directory.mkdir(parents=True, exist_ok=True)
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC)
+    certificate = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    key_file, cert_file = directory / f"{name}.key", directory / f"{name}.pem"
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))  # fmt: skip
+    cert_file.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    return Signing(key=key_file, certificate=cert_file, cert_store=str(cert_file))
+
+
+@pytest.mark.slow
+def test_only_commands_signed_by_a_trusted_key_are_handled(
+    db: Db,
+    database_url: str,
+    redis_url: str,
+    control_app: Celery,
+    tmp_path: Path,
+    reliability: Reliability,
+) -> None:
+    trusted = key_and_certificate(tmp_path / "trusted", "producer")
+    forger = key_and_certificate(tmp_path / "forged", "forger")
+    broker = (
+        redis_url.rsplit("/", 1)[0] + "/9"
+    )  # a queue of its own: the session worker is not signed
+    env = worker_env(database_url, broker, tmp_path,
+                     CALLS_WORKER_SIGNING_KEY_FILE=str(trusted.key),
+                     CALLS_WORKER_SIGNING_CERTIFICATE_FILE=str(trusted.certificate),
+                     CALLS_WORKER_SIGNING_CERT_STORE=trusted.cert_store)  # fmt: skip
+    worker = Process(["worker", "-c", "1", "-n", "signed@%h", "-Q", "calls.commands"], env,
+                     tmp_path / "signed.log")  # fmt: skip
+    control = Celery("signing-control", set_as_current=False)  # control messages are signed too
+    control.conf.update(celery_config(broker, broker))
+    enable_signing(control, trusted)
+    unsigned = Celery("unsigned-producer", set_as_current=False)
+    unsigned.conf.update(celery_config(broker, broker))
+    try:
+        wait_until(lambda: any("signed@" in h for r in control.control.ping(timeout=0.5) or []
+                               for h in r), 60, "the worker")  # fmt: skip
+        organization = db.organization(3)
+        person = {"personUuid": str(db.person(organization)), "organizationUuid": str(organization)}
+        with CallsClient(broker, signing=trusted) as client:
+            assert client.send("create", person).outcome(30)["ok"] is True
+        with CallsClient(broker, signing=forger) as client:
+            forged = client.send("create", person)
+        unsigned.send_task("calls.create", kwargs={"command": person})  # plain JSON
+        wait_until(lambda: db.sql("SELECT count(*) FROM worker_rejected_commands").scalar() == 2,
+                   30, "both refused messages to be kept")  # fmt: skip
+        with CallsClient(broker, signing=trusted) as client:  # still serving
+            assert client.send("create", person).outcome(30)["ok"] is True
+    finally:
+        worker.stop()
+        control.close()
+        unsigned.close()
+    reasons = db.sql("SELECT reason FROM worker_rejected_commands ORDER BY id").scalars().all()
+    calls = db.sql("SELECT count(*) FROM calls").scalar()
+    reliability.record("signed-messages", commands=4, lost=max(0, 2 - calls),
+                       doubled=max(0, calls - 2))  # fmt: skip
+    assert db.sql("SELECT count(*) FROM calls").scalar() == 2
+    assert forged.command_id  # it was sent, and never applied
+    assert any("application/json" in r for r in reasons), reasons
+    assert len(reasons) == 2
