@@ -42,7 +42,7 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
     ),
     "sweep-command-race": (
         "sweep vs command race",
-        "completes racing batched sweeps on the same calls, on two real connections",
+        "completes, expires and attempts racing batched sweeps on the same calls (two connections)",
         "exactly one end state per call; a completed call never expired",
     ),
     "signed-messages": (
