@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from celery import Celery
 
 from calls_worker.client import CallsClient
 from tests.db_world import Db
@@ -158,3 +159,31 @@ def test_secrets_never_reach_the_logs(
     for text in (worker.output(), status.stdout, status.stderr):
         assert secret not in text
         assert broker_secret not in text
+
+
+def test_an_operator_lists_and_replays_a_rejected_command(
+    db: Db, worker: Process, control_app: Celery, database_url: str, redis_url: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    organization = db.organization(3)
+    person = {"personUuid": str(db.person(organization)), "organizationUuid": str(organization)}
+    control_app.send_task("calls.create", kwargs={"command": {**person, "status": "completed"}})
+    env = worker_env(database_url, redis_url, tmp_path)
+
+    def waiting() -> list[Any]:
+        listed: list[Any] = json.loads(calls_worker(env, "dead-letters", "list").stdout)
+        return listed
+
+    (rejected,) = wait_until(waiting, TIMEOUT, "the rejected command")
+    assert rejected["details"] == [{"field": "status", "reason": rejected["details"][0]["reason"]}]
+    corrected = tmp_path / "corrected.json"
+    corrected.write_text(json.dumps(person))
+    replays = [calls_worker(env, "dead-letters", "replay", str(rejected["id"]), str(corrected))
+               for _ in range(2)]  # fmt: skip
+    outcomes = [json.loads(r.stdout) for r in replays]
+    assert outcomes[0]["ok"] is True, replays[0].stderr
+    assert outcomes[1] == outcomes[0]  # the same replay twice: one call
+    assert db.sql("SELECT count(*) FROM calls").scalar() == 1
+    assert waiting() == []  # replayed: no longer waiting
+    everything = json.loads(calls_worker(env, "dead-letters", "list", "--all").stdout)
+    assert everything[0]["replayed_at"] is not None

@@ -49,6 +49,29 @@ def _app(servers: Servers, log_format: LogFormat = "text") -> Any:
     )
 
 
+def _client(servers: Servers) -> Any:
+    """A producer client on the configured (or embedded, running) broker."""
+    from calls_worker.client import CallsClient
+
+    return CallsClient(
+        servers.broker_url(start=False),
+        servers.result_backend_url(start=False),
+        signing=signing_of(servers.settings),
+    )
+
+
+def _queue(client: Any, kind: CommandKind, command: Any, command_id: str | None) -> Any:
+    """Queue the command; an invalid one is printed as its outcome, exit status 2."""
+    from calls_worker.domain.errors import InvalidCommand
+    from calls_worker.domain.outcome import failed
+
+    try:
+        return client.send(kind, command, command_id=command_id)
+    except InvalidCommand as error:
+        _print_json(failed(error))
+        sys.exit(2)
+
+
 def _engine(servers: Servers) -> Any:
     from calls_worker.adapters.db.engine import build_engine
 
@@ -253,21 +276,9 @@ def send(kind: str, file: Any, command_id: str | None, timeout: float) -> None:
 
     Exit status: 0 ok, 1 an error outcome, 2 refused before sending.
     """
-    from calls_worker.client import CallsClient
-    from calls_worker.domain.errors import InvalidCommand
-    from calls_worker.domain.outcome import failed
-
     servers = _servers()
-    with CallsClient(
-        servers.broker_url(start=False),
-        servers.result_backend_url(start=False),
-        signing=signing_of(servers.settings),
-    ) as client:
-        try:
-            handle = client.send(KINDS[kind], file.read(), command_id=command_id)
-        except InvalidCommand as error:
-            _print_json(failed(error))
-            sys.exit(2)
+    with _client(servers) as client:
+        handle = _queue(client, KINDS[kind], file.read(), command_id)
         outcome = handle.outcome(timeout)
     _print_json(outcome)
     sys.exit(0 if outcome["ok"] else 1)
@@ -312,9 +323,6 @@ def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
     command twice has its effect once.
     """
     from calls_worker.adapters.db.journal import get_rejected, mark_replayed
-    from calls_worker.client import CallsClient
-    from calls_worker.domain.errors import InvalidCommand
-    from calls_worker.domain.outcome import failed
     from calls_worker.entrypoints.replay import command_of, replay_id
     from calls_worker.wire import TASK_NAMES
 
@@ -330,18 +338,10 @@ def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
                 f"{rejected.task_name!r} is not a command task; nothing to replay"
             )
         command = file.read() if file is not None else command_of(rejected.raw_body)
-        with CallsClient(
-            servers.broker_url(start=False),
-            servers.result_backend_url(start=False),
-            signing=signing_of(servers.settings),
-        ) as client:
-            try:
-                handle = client.send(
-                    kinds[rejected.task_name], command, command_id=replay_id(rejected_id, command)
-                )
-            except InvalidCommand as error:
-                _print_json(failed(error))
-                sys.exit(2)
+        with _client(servers) as client:
+            handle = _queue(
+                client, kinds[rejected.task_name], command, replay_id(rejected_id, command)
+            )
             mark_replayed(engine, rejected_id)
             _print_json(handle.outcome(timeout))
     finally:
