@@ -125,6 +125,18 @@ def control_app(redis_url: str) -> Iterator[Celery]:
     app.close()
 
 
+def wait_for_worker(control_app: Celery, name: str, process: Process) -> None:
+    """Until the worker named ``name@…`` answers a ping; fails at once if it exited."""
+
+    def answers() -> bool:
+        if process.popen.poll() is not None:
+            raise AssertionError(f"worker exited:\n{process.output()}")
+        replies = control_app.control.ping(timeout=0.5) or []
+        return any(host.startswith(f"{name}@") for reply in replies for host in reply)
+
+    wait_until(answers, 60, f"worker {name} to answer a ping")
+
+
 def start_worker(
     database_url: str, redis_url: str, control_app: Celery, tmp: Path, name: str
 ) -> Process:
@@ -134,14 +146,8 @@ def start_worker(
         tmp / f"{name}.log",
     )
 
-    def answers() -> bool:
-        if process.popen.poll() is not None:
-            raise AssertionError(f"worker exited:\n{process.output()}")
-        replies = control_app.control.ping(timeout=0.5) or []
-        return any(name in host for reply in replies for host in reply)
-
     try:
-        wait_until(answers, 60, "the worker to answer a ping")
+        wait_for_worker(control_app, name, process)
     except BaseException:
         process.stop(signal.SIGKILL)
         raise

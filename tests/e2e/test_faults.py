@@ -19,7 +19,7 @@ from celery import Celery
 
 from calls_worker.client import CallsClient
 from tests.db_world import ISSUED, Db
-from tests.e2e.conftest import Process, queues_drained, wait_until, worker_env
+from tests.e2e.conftest import Process, queues_drained, wait_for_worker, wait_until, worker_env
 from tests.reliability import Reliability, counted
 
 TIMEOUT = 60
@@ -34,11 +34,7 @@ def own_worker(database_url: str, redis_url: str, control_app: Celery, tmp: Path
         tmp / f"{name}.log",
     )  # fmt: skip
 
-    def answers() -> bool:
-        replies = control_app.control.ping(timeout=0.5) or []
-        return any(name in host for reply in replies for host in reply)
-
-    wait_until(answers, TIMEOUT, f"worker {name}")
+    wait_for_worker(control_app, name, process)
     return process
 
 

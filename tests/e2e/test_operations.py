@@ -21,6 +21,7 @@ from tests.e2e.conftest import (
     control_app_for,
     free_ports,
     redis_database,
+    wait_for_worker,
     wait_until,
     worker_env,
 )
@@ -146,8 +147,7 @@ def test_secrets_never_reach_the_logs(
     worker = Process(["worker", "-c", "1", "-n", "secrets@%h", "-Q", "calls.commands",
                       "--log-format", "json"], env, tmp_path / "secrets.log")  # fmt: skip
     try:
-        wait_until(lambda: any("secrets@" in h for r in own_control.control.ping(timeout=0.5) or []
-                               for h in r), 60, "the worker")  # fmt: skip
+        wait_for_worker(own_control, "secrets", worker)
         own_control.send_task("calls.create", kwargs={"command": {"personUuid": "x"}})
         wait_until(lambda: "rejected as" in worker.output(), 30, "the rejection")
         status = calls_worker({**env, "CALLS_WORKER_BROKER_URL":

@@ -22,7 +22,12 @@ from calls_worker.adapters.embedded import start_postgres, start_redis
 from calls_worker.client import CallsClient
 from calls_worker.wire import celery_config
 from tests.db_world import ISSUED, Db
-from tests.e2e.conftest import Process, redis_database, wait_until, worker_env
+from tests.e2e.conftest import (
+    Process,
+    redis_database,
+    wait_for_worker,
+    worker_env,
+)
 from tests.reliability import Reliability, counted
 
 TIMEOUT = 120
@@ -52,8 +57,7 @@ def test_commands_survive_a_database_outage(
             tmp_path / "worker.log",
         )
         try:
-            wait_until(lambda: any("outage@" in h for r in control.control.ping(timeout=0.5) or []
-                                   for h in r), 60, "the worker")  # fmt: skip
+            wait_for_worker(control, "outage", worker)
             with CallsClient(broker) as client:
                 calls = [
                     client.send("create", person).outcome(30)["call"]["uuid"] for _ in range(5)
@@ -121,13 +125,7 @@ def test_every_accepted_command_survives_a_broker_restart(
     )
     accepted: list[tuple[str, Any]] = []
     try:
-        wait_until(
-            lambda: any(
-                "restart@" in h for r in control.control.ping(timeout=0.5) or [] for h in r
-            ),
-            60,
-            "the worker",
-        )
+        wait_for_worker(control, "restart", worker)
         with CallsClient(broker) as client:
             calls = [client.send("create", person).outcome(30)["call"]["uuid"] for _ in range(5)]
 

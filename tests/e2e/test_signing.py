@@ -16,7 +16,13 @@ from cryptography.x509.oid import NameOID
 from calls_worker.client import CallsClient
 from calls_worker.wire import Signing, celery_config, enable_signing
 from tests.db_world import Db
-from tests.e2e.conftest import Process, redis_database, wait_until, worker_env
+from tests.e2e.conftest import (
+    Process,
+    redis_database,
+    wait_for_worker,
+    wait_until,
+    worker_env,
+)
 from tests.reliability import Reliability
 
 
@@ -67,8 +73,7 @@ def test_only_commands_signed_by_a_trusted_key_are_handled(
     unsigned = Celery("unsigned-producer", set_as_current=False)
     unsigned.conf.update(celery_config(broker, broker))
     try:
-        wait_until(lambda: any("signed@" in h for r in control.control.ping(timeout=0.5) or []
-                               for h in r), 60, "the worker")  # fmt: skip
+        wait_for_worker(control, "signed", worker)
         organization = db.organization(3)
         person = {"personUuid": str(db.person(organization)), "organizationUuid": str(organization)}
         with CallsClient(broker, signing=trusted) as client:
