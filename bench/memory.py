@@ -42,12 +42,12 @@ def run(count: int) -> list[Row]:
         def commands(n: int) -> list[Message]:
             calls = [str(uuid4()) for _ in range(n // 2)]
             return [
-                (TASK_NAMES["create"], {"command": {
+                (TASK_NAMES["create"], COMMANDS_QUEUE, {"command": {
                     "uuid": call, "personUuid": str(person),
                     "organizationUuid": str(organization), "issuedAt": now}})
                 for call in calls
             ] + [
-                (TASK_NAMES["add_attempt"], {"command": {
+                (TASK_NAMES["add_attempt"], COMMANDS_QUEUE, {"command": {
                     "callUuid": call, "userUuid": str(person), "attemptedAt": now,
                     "issuedAt": now}})
                 for call in calls

@@ -18,12 +18,12 @@ def main() -> None:
     arguments = parser.parse_args()
     if arguments.quick:
         rows = sweep.run(100_000, [100_000])
-        rows += commands.run(1_000)
+        rows += commands.run(1_000, rounds=1)
         rows += memory.run(2_000)
         rows += lag.run(interval=2, calls=30, seconds=6)
     else:
         rows = sweep.run(1_000_000, [1_000_000, 5_000_000])
-        rows += commands.run(5_000)
+        rows += commands.run(5_000, rounds=3)
         rows += memory.run(100_000)
         rows += lag.run(interval=5, calls=300, seconds=60)
     print()

@@ -104,3 +104,26 @@ def test_old_outcomes_are_pruned_and_recent_ones_kept(db: Db, world: tuple[UUID,
     assert pruned == 5
     kept = db.sql("SELECT command_id FROM worker_processed_commands").scalars().all()
     assert kept == ["recent"]
+
+
+# Values reach the database bound into the statements' text by psycopg (simple query
+# protocol): quotes, backslashes, placeholders and statement separators must stay data.
+AWKWARD_TEXT = [
+    'O\'Brien said "hi"',
+    "back\\slash \\' and \\\\",
+    "%s %(uuid)s %% {}",
+    "'); DROP TABLE calls; --",
+    "$$ $tag$ E'\\n' ;COMMIT; ROLLBACK",
+    "é ✓ 😀 \t tab",
+]
+
+
+@pytest.mark.parametrize("text", AWKWARD_TEXT)
+def test_awkward_text_is_stored_as_given(db: Db, world: tuple[UUID, UUID], text: str) -> None:
+    external = create(db, world, notes=text, externalMetadata={text: [text]})["call"]["uuid"]
+    managed = create(db, world, notes=text)["call"]["uuid"]
+    completed = db.send("complete", {"callUuid": managed, "userUuid": str(uuid4()), "result": text})
+    assert completed["call"]["result"] == completed["call"]["notes"] == text
+    assert db.row(UUID(external))["external_metadata"] == {text: [text]}
+    assert (db.row(UUID(managed))["notes"], db.row(UUID(managed))["result"]) == (text, text)
+    assert db.sql("SELECT count(*) FROM calls").scalar() == 2

@@ -84,6 +84,24 @@ def test_wrong_values_are_refused_by_name(field: str, value: Any) -> None:
     assert field in {f.split(".")[0] for f in fields_of(error)}
 
 
+@pytest.mark.parametrize(
+    ("kind", "payload", "field"),
+    [
+        ("create", create_payload(notes="a\x00b"), "notes"),
+        ("create", create_payload(externalMetadata={"k": [{"d": "\x00"}]}), "externalMetadata"),
+        ("create", create_payload(externalMetadata={"key\x00": 1}), "externalMetadata"),
+        ("complete", {"callUuid": str(uuid4()), "userUuid": str(uuid4()), "result": "\x00"},
+         "result"),
+    ],
+)  # fmt: skip
+def test_text_with_a_nul_is_refused_by_name(kind: CommandKind, payload: Any, field: str) -> None:
+    """PostgreSQL cannot store NUL in text or jsonb: refused as invalid, not a crash."""
+    with pytest.raises(InvalidCommand) as error:
+        parse_command(kind, json.dumps(payload))
+    assert fields_of(error) == {field}
+    assert "NUL" in error.value.details[0].reason
+
+
 def test_result_has_a_max_length() -> None:
     payload = {"callUuid": str(uuid4()), "userUuid": str(uuid4()), "result": "r" * (MAX_RESULT + 1)}
     with pytest.raises(InvalidCommand) as error:

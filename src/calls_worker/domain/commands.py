@@ -35,9 +35,37 @@ MAX_EXTERNAL_METADATA_BYTES = 64 * 1024
 CommandKind = Literal["create", "add_attempt", "complete", "cancel", "expire"]
 
 
+# PostgreSQL stores no NUL character in text or jsonb: refused here, with the field named,
+# rather than failing at the database.
+_NO_NUL = "must not contain the NUL character (\\u0000)"
+
+
+def _no_nul(value: str) -> str:
+    if "\x00" in value:
+        raise ValueError(_NO_NUL)
+    return value
+
+
+Text = Annotated[str, AfterValidator(_no_nul)]
+
+
+def _strings(value: JsonValue) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
+
+
 def _bounded_metadata(value: dict[str, JsonValue]) -> dict[str, JsonValue]:
     if len(json.dumps(value, separators=(",", ":"))) > MAX_EXTERNAL_METADATA_BYTES:
         raise ValueError(f"must serialize to at most {MAX_EXTERNAL_METADATA_BYTES} bytes of JSON")
+    if any("\x00" in text for text in _strings(value)):
+        raise ValueError(_NO_NUL)
     return value
 
 
@@ -119,11 +147,11 @@ class CreateCall(Command):
     created_at: AwareDatetime | None = None
     external_metadata: ExternalMetadata | None = None
     attempts: list[AttemptIn] | None = Field(default=None, max_length=MAX_ATTEMPTS_ON_CREATE)
-    result: str | None = Field(default=None, max_length=MAX_RESULT)
+    result: Text | None = Field(default=None, max_length=MAX_RESULT)
     requested_by: UUID | None = None
     completed_at: AwareDatetime | None = None
     cancelled_at: AwareDatetime | None = None
-    notes: str | None = None
+    notes: Text | None = None
     person_uuid: UUID
     pledge_case_uuid: UUID | None = None
     organization_uuid: UUID
@@ -186,7 +214,7 @@ class CompleteCall(_CallCommand):
     kind: ClassVar[CommandKind] = "complete"
 
     user_uuid: UUID
-    result: str = Field(max_length=MAX_RESULT)
+    result: Text = Field(max_length=MAX_RESULT)
 
 
 class CancelCall(_CallCommand):

@@ -35,7 +35,7 @@ TRANSIENT_ERRORS = (
     OperationalError,
     InterfaceError,
     PoolTimeoutError,
-    # Commands read and write through psycopg directly too (pipeline mode).
+    # Commands read and write through psycopg directly too (see repository._Transaction).
     psycopg.OperationalError,
     psycopg.InterfaceError,
 )

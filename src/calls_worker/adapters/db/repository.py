@@ -6,7 +6,6 @@ All the worker's SQL about calls lives here, including ``exhausted``: the SQL tw
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -67,8 +66,8 @@ def calls_with_owning_organization() -> Any:
     )
 
 
-# The reads of a command, sent through psycopg directly: in pipeline mode the BEGIN of
-# the transaction goes out with the statement, one round trip for both.
+# The reads of a command. Sent through psycopg directly, as the first statement of the
+# transaction: its BEGIN goes out in the same message (see SqlUnitOfWork).
 _LOAD_CALL = (
     "SELECT c.uuid, c.status, c.type, c.person_uuid, c.organization_uuid, c.pledge_case_uuid,"
     " c.requested_by, c.result, c.notes, c.external_metadata, c.completed_by, c.created_at,"
@@ -139,18 +138,6 @@ def _expire_batch(now: datetime, limit: int) -> Any:
 def _driver(connection: Connection) -> psycopg.Connection[Any]:
     driver: psycopg.Connection[Any] = connection.connection.driver_connection  # type: ignore[assignment]
     return driver
-
-
-def _read(connection: Connection, sql: str, params: dict[str, Any]) -> Any:
-    """One row (or None), read in pipeline mode: with the BEGIN, in one round trip."""
-    driver = _driver(connection)
-    try:
-        with driver.pipeline(), driver.cursor(row_factory=namedtuple_row) as cursor:
-            cursor.execute(sql, params)
-            return cursor.fetchone()
-    except psycopg.OperationalError:
-        _drop_if_broken(connection)
-        raise
 
 
 def _drop_if_broken(connection: Connection) -> None:
@@ -226,27 +213,93 @@ _DUPLICATE_COMMAND = "worker_processed_commands_pkey"
 _CALL_UUID_TAKEN = "calls_pkey"
 
 
-@dataclass
-class _Pending:
-    """Writes kept for commit: (SQL, parameters or a list of them for executemany)."""
+class _Transaction:
+    """The statements of one unit of work, sent in as few messages as PostgreSQL allows.
 
-    writes: list[tuple[str, Any]] = field(default_factory=list)
+    Commands speak the simple query protocol with values bound on the client (psycopg's
+    ClientCursor quotes each one): a read goes out in one message with the BEGIN of its
+    transaction, and the writes in one message with the COMMIT. A command thus costs one
+    round trip for each read plus one, and one wake-up of the worker for each; psycopg's
+    pipeline mode, the alternative, polls the socket a dozen times for the same.
 
-    def add(self, sql: str, params: Any) -> None:
-        self.writes.append((sql, params))
+    The connection is in autocommit mode while the unit of work has it, so psycopg sends
+    no BEGIN of its own; the transaction status it reports tells whether ours is open.
+    """
+
+    def __init__(self, connection: Connection) -> None:
+        self.connection = connection
+        self.driver = _driver(connection)
+        self.driver.autocommit = True
+        self.cursor = psycopg.ClientCursor(self.driver, row_factory=namedtuple_row)
+        self.writes: list[str] = []
+        """Statements kept for commit, their values bound already."""
+
+    def write(self, sql: str, params: dict[str, Any]) -> None:
+        self.writes.append(self.cursor.mogrify(sql, params))
+
+    def write_first(self, sql: str, params: dict[str, Any]) -> None:
+        self.writes.insert(0, self.cursor.mogrify(sql, params))
+
+    def read(self, sql: str, params: dict[str, Any]) -> Any:
+        """One row (or None); opens the transaction with it if none is open."""
+        self._send([self.cursor.mogrify(sql, params)])
+        while self.cursor.nextset():  # past the BEGIN's result, to the query's
+            pass
+        return self.cursor.fetchone()
+
+    def begin(self) -> None:
+        """Open the transaction now, for statements sent through SQLAlchemy."""
+        self._send([])
+
+    def flush(self, *, commit: bool) -> None:
+        statements, self.writes = self.writes, []
+        if commit and (statements or self.open):
+            statements.append("COMMIT")
+        if statements:
+            self._send(statements)
+
+    @property
+    def open(self) -> bool:
+        return self.driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
+
+    def _send(self, statements: list[str]) -> None:
+        if not self.open:
+            statements = ["BEGIN", *statements]
+        try:
+            # No parameters: the values are in the text, and no "%" in it is a placeholder.
+            self.cursor.execute("; ".join(statements))
+        except psycopg.OperationalError:
+            _drop_if_broken(self.connection)
+            raise
+
+    def rollback(self) -> None:
+        self.writes.clear()
+        if self.connection.invalidated:
+            return  # gone, and its transaction with it
+        self.connection.rollback()
+        if not self.driver.closed:
+            self.driver.rollback()  # what SQLAlchemy did not begin, it does not end
+
+    def release(self) -> None:
+        """Give the connection back as the pool lent it (not in autocommit mode)."""
+        if self.connection.invalidated or self.driver.closed:
+            return
+        if self.open:  # a failed rollback leaves it unusable
+            self.connection.invalidate()
+            return
+        self.driver.autocommit = False
 
 
 class SqlCallRepository(CallRepository):
-    def __init__(self, connection: Connection, pending: _Pending) -> None:
-        self._connection = connection
-        self._pending = pending
+    def __init__(self, transaction: _Transaction) -> None:
+        self._transaction = transaction
 
     def get_for_update(self, call_uuid: UUID) -> Call | None:
-        row = _read(self._connection, _LOAD_CALL, {"uuid": call_uuid})
+        row = self._transaction.read(_LOAD_CALL, {"uuid": call_uuid})
         return None if row is None else _call_from_row(row)
 
     def add(self, call: Call) -> None:
-        self._pending.add(
+        self._transaction.write(
             _INSERT_CALL,
             {
                 **_state(call),
@@ -263,35 +316,27 @@ class SqlCallRepository(CallRepository):
                 "created_at": call.created_at,
             },
         )
-        if call.attempts:
-            self._pending.add(
+        for a in call.attempts:
+            self._transaction.write(
                 _INSERT_ATTEMPT,
-                [
-                    {
-                        "call_uuid": call.uuid,
-                        "user_uuid": a.user_uuid,
-                        "attempted_at": a.attempted_at,
-                    }
-                    for a in call.attempts
-                ],
+                {"call_uuid": call.uuid, "user_uuid": a.user_uuid, "attempted_at": a.attempted_at},
             )
 
     def add_attempt(self, call: Call, attempt: CallAttempt) -> None:
-        self._pending.add(
+        self._transaction.write(
             _INSERT_ATTEMPT,
             {"call_uuid": call.uuid, "user_uuid": attempt.user_uuid,
              "attempted_at": attempt.attempted_at},
         )  # fmt: skip
-        self._pending.add(_TOUCH_CALL, {"uuid": call.uuid, "updated_at": call.updated_at})
+        self._transaction.write(_TOUCH_CALL, {"uuid": call.uuid, "updated_at": call.updated_at})
 
     def save_state(self, call: Call) -> None:
-        self._pending.add(_SAVE_STATE, _state(call))
+        self._transaction.write(_SAVE_STATE, _state(call))
 
     def references(
         self, person_uuid: UUID, organization_uuid: UUID, pledge_case_uuid: UUID | None
     ) -> References:
-        row = _read(
-            self._connection,
+        row = self._transaction.read(
             _REFERENCES,
             {"person": person_uuid, "organization": organization_uuid,
              "pledge_case": pledge_case_uuid},
@@ -304,36 +349,33 @@ class SqlCallRepository(CallRepository):
         )
 
     def expire_exhausted(self, now: datetime, limit: int) -> Batch:
-        row = self._connection.execute(_expire_batch(now, limit)).one()
+        self._transaction.begin()
+        row = self._transaction.connection.execute(_expire_batch(now, limit)).one()
         return Batch(examined=row.examined, expired=row.expired)
 
 
 class SqlProcessedCommands(ProcessedCommands):
-    def __init__(self, connection: Connection, pending: _Pending) -> None:
-        self._connection = connection
-        self._pending = pending
+    def __init__(self, transaction: _Transaction) -> None:
+        self._transaction = transaction
 
     def get(self, command_id: str) -> Outcome | None:
-        row = _read(self._connection, _PROCESSED_OUTCOME, {"id": command_id})
+        row = self._transaction.read(_PROCESSED_OUTCOME, {"id": command_id})
         return None if row is None else dict(row.outcome)
 
     def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> None:
         # First among the writes: a redelivery then fails before doing any of its work.
-        self._pending.writes.insert(
-            0,
-            (
-                _INSERT_PROCESSED,
-                {"command_id": command_id, "kind": kind, "call_uuid": call_uuid,
-                 "outcome": Jsonb(outcome)},
-            ),
+        self._transaction.write_first(
+            _INSERT_PROCESSED,
+            {"command_id": command_id, "kind": kind, "call_uuid": call_uuid,
+             "outcome": Jsonb(outcome)},
         )  # fmt: skip
 
 
 class SqlUnitOfWork(UnitOfWork):
     """A connection and its transaction, opened on enter and closed on exit.
 
-    Reads go out at once. Writes wait for ``commit``, which sends them and the COMMIT in
-    one round trip (psycopg's pipeline mode): a command costs its reads plus one.
+    Reads go out at once, the first with the BEGIN. Writes wait for ``commit``, which
+    sends them and the COMMIT in one message: a command costs its reads plus one round trip.
     """
 
     def __init__(self, engine: Engine) -> None:
@@ -341,9 +383,13 @@ class SqlUnitOfWork(UnitOfWork):
 
     def __enter__(self) -> Self:
         self._connection = self._engine.connect()
-        self._pending = _Pending()
-        self.calls = SqlCallRepository(self._connection, self._pending)
-        self.processed_commands = SqlProcessedCommands(self._connection, self._pending)
+        try:
+            self._transaction = _Transaction(self._connection)
+        except BaseException:
+            self._connection.close()
+            raise
+        self.calls = SqlCallRepository(self._transaction)
+        self.processed_commands = SqlProcessedCommands(self._transaction)
         return self
 
     def __exit__(
@@ -355,7 +401,10 @@ class SqlUnitOfWork(UnitOfWork):
         try:
             super().__exit__(exc_type, exc, tb)
         finally:
-            self._connection.close()
+            try:
+                self._transaction.release()
+            finally:
+                self._connection.close()
 
     def commit(self) -> None:
         self._send(commit=True)
@@ -366,17 +415,8 @@ class SqlUnitOfWork(UnitOfWork):
         self._send(commit=False)
 
     def _send(self, *, commit: bool) -> None:
-        writes, self._pending.writes[:] = list(self._pending.writes), []
-        driver = _driver(self._connection)
         try:
-            with driver.pipeline(), driver.cursor() as cursor:
-                for sql, params in writes:
-                    if isinstance(params, list):
-                        cursor.executemany(sql, params)
-                    else:
-                        cursor.execute(sql, params)
-                if commit:
-                    driver.commit()
+            self._transaction.flush(commit=commit)
         except psycopg.errors.UniqueViolation as error:
             self.rollback()
             constraint = error.diag.constraint_name
@@ -386,7 +426,6 @@ class SqlUnitOfWork(UnitOfWork):
                 raise CallUuidTaken(str(error)) from error
             raise
         except psycopg.OperationalError:
-            _drop_if_broken(self._connection)
             if not self._connection.invalidated:
                 self.rollback()
             raise
@@ -395,10 +434,4 @@ class SqlUnitOfWork(UnitOfWork):
             raise
 
     def rollback(self) -> None:
-        self._pending.writes.clear()
-        if self._connection.invalidated:
-            return  # gone, and its transaction with it
-        self._connection.rollback()
-        driver = self._connection.connection.driver_connection
-        if driver is not None and not driver.closed:
-            driver.rollback()  # a failed pipeline leaves psycopg's transaction open
+        self._transaction.rollback()
