@@ -127,3 +127,31 @@ def test_awkward_text_is_stored_as_given(db: Db, world: tuple[UUID, UUID], text:
     assert db.row(UUID(external))["external_metadata"] == {text: [text]}
     assert (db.row(UUID(managed))["notes"], db.row(UUID(managed))["result"]) == (text, text)
     assert db.sql("SELECT count(*) FROM calls").scalar() == 2
+
+
+@pytest.mark.parametrize(
+    "missing",
+    [["personUuid"], ["organizationUuid"], ["pledgeCaseUuid"], ["personUuid", "organizationUuid"]],
+)
+@pytest.mark.parametrize("external", [False, True])
+def test_missing_rows_are_found_at_commit_and_all_named(
+    db: Db, world: tuple[UUID, UUID], missing: list[str], external: bool
+) -> None:
+    """Creates read nothing first: the foreign keys find a missing row, then the error
+    names every missing one, and only the error outcome is kept."""
+    organization, person = world
+    fields: dict[str, object] = {"pledgeCaseUuid": str(db.pledge_case(person))}
+    fields |= {name: str(uuid4()) for name in missing}
+    if external:
+        fields["externalMetadata"] = {"source": "crm"}
+    outcome = db.send(
+        "create",
+        {"issuedAt": ISSUED, "personUuid": str(person),
+         "organizationUuid": str(organization), **fields},
+        "missing-refs",
+    )  # fmt: skip
+    assert (outcome["ok"], outcome["error"]["code"]) == (False, "not_found")
+    assert [d["field"] for d in outcome["error"]["details"]] == missing
+    assert db.sql("SELECT count(*) FROM calls").scalar() == 0
+    recorded = "SELECT outcome FROM worker_processed_commands WHERE command_id = 'missing-refs'"
+    assert db.sql(recorded).scalar() == outcome

@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Self
 from uuid import UUID, uuid4
 
+from calls_worker.domain.errors import CallsWorkerError
 from calls_worker.domain.model import Call, CallAttempt, CallStatus
 from calls_worker.domain.outcome import Outcome
 from calls_worker.domain.policy import is_exhausted
@@ -16,6 +17,7 @@ from calls_worker.service.unit_of_work import (
     CallRepository,
     CallUuidTaken,
     DuplicateCommand,
+    MissingReference,
     ProcessedCommands,
     References,
     UnitOfWork,
@@ -60,6 +62,16 @@ class FakeCallRepository(CallRepository):
     def add(self, call: Call) -> None:
         if call.uuid in self.state.calls:
             self.state.violations.append("call uuid taken")
+            return
+        if (
+            call.person_uuid not in self.state.owning_organization
+            or call.organization_uuid not in self.state.max_call_attempts
+            or (
+                call.pledge_case_uuid is not None
+                and call.pledge_case_uuid not in self.state.pledge_case_person
+            )
+        ):
+            self.state.violations.append("missing reference")
             return
         self.state.calls[call.uuid] = call
 
@@ -115,6 +127,13 @@ class FakeProcessedCommands(ProcessedCommands):
         self.state.processed[command_id] = outcome
 
 
+_VIOLATIONS: dict[str, type[CallsWorkerError]] = {
+    "duplicate command": DuplicateCommand,
+    "call uuid taken": CallUuidTaken,
+    "missing reference": MissingReference,
+}
+
+
 class FakeUnitOfWork(UnitOfWork):
     """Works on a copy of ``committed``; commit publishes the copy, rollback drops it."""
 
@@ -136,7 +155,7 @@ class FakeUnitOfWork(UnitOfWork):
         violations = self._working.violations
         if violations:
             self.rollback()
-            raise DuplicateCommand() if violations[0] == "duplicate command" else CallUuidTaken()
+            raise _VIOLATIONS[violations[0]]()
         self.committed = copy.deepcopy(self._working)
         self.commits += 1
 

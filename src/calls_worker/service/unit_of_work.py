@@ -45,7 +45,8 @@ class CallRepository(abc.ABC):
     @abc.abstractmethod
     def add(self, call: Call) -> None:
         """Insert a new call and its attempts at commit, which raises CallUuidTaken if a call
-        with this uuid exists (waiting for a concurrent insert of it to end first)."""
+        with this uuid exists (waiting for a concurrent insert of it to end first), and
+        MissingReference if its person, organization or pledge case does not exist."""
 
     @abc.abstractmethod
     def add_attempt(self, call: Call, attempt: CallAttempt) -> None:
@@ -88,12 +89,17 @@ class CallUuidTaken(CallsWorkerError):
     """A call with the new call's uuid exists: nothing of this transaction was kept."""
 
 
+class MissingReference(CallsWorkerError):
+    """A row a new call points at does not exist: nothing of this transaction was kept."""
+
+
 class UnitOfWork(abc.ABC):
     """One transaction over the repositories; rolled back on exit unless committed.
 
     Reads happen at once; writes are kept until ``commit``, which sends them together
     (one round trip) and raises DuplicateCommand or CallUuidTaken when a write breaks
-    uniqueness, in which case nothing is kept and the unit of work is rolled back.
+    uniqueness, or MissingReference when it points at nothing, in which case nothing is
+    kept and the unit of work is rolled back.
     """
 
     calls: CallRepository
@@ -112,7 +118,9 @@ class UnitOfWork(abc.ABC):
 
     @abc.abstractmethod
     def commit(self) -> None:
-        """Write what is pending and commit. Raises DuplicateCommand, CallUuidTaken."""
+        """Write what is pending and commit.
+
+        Raises DuplicateCommand, CallUuidTaken, MissingReference."""
 
     @abc.abstractmethod
     def rollback(self) -> None:

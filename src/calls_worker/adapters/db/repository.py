@@ -33,6 +33,7 @@ from calls_worker.service.unit_of_work import (
     CallRepository,
     CallUuidTaken,
     DuplicateCommand,
+    MissingReference,
     ProcessedCommands,
     References,
     UnitOfWork,
@@ -211,6 +212,8 @@ _SAVE_STATE = (
 # Unique constraints whose violation at commit means something to the handlers.
 _DUPLICATE_COMMAND = "worker_processed_commands_pkey"
 _CALL_UUID_TAKEN = "calls_pkey"
+# The table whose foreign keys (person, organization, pledge case) a new call must meet.
+_CALLS = "calls"
 
 
 class _Transaction:
@@ -424,6 +427,11 @@ class SqlUnitOfWork(UnitOfWork):
                 raise DuplicateCommand(str(error)) from error
             if constraint == _CALL_UUID_TAKEN:
                 raise CallUuidTaken(str(error)) from error
+            raise
+        except psycopg.errors.ForeignKeyViolation as error:
+            self.rollback()
+            if error.diag.table_name == _CALLS:
+                raise MissingReference(str(error)) from error
             raise
         except psycopg.OperationalError:
             if not self._connection.invalidated:
