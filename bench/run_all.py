@@ -1,7 +1,7 @@
 """Every benchmark, one after the other, then one table and bench/results.json.
 
-python -m bench.run_all              # the sizes of the goals (takes about 25 minutes)
-python -m bench.run_all --quick      # small sizes, to check the benchmarks run
+python -m bench.run_all          # the goals' sizes (about 35 minutes, 25 once the data exist)
+python -m bench.run_all --quick  # small sizes, to check the benchmarks run
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def main() -> None:
         rows += lag.run(interval=2, calls=30, seconds=6)
     else:
         rows = sweep.run(1_000_000, [1_000_000, 5_000_000])
-        rows += commands.run(5_000, rounds=3)
+        rows += commands.run(5_000, rounds=5)
         rows += memory.run(100_000)
         rows += lag.run(interval=5, calls=300, seconds=60)
     print()
