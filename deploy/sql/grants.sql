@@ -16,3 +16,5 @@ GRANT SELECT, UPDATE, DELETE ON worker_due_calls TO calls_worker_app;
 GRANT SELECT ON calls_worker_alembic_version TO calls_worker_app;                -- status
 GRANT USAGE ON SEQUENCE worker_rejected_commands_id_seq, worker_sweep_runs_id_seq
     TO calls_worker_app;
+-- Beat's periodic check of the due-calls record (SECURITY DEFINER: it repairs as the owner).
+GRANT EXECUTE ON FUNCTION calls_worker_reconcile_due_calls() TO calls_worker_app;

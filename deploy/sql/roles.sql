@@ -9,3 +9,16 @@ CREATE ROLE calls_worker_migrator LOGIN;
 CREATE ROLE calls_worker_app LOGIN;
 GRANT CREATE, USAGE ON SCHEMA public TO calls_worker_migrator;
 GRANT USAGE ON SCHEMA public TO calls_worker_app;
+
+-- Nobody creates temporary tables here unless granted it by name: PUBLIC holds TEMPORARY on
+-- every database by default, and a temporary table is one more way to put an object of
+-- one's own in front of another role's code (the triggers name every object, and search
+-- pg_temp last, as well). If the API's role needs temporary tables, grant it TEMPORARY.
+-- And no role may create objects in the public schema (PostgreSQL 15 and later already
+-- say so; older versions let PUBLIC do it).
+DO $$
+BEGIN
+    EXECUTE 'REVOKE TEMPORARY ON DATABASE ' || quote_ident(current_database()) || ' FROM PUBLIC';
+END
+$$;
+REVOKE CREATE ON SCHEMA public FROM PUBLIC;

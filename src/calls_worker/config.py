@@ -37,10 +37,32 @@ class Settings(BaseSettings):
         default=5000,
         description="Calls expired per transaction; bounds how long one batch holds row locks.",
     )
+    reconcile_interval_seconds: PositiveInt = Field(
+        default=3600,
+        description="How often beat compares the due-calls record with the expiry rule and"
+        " repairs any difference (each one counted in calls_worker_due_record_repairs_total).",
+    )
     visibility_timeout_seconds: PositiveInt = Field(
         default=3600,
         description="Redis redelivers a message not acknowledged within this; keep it above "
         "the 300 s a task may run (shorter only redelivers sooner, which is harmless).",
+    )
+    command_max_retries: int = Field(
+        default=8,
+        ge=0,
+        description="Retries of a command after a transient database error before it is "
+        "kept among the rejected commands. While the database cannot take it there, the "
+        "command is never given up: it stays queued and is retried until the database answers.",
+    )
+    command_retry_backoff_max_seconds: PositiveInt = Field(
+        default=60,
+        description="Longest pause between two retries of a command (exponential backoff "
+        "with jitter, from 1 s).",
+    )
+    max_message_bytes: PositiveInt = Field(
+        default=1_048_576,
+        description="A message larger than this is refused before it is decoded, and kept "
+        "truncated to this size with the reason (commands are a few kilobytes).",
     )
     processed_retention_hours: PositiveInt = Field(
         default=72,

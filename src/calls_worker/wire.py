@@ -24,6 +24,7 @@ TASK_NAMES: Final[dict[CommandKind, str]] = {
 }
 SWEEP_TASK: Final = "calls.sweep"
 PRUNE_TASK: Final = "calls.prune"
+RECONCILE_TASK: Final = "calls.reconcile"
 
 # JSON only: pickle (or anything else that can run code when decoded) is refused.
 CONTENT_TYPES: Final = ["json"]

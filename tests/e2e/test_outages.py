@@ -1,4 +1,5 @@
-"""Servers away under a stream of commands: PostgreSQL for ten seconds, Redis restarted.
+"""Servers away under a stream of commands: PostgreSQL for ten seconds (longer than the
+worker's retry budget), Redis restarted.
 
 The outage is injected into a throw-away embedded PostgreSQL this test starts itself; the
 commands travel on a Redis database of their own, so the session's worker never sees them.
@@ -51,9 +52,17 @@ def test_commands_survive_a_database_outage(
         }
         control = Celery("outage-control", set_as_current=False)
         control.conf.update(celery_config(broker, broker))
+        # A retry budget far shorter than the outage: commands run out of retries while the
+        # database is away, and must stay queued instead of being given up.
         worker = Process(
             ["worker", "-c", "2", "-n", "outage@%h", "-Q", "calls.commands"],
-            worker_env(server.url, broker, tmp_path),
+            worker_env(
+                server.url,
+                broker,
+                tmp_path,
+                CALLS_WORKER_COMMAND_MAX_RETRIES="1",
+                CALLS_WORKER_COMMAND_RETRY_BACKOFF_MAX_SECONDS="1",
+            ),
             tmp_path / "worker.log",
         )
         try:
@@ -86,11 +95,13 @@ def test_commands_survive_a_database_outage(
             control.close()
         assert all(o["ok"] for o in outcomes), [o for o in outcomes if not o["ok"]][:3]
         assert "will be retried" in worker.output()  # the outage was felt, and retried through
+        assert "out of retries but cannot be kept either" in worker.output()  # budget spent
         engine = build_engine(server.url, pool_size=1)
         db = Db(engine)
         applied = [db.attempt_rows(UUID(call)) for call in calls]
         lost, doubled = counted(applied, 12)  # 60 attempts over 5 calls
         reliability.record("database-outage", commands=60, lost=lost, doubled=doubled)
+        assert db.sql("SELECT count(*) FROM worker_rejected_commands").scalar() == 0
         for call, count in zip(calls, applied, strict=True):
             row = db.sql("SELECT attempt_count FROM calls WHERE uuid = :c", c=call).scalar()
             assert row == count == 12

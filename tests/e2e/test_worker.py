@@ -9,8 +9,10 @@ from pathlib import Path
 from typing import Any
 from uuid import UUID, uuid4
 
+import psutil
 import redis
 from celery import Celery
+from kombu import Queue
 
 from calls_worker.client import CallsClient
 from calls_worker.wire import SWEEP_TASK, SWEEPS_QUEUE
@@ -136,3 +138,44 @@ def test_the_documented_envelope_works_without_celery(
     assert outcome["ok"] is True, outcome
     assert outcome["call"]["status"] == "cancelled"
     assert outcome["call"]["cancelledAt"] == "2026-03-01T09:00:00+00:00"  # its issuedAt
+
+
+def publish_raw(control_app: Celery, body: bytes, content_type: str, task: str) -> str:
+    """A message on calls.commands as any producer could write it: task headers, any body."""
+    command_id = str(uuid4())
+    with control_app.connection_for_write() as connection:
+        connection.Producer().publish(
+            body, exchange="", routing_key="calls.commands", content_type=content_type,
+            content_encoding="binary", headers={"task": task, "id": command_id, "lang": "py"},
+            declare=[Queue("calls.commands")],
+        )  # fmt: skip
+    return command_id
+
+
+def test_a_binary_or_oversized_message_is_kept_and_the_worker_lives_on(
+    db: Db, worker: Process, client: CallsClient, control_app: Celery
+) -> None:
+    """kombu trusts application/data whatever accept_content says; such a body used to
+    reach Celery's strategy undecoded and end the worker process. It is refused at the
+    door now, like a message over the size limit, and both are kept."""
+    pid = worker.popen.pid
+    children = {p.pid for p in psutil.Process(pid).children()}
+    binary = publish_raw(control_app, b"\x80\x04\x95binary\x00body", "application/data",
+                         "calls.create")  # fmt: skip
+    text = publish_raw(control_app, b"plain text", "application/text", "calls.cancel")
+    big = json.dumps([[], {"command": {"notes": "x" * 1_100_000}}, {}]).encode()
+    oversized = publish_raw(control_app, big, "application/json", "calls.create")
+
+    rows = wait_until(lambda: len(rejected(db)) == 3 and rejected(db), TIMEOUT, "3 rejections")
+    by_id = {row["command_id"]: row for row in rows}
+    assert "'application/data' is not accepted" in by_id[binary]["reason"]
+    assert by_id[binary]["raw_body"].startswith("base64:")
+    assert "'application/text' is not accepted" in by_id[text]["reason"]
+    assert "over the limit of 1048576 bytes" in by_id[oversized]["reason"]
+    assert len(by_id[oversized]["raw_body"]) == 1_048_576  # kept, truncated
+    outcome = client.send("create", seeded_person(db, 3)).outcome(TIMEOUT)
+    assert outcome["ok"] is True
+    assert worker.popen.poll() is None
+    assert worker.popen.pid == pid
+    assert {p.pid for p in psutil.Process(pid).children()} == children  # no process replaced
+    assert queues_drained(worker.env["CALLS_WORKER_BROKER_URL"])

@@ -15,14 +15,14 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.domain.commands import parse_command
 from calls_worker.domain.outcome import Outcome
 from calls_worker.service.handlers import handle
 from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
-from tests.db_world import Db
+from tests.db_world import ISSUED, Db
 from tests.reliability import Reliability
 
 NOW = datetime(2026, 4, 1, 6, 0, tzinfo=UTC)
@@ -224,3 +224,38 @@ def test_two_creates_collide_many_times(db: Db, engine: Engine) -> None:
         )
         assert sorted(o["ok"] for o in outcomes) == [False, True]
         assert db.sql("SELECT count(*) FROM calls WHERE uuid = :u", u=uuid).scalar() == 1
+
+
+@pytest.mark.parametrize("by", ["api", "worker"])
+def test_an_outcome_counts_the_attempt_it_waited_for(db: Db, engine: Engine, by: str) -> None:
+    """An attempt is being added (by the API in plain SQL, or by another command) while a
+    second attempt arrives: the second waits for the first's lock, and its outcome then
+    shows both attempts, as the database holds them."""
+    organization = db.organization(9)
+    person = db.person(organization)
+    call = db.call(person, organization)
+    attempt = {"callUuid": str(call), "userUuid": str(uuid4()), "attemptedAt": ISSUED}
+    with ThreadPoolExecutor(2) as pool:
+        if by == "worker":
+            held = HeldUnitOfWork(engine)
+            first = in_thread(pool, lambda: handle(
+                str(uuid4()), parse_command("add_attempt", attempt), held))  # fmt: skip
+            assert held.at_commit.wait(WAIT)
+        else:
+            api = engine.connect()
+            db_api = api.begin()
+            api.execute(text("INSERT INTO call_attempts (call_uuid, user_uuid, attempted_at)"
+                             " VALUES (:c, :u, now())"), {"c": call, "u": uuid4()})  # fmt: skip
+        command = parse_command("add_attempt", attempt)
+        second = in_thread(pool, lambda: handle(str(uuid4()), command, SqlUnitOfWork(engine)))
+        with pytest.raises(TimeoutError):
+            second.result(0.3)  # waits on the first's lock of the call
+        if by == "worker":
+            held.release.set()
+            assert first.result(WAIT)["ok"] is True
+        else:
+            db_api.commit()
+            api.close()
+        outcome = second.result(WAIT)
+    assert outcome["ok"] is True
+    assert len(outcome["call"]["attempts"]) == db.attempt_rows(call) == 2

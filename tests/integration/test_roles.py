@@ -100,3 +100,69 @@ def test_the_worker_does_everything_as_the_app_role(roles: tuple[str, str]) -> N
     finally:
         app.dispose()
         admin.dispose()
+
+
+# A temporary "calls" that shadows the real one for a trigger that does not name pg_temp
+# last; its own trigger runs whatever it is given, as whoever is updating the table.
+SHADOW = """
+CREATE TEMP TABLE calls (uuid uuid, attempt_count integer);
+INSERT INTO pg_temp.calls VALUES ('{call}', 0);
+CREATE FUNCTION pg_temp.seize() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    TRUNCATE public.worker_processed_commands;
+    RETURN NULL;
+END $$;
+CREATE TRIGGER seize AFTER UPDATE ON pg_temp.calls
+    FOR EACH ROW EXECUTE FUNCTION pg_temp.seize();
+"""
+
+
+@pytest.mark.parametrize("attacker", ["worker", "api"])
+def test_a_temporary_table_cannot_hijack_the_triggers(
+    roles: tuple[str, str], attacker: str
+) -> None:
+    """A role that may insert attempts (the worker's, or an API-like role with only its
+    DML grants), and may create temporary tables, shadows ``calls`` with its own: the
+    counting trigger must still update the real table, never run the role's code as the
+    schema's owner."""
+    app_url, admin_url = roles
+    admin = build_engine(admin_url, pool_size=1)
+    seed = Db(admin)
+    organization = seed.organization(5)
+    call = seed.call(seed.person(organization), organization)
+    seed.sql("INSERT INTO worker_processed_commands (command_id, kind, outcome)"
+             " VALUES ('kept', 'create', '{}')")  # fmt: skip
+    role = str(make_url(app_url).username)
+    if attacker == "api":
+        role = f"cw_api_{uuid.uuid4().hex[:8]}"
+        seed.sql(f'CREATE ROLE "{role}" LOGIN')
+        seed.sql(f'GRANT USAGE ON SCHEMA public TO "{role}";'
+                 f'GRANT SELECT, INSERT, UPDATE ON calls, call_attempts TO "{role}"')  # fmt: skip
+    database = make_url(admin_url).database
+    # As the API's database may allow it (deploy/sql revokes it from PUBLIC).
+    seed.sql(f'GRANT TEMPORARY ON DATABASE "{database}" TO "{role}"')
+    attack = build_engine(as_role(admin_url, role), pool_size=1)
+    try:
+        with attack.begin() as connection:
+            connection.exec_driver_sql(SHADOW.format(call=call))
+            connection.execute(
+                text("INSERT INTO public.call_attempts (call_uuid, user_uuid, attempted_at)"
+                     " VALUES (:c, :u, now())"), {"c": call, "u": uuid.uuid4()})  # fmt: skip
+        assert seed.row(call)["attempt_count"] == 1
+        kept = seed.sql("SELECT count(*) FROM worker_processed_commands").scalar()
+        assert kept == 1
+    finally:
+        attack.dispose()
+        if attacker == "api":
+            seed.sql(f'DROP OWNED BY "{role}"; DROP ROLE "{role}"')
+        admin.dispose()
+
+
+def test_the_roles_script_takes_temporary_tables_from_public(roles: tuple[str, str]) -> None:
+    app_url, _ = roles
+    app = build_engine(app_url, pool_size=1)
+    try:
+        with pytest.raises(ProgrammingError, match="permission denied"), app.begin() as c:
+            c.execute(text("CREATE TEMP TABLE calls (uuid uuid)"))
+    finally:
+        app.dispose()

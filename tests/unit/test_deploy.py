@@ -172,6 +172,7 @@ def test_alert_rules_pass_promtool_and_their_tests() -> None:
         "CallsWorkerSweepLagHigh",
         "CallsWorkerRejectedCommandsRising",
         "CallsWorkerTaskFailureRate",
+        "CallsWorkerDueRecordDrift",
     }
 
 

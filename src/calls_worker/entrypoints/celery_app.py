@@ -19,6 +19,7 @@ from calls_worker.entrypoints.runtime import Runtime, runtime_of
 from calls_worker.entrypoints.tasks import register_tasks
 from calls_worker.wire import (
     PRUNE_TASK,
+    RECONCILE_TASK,
     SWEEP_TASK,
     SWEEPS_QUEUE,
     VISIBILITY_TIMEOUT,
@@ -41,6 +42,12 @@ def worker_config(
         # if its process dies; the command id makes the second run return the first outcome.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
+        # Except a command that reached the hard time limit: Celery (5.5 and later) then
+        # calls the task's on_failure in the worker's main process, which keeps the command
+        # among the rejected ones, and acknowledges it (this setting, said out loud): a
+        # command that hangs for five minutes would hang again, so it waits for an operator
+        # instead of blocking a worker process forever. See tests/e2e/test_faults.py.
+        "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
         "task_time_limit": TASK_TIME_LIMIT,
         "task_soft_time_limit": TASK_TIME_LIMIT - 30,
@@ -63,7 +70,9 @@ def create_app(
         worker_config(
             broker_url, result_backend_url or broker_url, settings.visibility_timeout_seconds
         ),
-        task_routes={SWEEP_TASK: {"queue": SWEEPS_QUEUE}, PRUNE_TASK: {"queue": SWEEPS_QUEUE}},
+        task_routes={
+            task: {"queue": SWEEPS_QUEUE} for task in (SWEEP_TASK, PRUNE_TASK, RECONCILE_TASK)
+        },
         worker_consumer="calls_worker.entrypoints.consumer:RecordingConsumer",
         worker_hijack_root_logger=True,
         beat_schedule={
@@ -72,6 +81,13 @@ def create_app(
                 "schedule": float(settings.sweep_interval_seconds),
                 # A sweep that waited a whole interval is superseded by the next one.
                 "options": {"queue": SWEEPS_QUEUE, "expires": settings.sweep_interval_seconds},
+            },
+            # The triggers keep the due-calls record; this checks them (and repairs what
+            # went around them), so a drift shows as a metric instead of a stalled call.
+            "reconcile-due-calls": {
+                "task": RECONCILE_TASK,
+                "schedule": float(settings.reconcile_interval_seconds),
+                "options": {"queue": SWEEPS_QUEUE, "expires": settings.reconcile_interval_seconds},
             },
             "prune-command-outcomes": {
                 "task": PRUNE_TASK,

@@ -4,14 +4,31 @@ Celery acknowledges (and so drops) a message it cannot decode, whose content typ
 refuses (pickle), or whose task it does not know. Each is first written to the
 rejected-commands table with its raw body and the reason, where an operator can see it
 and replay it (``calls-worker dead-letters``).
+
+Two kinds of message never reach Celery's own handling here: one larger than
+``CALLS_WORKER_MAX_MESSAGE_BYTES`` (kept truncated), and one whose content type the worker
+does not accept. The second matters because kombu trusts ``application/data`` and
+``application/text`` whatever ``accept_content`` says: such a body reaches Celery's task
+strategy undecoded, which raises where nothing catches it and the worker process exits
+(Celery issue 4308), and every redelivery then kills the next worker. Anything else that
+Celery's strategy raises is kept the same way instead of ending the process.
+
+A message is acknowledged only once it is kept: while the database cannot take it, it
+goes back to the queue (after a pause, so an outage is not a busy loop).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from celery.worker.consumer import Consumer
+from kombu.serialization import (
+    prepare_accept_content,
+    registry,  # type: ignore[attr-defined]  # not in its stubs
+)
+from vine import promise
 
 from calls_worker.adapters.db import journal
 from calls_worker.entrypoints.metrics import worker_metrics
@@ -19,37 +36,97 @@ from calls_worker.entrypoints.runtime import runtime_of
 
 logger = logging.getLogger("calls_worker")
 
+# How much of a body a log line shows; the rejected-commands table keeps the rest.
+LOGGED_PREFIX = 512
+# How long a message waits before it goes back to the queue when it could not be kept.
+REQUEUE_PAUSE_SECONDS = 2.0
+
 
 class RecordingConsumer(Consumer):
+    def create_task_handler(self, promise: Any = promise) -> Any:
+        handle = super().create_task_handler(promise)
+        accepted: set[str] = prepare_accept_content(self.app.conf.accept_content) or set()
+        limit = runtime_of(self.app).settings.max_message_bytes
+        connection_errors = self._connection_errors()
+
+        def on_task_received(message: Any) -> None:
+            size = len(message.body or b"")
+            if size > limit:
+                self._refuse(
+                    message,
+                    f"message of {size} bytes is over the limit of {limit} bytes"
+                    " (CALLS_WORKER_MAX_MESSAGE_BYTES); kept truncated",
+                    limit,
+                )
+                return
+            if message.content_type not in accepted:
+                known = registry.type_to_name.get(message.content_type)
+                named = f" ({known})" if known else ""
+                self._refuse(
+                    message,
+                    f"content type {message.content_type!r}{named} is not accepted"
+                    f" (accepted: {', '.join(sorted(accepted))})",
+                    limit,
+                )
+                return
+            try:
+                handle(message)
+            except connection_errors:
+                raise
+            except Exception as error:  # whatever Celery did not expect must not end the worker
+                self._refuse(message, f"message cannot be handled: {error!r}", limit)
+
+        return on_task_received
+
     def on_decode_error(self, message: Any, exc: Exception) -> None:
-        self._record(message, f"message cannot be decoded: {exc}")
-        super().on_decode_error(message, exc)
+        if self._record(message, f"message cannot be decoded: {exc}"):
+            super().on_decode_error(message, exc)
 
     def on_invalid_task(self, body: Any, message: Any, exc: Exception) -> None:
-        self._record(message, f"message refused: {exc}")
-        super().on_invalid_task(body, message, exc)
+        if self._record(message, f"message refused: {exc}"):
+            super().on_invalid_task(body, message, exc)
 
     def on_unknown_task(self, body: Any, message: Any, exc: Exception) -> None:
-        self._record(message, f"unknown task: {exc}")
-        super().on_unknown_task(body, message, exc)
+        if self._record(message, f"unknown task: {exc}"):
+            super().on_unknown_task(body, message, exc)
 
     def on_unknown_message(self, body: Any, message: Any) -> None:
-        self._record(message, "not a task message")
-        super().on_unknown_message(body, message)
+        if self._record(message, "not a task message"):
+            super().on_unknown_message(body, message)
 
-    def _record(self, message: Any, reason: str) -> None:
+    def _connection_errors(self) -> tuple[type[BaseException], ...]:
+        errors: tuple[type[BaseException], ...] = self.connection_errors  # type: ignore[attr-defined]
+        return errors
+
+    def _refuse(self, message: Any, reason: str, limit: int) -> None:
+        if self._record(message, reason, limit):
+            message.reject_log_error(logger, self._connection_errors())
+
+    def _record(self, message: Any, reason: str, limit: int | None = None) -> bool:
+        """Keep the message with ``reason``; False (and the message back on its queue)
+        when it could not be kept."""
         headers = getattr(message, "headers", None) or {}
+        if not isinstance(headers, dict):
+            headers = {}
+        body = message.body or b""
         try:
             runtime = runtime_of(self.app)
             rejected_id = journal.record_rejected(
                 runtime.unpooled_engine(),
-                task_name=str(headers.get("task") or "?"),
-                command_id=headers.get("id"),
-                raw_body=journal.body_text(message.body),
+                task_name=str(headers.get("task") or "?")[:200],
+                command_id=None if headers.get("id") is None else str(headers["id"])[:200],
+                raw_body=journal.body_text(body if limit is None else body[:limit]),
                 reason=f"{reason} (content type {message.content_type})",
             )
-        except Exception:  # the broker's copy is about to go: log everything we have
-            logger.exception("could not record a rejected message: %r", message.body)
-            return
+        except Exception:  # the database is away: the broker keeps the message meanwhile
+            logger.exception(
+                "could not keep a rejected message (%s); it goes back to its queue: %r",
+                reason,
+                body[:LOGGED_PREFIX],
+            )
+            time.sleep(REQUEUE_PAUSE_SECONDS)
+            message.reject_log_error(logger, self._connection_errors(), requeue=True)
+            return False
         worker_metrics().rejection("message")
         logger.warning("message rejected as %s: %s", rejected_id, reason)
+        return True

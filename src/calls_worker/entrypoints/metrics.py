@@ -42,6 +42,7 @@ class WorkerMetrics:
     sweeps: Any
     sweep_duration: Any
     sweep_expired: Any
+    repairs: Any
 
     def command(self, kind: CommandKind, outcome: str) -> None:
         self.commands.labels(kind=kind, outcome=outcome).inc()
@@ -54,6 +55,10 @@ class WorkerMetrics:
         if not skipped:
             self.sweep_duration.observe(duration)
             self.sweep_expired.inc(expired)
+
+    def due_record_repairs(self, *, missing: int, stale: int) -> None:
+        self.repairs.labels(kind="missing").inc(missing)
+        self.repairs.labels(kind="stale").inc(stale)
 
 
 @cache
@@ -84,6 +89,12 @@ def worker_metrics() -> WorkerMetrics:
         ),
         sweep_expired=Counter(
             "calls_worker_sweep_expired_calls_total", "Calls the sweeps expired."
+        ),
+        repairs=Counter(
+            "calls_worker_due_record_repairs_total",
+            "Differences between the due-calls record and the expiry rule that reconciliation"
+            " repaired: missing (due, not listed) or stale (listed, not due). Should stay 0.",
+            ["kind"],
         ),
     )
 

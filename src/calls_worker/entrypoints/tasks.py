@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 from celery import Celery, Task
+from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
@@ -25,7 +26,14 @@ from calls_worker.entrypoints.metrics import worker_metrics
 from calls_worker.entrypoints.runtime import Runtime, runtime_of
 from calls_worker.service.handlers import handle, utc_now
 from calls_worker.service.sweep import expire_exhausted_calls
-from calls_worker.wire import COMMANDS_QUEUE, PRUNE_TASK, SWEEP_TASK, SWEEPS_QUEUE, TASK_NAMES
+from calls_worker.wire import (
+    COMMANDS_QUEUE,
+    PRUNE_TASK,
+    RECONCILE_TASK,
+    SWEEP_TASK,
+    SWEEPS_QUEUE,
+    TASK_NAMES,
+)
 
 logger = logging.getLogger("calls_worker")
 
@@ -39,23 +47,26 @@ TRANSIENT_ERRORS = (
     psycopg.OperationalError,
     psycopg.InterfaceError,
 )
-MAX_RETRIES = 8
+# How much of a command's body a log line shows (the rejected-commands table keeps it all).
+LOGGED_PREFIX = 512
+
+
+class CommandGaveUp(Exception):
+    """A command failed through every retry and is kept among the rejected commands."""
 
 
 class CommandTask(Task[Any, Outcome]):
     """Delivery settings of every command task: late acks, retried on transient errors.
 
-    A command that still fails after its retries is kept in the rejected-commands table,
-    so giving up loses nothing.
+    Retries are decided by ``retry_or_give_up``, not by Celery's autoretry: a command is
+    given up (kept in the rejected-commands table, then acknowledged) only once the
+    database took it there. While the database cannot, the command is retried without end,
+    so an outage of any length loses nothing.
     """
 
     acks_late = True
     reject_on_worker_lost = True
-    autoretry_for = TRANSIENT_ERRORS
-    max_retries = MAX_RETRIES
-    retry_backoff = 1
-    retry_backoff_max = 60
-    retry_jitter = True
+    max_retries = None  # the budget is CALLS_WORKER_COMMAND_MAX_RETRIES, kept by retry_or_give_up
     # The outcome's repr goes into each task-succeeded event (Flower shows it); the start
     # of it says ok or the error code, and a shorter one costs the worker less.
     resultrepr_maxsize = 160
@@ -65,15 +76,19 @@ class CommandTask(Task[Any, Outcome]):
             "command %s will be retried (try %d of %d): %s",
             task_id,
             self.request.retries + 1,
-            self.max_retries,
-            str(exc).splitlines()[0],
+            runtime_of(self.app).settings.command_max_retries,
+            str(exc).splitlines()[0] if str(exc) else repr(exc),
             extra={"command_id": task_id, "retry": self.request.retries + 1},
         )
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        """An error no retry is for (a defect, or Celery's hard time limit, after which
+        Celery acknowledges the message): keep the command for an operator to replay."""
+        if isinstance(exc, CommandGaveUp):
+            return  # kept already
         worker_metrics().rejection("gave_up")
         raw_body = journal.dumps([list(args), dict(kwargs), {}])
-        reason = f"failed after {self.request.retries} retries: {exc!r}"
+        reason = f"failed: {exc!r}"
         try:
             journal.record_rejected(
                 runtime_of(self.app).unpooled_engine(),
@@ -82,10 +97,48 @@ class CommandTask(Task[Any, Outcome]):
                 raw_body=raw_body,
                 reason=reason,
             )
-        except Exception:  # the database is what failed: keep the command in the log instead
-            logger.exception(
-                "could not keep failed command %s (%s); its body: %s", task_id, reason, raw_body
-            )
+        except Exception:  # nowhere else to keep it: the log has what fits in a line
+            logger.exception("could not keep failed command %s (%s); its body starts: %s",
+                             task_id, reason, raw_body[:LOGGED_PREFIX])  # fmt: skip
+
+
+def retry_or_give_up(task: Task[Any, Any], error: Exception, args: Any, kwargs: Any) -> Exception:
+    """After a transient error: retry (raises celery's Retry) while the budget lasts; then
+    keep the command among the rejected ones and return the CommandGaveUp to raise. When
+    the database cannot keep it, retry anyway, at the longest pause: a command is never
+    acknowledged while the database is away.
+    """
+    runtime = runtime_of(task.app)
+    settings = runtime.settings
+    retries = task.request.retries
+    if retries < settings.command_max_retries:
+        countdown = get_exponential_backoff_interval(
+            factor=1, retries=retries, maximum=settings.command_retry_backoff_max_seconds,
+            full_jitter=True,
+        )  # fmt: skip
+        raise task.retry(exc=error, countdown=countdown)
+    command_id = str(task.request.id)
+    reason = f"failed after {retries} retries: {error!r}"
+    try:
+        rejected_id = journal.record_rejected(
+            runtime.unpooled_engine(),
+            task_name=task.name,
+            command_id=command_id,
+            raw_body=journal.dumps([list(args), dict(kwargs), {}]),
+            reason=reason,
+        )
+    except Exception as unkept:  # the database is away: the broker keeps the command
+        logger.warning(
+            "command %s is out of retries but cannot be kept either (%s): it stays queued",
+            command_id,
+            str(unkept).splitlines()[0] if str(unkept) else repr(unkept),
+            extra={"command_id": command_id},
+        )
+        raise task.retry(exc=error, countdown=settings.command_retry_backoff_max_seconds) from None
+    worker_metrics().rejection("gave_up")
+    logger.error("command %s %s; kept as rejected command %s", command_id, reason, rejected_id,
+                 extra={"command_id": command_id, "rejected_id": rejected_id})  # fmt: skip
+    return CommandGaveUp(f"command {command_id} {reason}; kept as rejected command {rejected_id}")
 
 
 def command_payload(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
@@ -195,7 +248,10 @@ def run_sweep(runtime: Runtime) -> dict[str, Any]:
 
 def _command_task(kind: CommandKind) -> Any:
     def command_task(self: Task[Any, Any], *args: Any, **kwargs: Any) -> Outcome:
-        return run_command(self, kind, args, kwargs)
+        try:
+            return run_command(self, kind, args, kwargs)
+        except TRANSIENT_ERRORS as error:
+            raise retry_or_give_up(self, error, args, kwargs) from error
 
     command_task.__doc__ = f"Handle a queued {kind} command (``command``: its JSON)."
     return command_task
@@ -221,3 +277,14 @@ def register_tasks(app: Celery) -> None:
         return {"pruned": pruned, "retentionHours": hours}
 
     app.task(name=PRUNE_TASK, bind=True, queue=SWEEPS_QUEUE, acks_late=True)(prune)
+
+    def reconcile(self: Task[Any, Any]) -> dict[str, int]:
+        """Compare the due-calls record with the expiry rule; repair and count any drift."""
+        missing, stale = journal.reconcile_due_calls(runtime_of(self.app).engine())
+        worker_metrics().due_record_repairs(missing=missing, stale=stale)
+        log = logger.warning if missing or stale else logger.info
+        log("due-calls record reconciled: %d missing, %d stale repaired", missing, stale,
+            extra={"missing": missing, "stale": stale})  # fmt: skip
+        return {"missing": missing, "stale": stale}
+
+    app.task(name=RECONCILE_TASK, bind=True, queue=SWEEPS_QUEUE, acks_late=True)(reconcile)

@@ -38,6 +38,6 @@ def expire_exhausted_calls(
         expired += batch.expired
         batches += 1
         # A short batch means nothing more is due (or the rest is another sweep's); a full
-        # batch that expired nothing means everything left is held by running commands.
-        if batch.examined < batch_size or batch.expired == 0:
+        # batch that changed nothing means everything left is held by running commands.
+        if batch.examined < batch_size or batch.expired + batch.cleared == 0:
             return SweepResult(expired=expired, batches=batches)

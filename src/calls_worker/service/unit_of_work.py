@@ -29,10 +29,12 @@ class References:
 
 @dataclass(frozen=True)
 class Batch:
-    """What one sweep batch did: due calls it took up, and how many of them it expired."""
+    """What one sweep batch did: due calls it took up, how many of them it expired, and how
+    many it cleared from the record because their call had ended (or was external) already."""
 
     examined: int
     expired: int
+    cleared: int = 0
 
 
 class CallRepository(abc.ABC):
@@ -65,7 +67,9 @@ class CallRepository(abc.ABC):
     @abc.abstractmethod
     def expire_exhausted(self, now: datetime, limit: int) -> Batch:
         """Expire up to ``limit`` of the calls due, oldest first, skipping any that another
-        transaction holds (they are left for the next batch or sweep)."""
+        transaction holds (they are left for the next batch or sweep). A call listed as
+        due that has ended or is managed elsewhere is taken off the list, so such rows can
+        never fill a batch for good."""
 
 
 class ProcessedCommands(abc.ABC):

@@ -137,6 +137,23 @@ def exclusive_sweep(engine: Engine) -> Iterator[bool]:
                 connection.commit()
 
 
+def reconcile_due_calls(engine: Engine) -> tuple[int, int]:
+    """Compare the due-calls record with the expiry rule and repair every difference;
+    ``(missing, stale)``: calls due but not listed, and listed but not due.
+
+    The triggers keep the record exact for writers at READ COMMITTED (PostgreSQL's
+    default); a difference means something went around them (another isolation level,
+    triggers disabled, a hand). Each difference is repaired with the call's row and its
+    owning organization locked, as the triggers lock them, so a concurrent change is
+    neither lost nor undone.
+    """
+    with engine.begin() as connection:
+        missing, stale = connection.execute(
+            text("SELECT missing, stale FROM calls_worker_reconcile_due_calls()")
+        ).one()
+    return int(missing), int(stale)
+
+
 def record_sweep_run(
     engine: Engine,
     *,
@@ -240,15 +257,21 @@ def operational_figures(engine: Engine) -> OperationalFigures:
 
 
 def body_text(body: bytes | str) -> str:
-    """A message body as text to store: UTF-8 as is, anything else as ``base64:...``."""
-    if isinstance(body, str):
-        return body
-    try:
-        return body.decode("utf-8")
-    except UnicodeDecodeError:
-        import base64
+    """A message body as text to store: UTF-8 as is, anything else (or text with NUL, which
+    PostgreSQL's text cannot hold) as ``base64:...``."""
+    import base64
 
+    if isinstance(body, str):
+        if "\x00" not in body:
+            return body
+        body = body.encode("utf-8", "surrogatepass")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        text = "\x00"
+    if "\x00" in text:
         return "base64:" + base64.b64encode(body).decode("ascii")
+    return text
 
 
 def dumps(value: Any) -> str:

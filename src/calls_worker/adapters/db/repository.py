@@ -67,16 +67,23 @@ def calls_with_owning_organization() -> Any:
     )
 
 
-# The reads of a command. Sent through psycopg directly, as the first statement of the
-# transaction: its BEGIN goes out in the same message (see SqlUnitOfWork).
-_LOAD_CALL = (
+# The reads of a command. Sent through psycopg directly, as the first statements of the
+# transaction: its BEGIN goes out in the same message (see SqlUnitOfWork). The attempts are
+# read by a statement of their own, after the lock: when the lock had to wait, PostgreSQL
+# re-reads the locked row but not what a subquery of the same statement read before, so a
+# subquery would miss an attempt that the transaction we waited for added. Nobody adds an
+# attempt to a call without updating its row (the counting trigger), so once we hold the
+# row, the attempts read next are all there are.
+_LOCK_CALL = (
     "SELECT c.uuid, c.status, c.type, c.person_uuid, c.organization_uuid, c.pledge_case_uuid,"
     " c.requested_by, c.result, c.notes, c.external_metadata, c.completed_by, c.created_at,"
-    " c.updated_at, c.completed_at, c.cancelled_at, c.expired_at,"
-    " (SELECT coalesce(json_agg(json_build_array(a.user_uuid, a.attempted_at)"
-    "   ORDER BY a.attempted_at, a.uuid), '[]'::json)"
-    "  FROM call_attempts a WHERE a.call_uuid = c.uuid) AS attempts_json"
+    " c.updated_at, c.completed_at, c.cancelled_at, c.expired_at"
     " FROM calls c WHERE c.uuid = %(uuid)s FOR UPDATE OF c"
+)
+_LOAD_ATTEMPTS = (
+    "SELECT coalesce(json_agg(json_build_array(a.user_uuid, a.attempted_at)"
+    " ORDER BY a.attempted_at, a.uuid), '[]'::json) AS attempts_json"
+    " FROM call_attempts a WHERE a.call_uuid = %(uuid)s"
 )
 _REFERENCES = (
     "SELECT EXISTS (SELECT FROM persons WHERE uuid = %(person)s) AS person,"
@@ -92,7 +99,8 @@ def _expire_batch(now: datetime, limit: int) -> Any:
     - take up to ``limit`` rows of worker_due_calls, oldest first, that no other sweep holds;
     - of their calls, lock those no command holds, checking ``exhausted()`` again on the
       calls themselves, so that only a call exhausted now is expired;
-    - expire them and remove their rows from worker_due_calls.
+    - expire them and remove their rows from worker_due_calls, with the rows of calls
+      that had ended already (a stale entry must not hold a place in every batch).
 
     The sweep keeps worker_due_calls itself here, so it asks the due-tracking trigger to
     stand aside for its transaction (``calls_worker.sweeping``), sparing a call of the
@@ -114,25 +122,48 @@ def _expire_batch(now: datetime, limit: int) -> Any:
     )
     # "= ANY(ARRAY(...))" rather than joins: it makes the planner fetch the few calls by
     # primary key instead of hashing every requested call for each batch.
-    target = (
-        select(calls.c.uuid)
+    taken = (
+        select(
+            calls.c.uuid,
+            exhausted().label("due"),
+            and_(
+                calls.c.status == CallStatus.REQUESTED.value, calls.c.external_metadata.is_(None)
+            ).label("open"),
+        )
         .select_from(calls_with_owning_organization())
         .where(calls.c.uuid == func.any(func.array(select(batch.c.call_uuid).scalar_subquery())))
-        .where(exhausted())
         .with_for_update(of=calls, skip_locked=True)
-        .cte("target")
+        .cte("taken")
     )
     expired = (
         update(calls)
-        .where(calls.c.uuid == func.any(func.array(select(target.c.uuid).scalar_subquery())))
+        .where(
+            calls.c.uuid
+            == func.any(func.array(select(taken.c.uuid).where(taken.c.due).scalar_subquery()))
+        )
         .values(status=CallStatus.EXPIRED.value, expired_at=now, updated_at=now)
         .returning(calls.c.uuid)
         .cte("expired")
     )
-    removed = delete(due_calls).where(due_calls.c.call_uuid == expired.c.uuid).cte("removed")
+    # A call that ended (or became external) cannot be due again whatever any organization
+    # does, and this transaction holds its row: its entry is stale, whoever left it.
+    cleared = select(taken.c.uuid).where(~taken.c.open).cte("cleared")
+    removed = (
+        delete(due_calls)
+        .where(
+            due_calls.c.call_uuid
+            == func.any(
+                func.array(
+                    select(expired.c.uuid).union_all(select(cleared.c.uuid)).scalar_subquery()
+                )
+            )
+        )
+        .cte("removed")
+    )
     return select(
         select(func.count()).select_from(batch).scalar_subquery().label("examined"),
         select(func.count()).select_from(expired).scalar_subquery().label("expired"),
+        select(func.count()).select_from(cleared).scalar_subquery().label("cleared"),
     ).add_cte(removed)
 
 
@@ -149,7 +180,7 @@ def _drop_if_broken(connection: Connection) -> None:
         connection.invalidate()
 
 
-def _call_from_row(row: Any) -> Call:
+def _call_from_row(row: Any, attempts_json: list[list[str]]) -> Call:
     return Call(
         uuid=row.uuid,
         status=CallStatus(row.status),
@@ -162,7 +193,7 @@ def _call_from_row(row: Any) -> Call:
         notes=row.notes,
         external_metadata=row.external_metadata,
         attempts=[
-            CallAttempt(UUID(user), datetime.fromisoformat(at)) for user, at in row.attempts_json
+            CallAttempt(UUID(user), datetime.fromisoformat(at)) for user, at in attempts_json
         ],
         completed_by=row.completed_by,
         created_at=row.created_at,
@@ -245,10 +276,18 @@ class _Transaction:
 
     def read(self, sql: str, params: dict[str, Any]) -> Any:
         """One row (or None); opens the transaction with it if none is open."""
-        self._send([self.cursor.mogrify(sql, params)])
-        while self.cursor.nextset():  # past the BEGIN's result, to the query's
-            pass
-        return self.cursor.fetchone()
+        return self.read_each([sql], params)[0]
+
+    def read_each(self, sqls: list[str], params: dict[str, Any]) -> list[Any]:
+        """The first row (or None) of each statement, sent in one message; each statement
+        reads with a snapshot of its own (READ COMMITTED), taken when it starts."""
+        began = self._send([self.cursor.mogrify(sql, params) for sql in sqls])
+        if began:
+            self.cursor.nextset()  # past the BEGIN's result, to the queries'
+        rows = [self.cursor.fetchone()]
+        while self.cursor.nextset():
+            rows.append(self.cursor.fetchone())
+        return rows
 
     def begin(self) -> None:
         """Open the transaction now, for statements sent through SQLAlchemy."""
@@ -265,8 +304,10 @@ class _Transaction:
     def open(self) -> bool:
         return self.driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
-    def _send(self, statements: list[str]) -> None:
-        if not self.open:
+    def _send(self, statements: list[str]) -> bool:
+        """Send ``statements`` (with a BEGIN first if no transaction is open: True then)."""
+        began = not self.open
+        if began:
             statements = ["BEGIN", *statements]
         try:
             # No parameters: the values are in the text, and no "%" in it is a placeholder.
@@ -274,6 +315,7 @@ class _Transaction:
         except psycopg.OperationalError:
             _drop_if_broken(self.connection)
             raise
+        return began
 
     def rollback(self) -> None:
         self.writes.clear()
@@ -298,8 +340,10 @@ class SqlCallRepository(CallRepository):
         self._transaction = transaction
 
     def get_for_update(self, call_uuid: UUID) -> Call | None:
-        row = self._transaction.read(_LOAD_CALL, {"uuid": call_uuid})
-        return None if row is None else _call_from_row(row)
+        row, attempts = self._transaction.read_each(
+            [_LOCK_CALL, _LOAD_ATTEMPTS], {"uuid": call_uuid}
+        )
+        return None if row is None else _call_from_row(row, attempts.attempts_json)
 
     def add(self, call: Call) -> None:
         self._transaction.write(
@@ -354,7 +398,7 @@ class SqlCallRepository(CallRepository):
     def expire_exhausted(self, now: datetime, limit: int) -> Batch:
         self._transaction.begin()
         row = self._transaction.connection.execute(_expire_batch(now, limit)).one()
-        return Batch(examined=row.examined, expired=row.expired)
+        return Batch(examined=row.examined, expired=row.expired, cleared=row.cleared)
 
 
 class SqlProcessedCommands(ProcessedCommands):
