@@ -93,6 +93,7 @@ class CallsClient:
         Celery's signing is set up for the whole process: one signing key per process."""
         self._app = Celery("calls-client", set_as_current=False)
         self._app.conf.update(celery_config(broker_url, result_backend_url or broker_url))
+        self._signed = signing is not None
         if signing is not None:
             enable_signing(self._app, signing)
 
@@ -112,8 +113,11 @@ class CallsClient:
         stamped = stamp(kind, payload, datetime.now(UTC))
         parse_command(kind, stamped)
         command_id = command_id or str(uuid4())
+        kwargs: dict[str, Any] = {"command": stamped}
+        if self._signed:  # the signature covers the body only: bind the id and task into it
+            kwargs["signedFor"] = {"id": command_id, "task": TASK_NAMES[kind]}
         result = self._app.send_task(
-            TASK_NAMES[kind], kwargs={"command": stamped}, task_id=command_id, queue=COMMANDS_QUEUE
+            TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE
         )
         return CommandHandle(command_id=command_id, command=stamped, _result=result)
 

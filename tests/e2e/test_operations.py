@@ -187,3 +187,32 @@ def test_an_operator_lists_and_replays_a_rejected_command(
     assert waiting() == []  # replayed: no longer waiting
     everything = json.loads(calls_worker(env, "dead-letters", "list", "--all").stdout)
     assert everything[0]["replayed_at"] is not None
+
+
+def test_a_replay_never_applies_a_command_that_was_applied(
+    db: Db, worker: Process, database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The commit reached the database and only its answer was lost; the command was then
+    given up and kept. Replaying it must not add a second attempt."""
+    organization = db.organization(5)
+    person = db.person(organization)
+    call = db.call(person, organization)
+    command = {
+        "callUuid": str(call),
+        "userUuid": str(person),
+        "attemptedAt": "2026-03-01T09:00:00Z",
+    }
+    with CallsClient(redis_url) as client:
+        sent = client.send("add_attempt", command)
+        first = sent.outcome(TIMEOUT)
+    assert first["ok"] is True
+    body = json.dumps([[], {"command": sent.command}, {}])
+    rejected = db.sql("INSERT INTO worker_rejected_commands (task_name, command_id, raw_body,"
+                      " reason) VALUES ('calls.add_attempt', :c, :b, 'failed after 8 retries')"
+                      " RETURNING id", c=sent.command_id, b=body).scalar()  # fmt: skip
+    replay = calls_worker(worker_env(database_url, redis_url, tmp_path),
+                          "dead-letters", "replay", str(rejected))  # fmt: skip
+    assert replay.returncode == 1, replay.stderr
+    assert f"command {sent.command_id} was applied" in replay.stderr
+    assert json.loads(replay.stdout) == first
+    assert db.attempt_rows(call) == 1

@@ -3,10 +3,16 @@ unsigned ones are refused and kept with the reason."""
 
 from __future__ import annotations
 
+import base64
+import copy
 import datetime as dt
+import json
 from pathlib import Path
+from typing import Any
+from uuid import UUID, uuid4
 
 import pytest
+import redis
 from celery import Celery
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -14,8 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import NameOID
 
 from calls_worker.client import CallsClient
+from calls_worker.domain.commands import CommandKind
 from calls_worker.wire import Signing, celery_config, enable_signing
-from tests.db_world import Db
+from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import (
     Process,
     redis_database,
@@ -84,16 +91,68 @@ def test_only_commands_signed_by_a_trusted_key_are_handled(
         wait_until(lambda: db.sql("SELECT count(*) FROM worker_rejected_commands").scalar() == 2,
                    30, "both refused messages to be kept")  # fmt: skip
         with CallsClient(broker, signing=trusted) as client:  # still serving
+            call = client.send("create", person).outcome(30)["call"]["uuid"]
+        # Someone who can write to the broker captures validly signed messages...
+        attempt = captured(
+            redis_database(redis_url, 10),
+            trusted,
+            "add_attempt",
+            {"callUuid": call, "userUuid": call, "attemptedAt": ISSUED},
+        )
+        cancel = captured(redis_database(redis_url, 10), trusted, "cancel", {"callUuid": call})
+        queue = redis.Redis.from_url(broker)
+        queue.lpush("calls.commands", json.dumps(attempt))  # delivered as sent: applied
+        wait_until(lambda: db.attempt_rows(UUID(call)) == 1, 30, "the signed attempt")
+        # ... and sends the attempt again under new ids, and the cancel as an expire.
+        for _ in range(2):
+            queue.lpush("calls.commands", json.dumps(relabelled(attempt, new_id=True)))
+        queue.lpush("calls.commands", json.dumps(relabelled(cancel, task="calls.expire")))
+        queue.lpush(
+            "calls.commands",
+            json.dumps(
+                relabelled(attempt, new_id=True, body=base64.b64encode(b"\x80binary\x00").decode())
+            ),
+        )
+        wait_until(lambda: db.sql("SELECT count(*) FROM worker_rejected_commands").scalar() == 6,
+                   30, "the replays, the relabelled and the binary message to be kept")  # fmt: skip
+        with CallsClient(broker, signing=trusted) as client:  # still serving
             assert client.send("create", person).outcome(30)["ok"] is True
+        assert worker.popen.poll() is None  # the binary message did not end the worker
     finally:
         worker.stop()
         control.close()
         unsigned.close()
     reasons = db.sql("SELECT reason FROM worker_rejected_commands ORDER BY id").scalars().all()
     calls = db.sql("SELECT count(*) FROM calls").scalar()
-    reliability.record("signed-messages", commands=4, lost=max(0, 2 - calls),
-                       doubled=max(0, calls - 2))  # fmt: skip
-    assert db.sql("SELECT count(*) FROM calls").scalar() == 2
+    reliability.record("signed-messages", commands=4, lost=max(0, 3 - calls),
+                       doubled=max(0, calls - 3))  # fmt: skip
+    assert calls == 3
+    assert db.attempt_rows(UUID(call)) == 1  # the replays added nothing
+    assert db.row(UUID(call))["status"] == "requested"  # the cancel did not become an expire
     assert forged.command_id  # it was sent, and never applied
     assert any("application/json" in r for r in reasons), reasons
-    assert len(reasons) == 2
+    assert sum("signedFor does not match" in r for r in reasons) == 3, reasons
+    assert len(reasons) == 6
+
+
+def captured(broker: str, signing: Signing, kind: CommandKind, command: dict[str, str]) -> Any:
+    """A command signed by ``signing``, as it lies in the broker (its Redis envelope)."""
+    with CallsClient(broker, signing=signing) as client:
+        client.send(kind, command)
+    envelope: Any = redis.Redis.from_url(broker).rpop("calls.commands")
+    assert envelope is not None
+    return json.loads(envelope)
+
+
+def relabelled(envelope: Any, *, new_id: bool = False, task: str | None = None,
+               body: str | None = None) -> Any:  # fmt: skip
+    """The captured message with its headers (not its signed body) changed."""
+    changed = copy.deepcopy(envelope)
+    command_id = str(uuid4()) if new_id else changed["headers"]["id"]
+    changed["headers"].update(id=command_id, root_id=command_id)
+    if task is not None:
+        changed["headers"]["task"] = task
+    if body is not None:
+        changed["body"] = body
+    changed["properties"].update(correlation_id=command_id, delivery_tag=str(uuid4()))
+    return changed

@@ -320,9 +320,12 @@ def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
     """Send rejected command REJECTED_ID again, as it was or as corrected in FILE (- for stdin).
 
     Its command id is derived from REJECTED_ID and the command, so replaying the same
-    command twice has its effect once.
+    command twice has its effect once. A command whose own id has an outcome already (its
+    commit reached the database, and only the answer was lost before it was given up) is
+    not sent again: its outcome is printed, and the exit status is 1. Outcomes are kept
+    CALLS_WORKER_PROCESSED_RETENTION_HOURS (72 h): replay sooner than that.
     """
-    from calls_worker.adapters.db.journal import get_rejected, mark_replayed
+    from calls_worker.adapters.db.journal import get_rejected, mark_replayed, processed_outcome
     from calls_worker.entrypoints.replay import command_of, replay_id
     from calls_worker.wire import TASK_NAMES
 
@@ -336,6 +339,15 @@ def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
         if rejected.task_name not in kinds:
             raise click.ClickException(
                 f"{rejected.task_name!r} is not a command task; nothing to replay"
+            )
+        applied = (
+            None if rejected.command_id is None else processed_outcome(engine, rejected.command_id)
+        )
+        if applied is not None:
+            _print_json(applied["outcome"])
+            raise click.ClickException(
+                f"command {rejected.command_id} was applied at {applied['processedAt']}"
+                " (its outcome is above); it is not sent again"
             )
         command = file.read() if file is not None else command_of(rejected.raw_body)
         with _client(servers) as client:

@@ -24,10 +24,7 @@ import time
 from typing import Any
 
 from celery.worker.consumer import Consumer
-from kombu.serialization import (
-    prepare_accept_content,
-    registry,  # type: ignore[attr-defined]  # not in its stubs
-)
+from kombu import serialization
 from vine import promise
 
 from calls_worker.adapters.db import journal
@@ -45,7 +42,9 @@ REQUEUE_PAUSE_SECONDS = 2.0
 class RecordingConsumer(Consumer):
     def create_task_handler(self, promise: Any = promise) -> Any:
         handle = super().create_task_handler(promise)
-        accepted: set[str] = prepare_accept_content(self.app.conf.accept_content) or set()
+        accepted: set[str] = (
+            serialization.prepare_accept_content(self.app.conf.accept_content) or set()
+        )
         limit = runtime_of(self.app).settings.max_message_bytes
         connection_errors = self._connection_errors()
 
@@ -60,7 +59,10 @@ class RecordingConsumer(Consumer):
                 )
                 return
             if message.content_type not in accepted:
-                known = registry.type_to_name.get(message.content_type)
+                # registry is not in kombu's type stubs
+                known = serialization.registry.type_to_name.get(  # type: ignore[attr-defined]
+                    message.content_type
+                )
                 named = f" ({known})" if known else ""
                 self._refuse(
                     message,

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import Engine
 
 from calls_worker.adapters.db.engine import build_engine
-from calls_worker.config import Settings
+from calls_worker.config import Settings, signing_of
 
 
 @dataclass
@@ -37,6 +37,11 @@ class Runtime:
             self._engine = build_engine(self.database_url, pool_size=2, pre_ping=False)
             self._engine_pid = os.getpid()
         return self._engine
+
+    @property
+    def signed(self) -> bool:
+        """Whether messages are signed (then a command must name its id and task)."""
+        return signing_of(self.settings) is not None
 
     def unpooled_engine(self) -> Engine:
         """An engine that keeps no connection open, for the rare writes of a pool's parent."""

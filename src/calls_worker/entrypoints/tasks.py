@@ -141,12 +141,38 @@ def retry_or_give_up(task: Task[Any, Any], error: Exception, args: Any, kwargs: 
     return CommandGaveUp(f"command {command_id} {reason}; kept as rejected command {rejected_id}")
 
 
-def command_payload(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> Any:
-    """The ``command`` keyword argument, the only argument a command task takes."""
-    if args or set(kwargs) != {"command"}:
+SIGNED_FOR = "signedFor"
+
+
+def command_payload(
+    args: tuple[Any, ...], kwargs: Mapping[str, Any], *, command_id: str, task_name: str,
+    signed: bool,
+) -> Any:  # fmt: skip
+    """The ``command`` keyword argument, the only argument a command task takes, besides
+    ``signedFor`` when messages are signed.
+
+    Celery's signing covers the body only, not the headers that carry the command id and
+    the task name: a captured signed message could be sent again under a new id (a second
+    attempt) or relabelled as another task (a cancel turned into an expire). A signed
+    body therefore names its id and task in ``signedFor: {"id": ..., "task": ...}``,
+    which must match the headers; when signing is on, a body without it is refused.
+    """
+    expected = {"command", SIGNED_FOR} if SIGNED_FOR in kwargs else {"command"}
+    if args or set(kwargs) != expected:
         raise InvalidCommand(
             "a command task takes exactly one keyword argument, command",
             [FieldError("kwargs", f"got {len(args)} positional and keywords {sorted(kwargs)}")],
+        )
+    bound = kwargs.get(SIGNED_FOR)
+    if bound is None and signed:
+        raise InvalidCommand(
+            "a signed command must name its command id and task in signedFor",
+            [FieldError(SIGNED_FOR, "missing")],
+        )
+    if bound is not None and bound != {"id": command_id, "task": task_name}:
+        raise InvalidCommand(
+            "signedFor does not match the message: sent again under another id, or as another task",
+            [FieldError(SIGNED_FOR, f"names {bound!r}; the message is {task_name} {command_id}")],
         )
     return kwargs["command"]
 
@@ -155,7 +181,10 @@ def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any)
     runtime = runtime_of(task.app)
     command_id = str(task.request.id)
     try:
-        payload = command_payload(tuple(args), kwargs)
+        payload = command_payload(
+            tuple(args), kwargs, command_id=command_id, task_name=task.name,
+            signed=runtime.signed,
+        )  # fmt: skip
         command = parse_command(kind, payload if isinstance(payload, str) else _mapping(payload))
     except InvalidCommand as error:
         rejected_id = journal.record_rejected(

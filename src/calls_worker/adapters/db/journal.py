@@ -84,6 +84,17 @@ def get_rejected(engine: Engine, rejected_id: int) -> RejectedCommand | None:
     return None if row is None else RejectedCommand(**row._mapping)
 
 
+def processed_outcome(engine: Engine, command_id: str) -> dict[str, Any] | None:
+    """The outcome stored for ``command_id`` and when (None: not applied, or pruned)."""
+    with engine.connect() as connection:
+        row = connection.execute(
+            select(processed_commands.c.outcome, processed_commands.c.processed_at).where(
+                processed_commands.c.command_id == command_id
+            )
+        ).one_or_none()
+    return None if row is None else {"outcome": row.outcome, "processedAt": row.processed_at}
+
+
 def mark_replayed(engine: Engine, rejected_id: int) -> None:
     with engine.begin() as connection:
         connection.execute(
