@@ -13,7 +13,7 @@ from sqlalchemy.exc import ProgrammingError
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.journal import operational_figures, prune_processed, record_rejected
-from calls_worker.adapters.db.migrate import upgrade
+from calls_worker.adapters.db.migrate import grant_to, upgrade
 from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.domain.commands import parse_command
 from calls_worker.service.handlers import handle
@@ -49,8 +49,7 @@ def roles(empty_database_url: str) -> Iterator[tuple[str, str]]:
         as_role(empty_database_url, names["calls_worker_migrator"]), pool_size=1
     )
     upgrade(migrator)
-    with migrator.begin() as connection:
-        connection.exec_driver_sql(script("grants.sql"))
+    grant_to(migrator, names["calls_worker_app"])
     migrator.dispose()
     try:
         yield as_role(empty_database_url, names["calls_worker_app"]), empty_database_url

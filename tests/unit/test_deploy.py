@@ -188,3 +188,41 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     shown = " ".join(exprs)
     for metric in DASHBOARD_METRICS:
         assert metric in shown
+
+
+def database_user(url: str) -> str | None:
+    from sqlalchemy import make_url
+
+    return make_url(url.replace("${", "").replace("}", "")).username
+
+
+def test_compose_migrates_as_the_owner_and_runs_as_the_least_privileged_role(
+    compose: dict[str, Any],
+) -> None:
+    services = compose["services"]
+    users = {name: database_user(services[name]["environment"]["CALLS_WORKER_DATABASE_URL"])
+             for name in ("migrate", "worker", "beat", "flower")}  # fmt: skip
+    assert users == {"migrate": "calls_worker_migrator", "worker": "calls_worker_app",
+                     "beat": "calls_worker_app", "flower": "calls_worker_app"}  # fmt: skip
+    assert services["migrate"]["command"] == ["migrate", "--grant-to", "calls_worker_app"]
+    initdb = [v for v in services["postgres"]["volumes"] if "docker-entrypoint-initdb.d" in v]
+    assert initdb
+    assert (ROOT / initdb[0].split(":")[0]).is_file()
+
+
+def test_kubernetes_migrates_as_the_owner_and_runs_as_the_least_privileged_role() -> None:
+    secrets = {manifest(name)["metadata"]["name"]: manifest(name)["stringData"]
+               for name in ("secret.yaml", "migrator-secret.yaml")}  # fmt: skip
+    job = manifest("migrate-job.yaml")["spec"]["template"]["spec"]["containers"][0]
+    assert job["args"] == ["migrate", "--grant-to", "calls_worker_app"]
+    job_secrets = [s["secretRef"]["name"] for s in job["envFrom"] if "secretRef" in s]
+    assert job_secrets == ["calls-worker-migrator"]
+    assert database_user(secrets["calls-worker-migrator"]["CALLS_WORKER_DATABASE_URL"]) == (
+        "calls_worker_migrator")  # fmt: skip
+    assert database_user(secrets["calls-worker-secrets"]["CALLS_WORKER_DATABASE_URL"]) == (
+        "calls_worker_app")  # fmt: skip
+    for name in ("worker-deployment.yaml", "beat-deployment.yaml", "flower-deployment.yaml"):
+        pod = manifest(name)["spec"]["template"]["spec"]
+        refs = {s["secretRef"]["name"] for c in pod["containers"] for s in c.get("envFrom", [])
+                if "secretRef" in s}  # fmt: skip
+        assert refs == {"calls-worker-secrets"}, name

@@ -222,15 +222,28 @@ def ping(hostname: str, database: bool, timeout: float) -> None:
 
 
 @main.command()
-def migrate() -> None:
+@click.option(
+    "--grant-to",
+    "grantee",
+    metavar="ROLE",
+    help="Then grant ROLE (the workers' least-privilege role, e.g. calls_worker_app) what"
+    " the worker needs, and nothing more.",
+)
+def migrate(grantee: str | None) -> None:
     """Upgrade the database schema to the newest revision (safe to run again)."""
-    from calls_worker.adapters.db.migrate import current_revision, upgrade
+    from calls_worker.adapters.db.migrate import current_revision, grant_to, upgrade
 
     servers = _servers()
     engine = _engine(servers)
     try:
         upgrade(engine)
         click.echo(f"schema at revision {current_revision(engine)}")
+        if grantee is not None:
+            try:
+                grant_to(engine, grantee)
+            except ValueError as error:
+                raise click.BadParameter(str(error), param_hint="--grant-to") from error
+            click.echo(f"granted {grantee} what the worker needs")
     finally:
         engine.dispose()
         servers.stop()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,23 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def downgrade(engine: Engine, revision: str) -> None:
     """Take the schema back to ``revision`` (``base``: nothing of ours left)."""
     _run(engine, lambda config: command.downgrade(config, revision))
+
+
+GRANTS = Path(__file__).parent / "grants.sql"
+_GRANTEE = "calls_worker_app"
+_ROLE_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+
+
+def grant_to(engine: Engine, role: str) -> None:
+    """Grant ``role`` what the worker, beat and Flower need, and nothing more (grants.sql).
+
+    Idempotent; run after every upgrade, as the owner of the worker's objects. Raises
+    ValueError for a role name that is not a plain lower-case identifier.
+    """
+    if not _ROLE_NAME.fullmatch(role):
+        raise ValueError(f"not a plain role name: {role!r}")
+    with engine.begin() as connection:
+        connection.exec_driver_sql(GRANTS.read_text().replace(_GRANTEE, role))
 
 
 def current_revision(engine: Engine) -> str | None:

@@ -1,6 +1,7 @@
--- Privileges of calls_worker_app, after `calls-worker migrate` ran as calls_worker_migrator
--- (run again after a migration that adds a table). Triggers act as their owner (migration
--- 0004), so writers need nothing on the tables the triggers keep.
+-- Privileges of calls_worker_app, granted by `calls-worker migrate --grant-to ROLE` (run as
+-- calls_worker_migrator, after every upgrade: a new table gets its grants there), which
+-- puts ROLE in place of calls_worker_app. Triggers act as their owner (migrations 0004,
+-- 0005), so writers need nothing on the tables the triggers keep.
 
 -- The API's tables: the worker reads the directory, and writes calls and attempts.
 GRANT SELECT ON organizations, persons, pledge_cases TO calls_worker_app;
