@@ -27,8 +27,10 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
     ),
     "database-outage": (
         "PostgreSQL outage",
-        "a throw-away PostgreSQL stopped for 10 s under a stream of commands",
-        "commands retry with backoff and succeed; none applied twice; none idle in transaction",
+        "a throw-away PostgreSQL stopped for 10 s, ten times the worker's retry budget"
+        " (1 retry, 1 s apart), under a stream of commands",
+        "commands out of retries stay queued, none given up, then all applied once; none idle"
+        " in transaction",
     ),
     "broker-restart": (
         "Redis restart",
@@ -46,9 +48,18 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
         "exactly one end state per call; a completed call never expired",
     ),
     "signed-messages": (
-        "forged and unsigned messages",
-        "a worker that accepts only signed commands gets a forged and an unsigned one",
-        "both refused and kept with the reason; the signed ones handled",
+        "forged, unsigned, replayed and relabelled messages",
+        "a worker that accepts only signed commands gets a forged and an unsigned one, a"
+        " captured signed attempt sent again under two new ids, a signed cancel relabelled as"
+        " an expire, and a binary body",
+        "all refused and kept with the reason, the worker alive; the signed ones handled once",
+    ),
+    "due-record-race": (
+        "due record vs changes of a maximum",
+        "a maximum lowered or raised, or a person moved, while an attempt is added or the call"
+        " completed (two connections, both statements before either commit, random orders)",
+        "the due record lists exactly the calls the rule says are due (lost: due, unlisted;"
+        " doubled: listed, not due)",
     ),
     "clock-skew": (
         "clock skew",

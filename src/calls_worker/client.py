@@ -107,7 +107,10 @@ class CallsClient:
         """Validate and queue one command. Raises InvalidCommand before anything is sent.
 
         ``command_id``: set your own to make a resend after a crash a no-op; by default a
-        new UUID. Sending the same command id twice has the effect once.
+        new UUID. Sending the same command id twice has the effect once, as long as the
+        worker still keeps the first one's outcome: for
+        ``CALLS_WORKER_PROCESSED_RETENTION_HOURS`` (72 h by default). A resend after that is
+        applied again.
         """
         payload = _decoded(kind, command)
         stamped = stamp(kind, payload, datetime.now(UTC))

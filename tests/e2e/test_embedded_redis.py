@@ -32,8 +32,6 @@ def test_the_embedded_redis_is_private_and_asks_for_a_password(tmp_path: Path) -
     restarted = start_redis(data_dir)  # the password is kept across a restart
     try:
         assert restarted.password == server.password
-        assert redis.Redis.from_url(restarted.url).lrange("calls.commands", 0, -1) == [
-            b"a command"
-        ]
+        assert redis.Redis.from_url(restarted.url).lrange("calls.commands", 0, -1) == [b"a command"]
     finally:
         restarted.stop()

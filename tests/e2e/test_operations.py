@@ -75,12 +75,30 @@ def get(url: str, auth: str | None = None) -> Any:
         return json.loads(response.read()) if "json" in response.headers["Content-Type"] else None
 
 
-def test_flower_refuses_to_start_without_authentication(
-    database_url: str, redis_url: str, tmp_path: Path
+def get_text(url: str) -> str:
+    """The body of an unauthenticated GET."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text: str = response.read().decode()
+        return text
+
+
+@pytest.mark.parametrize(
+    ("auth", "says"),
+    [
+        (None, "Flower needs authentication"),
+        ("ops:", "Flower needs authentication"),
+        (":s3cret", "Flower needs authentication"),
+        ("ops:s3c,ret", "must not contain a comma"),
+        ("ops:a,other:b", "must not contain a comma"),
+    ],
+)
+def test_flower_refuses_to_start_without_one_whole_login(
+    database_url: str, redis_url: str, tmp_path: Path, auth: str | None, says: str
 ) -> None:
-    run = calls_worker(worker_env(database_url, redis_url, tmp_path), "flower")
+    extra = {} if auth is None else {"CALLS_WORKER_FLOWER_BASIC_AUTH": auth}
+    run = calls_worker(worker_env(database_url, redis_url, tmp_path, **extra), "flower")
     assert run.returncode != 0
-    assert "Flower needs authentication" in run.stderr
+    assert says in run.stderr
 
 
 @pytest.mark.slow
@@ -123,6 +141,9 @@ def test_flower_lists_the_calls_tasks_that_ran(
             get(f"http://127.0.0.1:{port}/api/tasks")
         refused.value.close()
         assert refused.value.code == 401
+        # Open by Flower's design, as the README says: the probe, and Prometheus's scrape.
+        assert get_text(f"http://127.0.0.1:{port}/healthcheck") == "OK"
+        assert "flower_events_total" in get_text(f"http://127.0.0.1:{port}/metrics")
         assert auth.split(":")[1] not in flower.output()
     finally:
         flower.stop()

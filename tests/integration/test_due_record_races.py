@@ -24,6 +24,7 @@ from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.service.sweep import expire_exhausted_calls
 from tests.db_world import Db
 from tests.integration.test_due_calls import due_by_policy, due_by_table
+from tests.reliability import Reliability
 
 ROUNDS = 40
 # Long enough for a statement that does not wait to finish; one that waits on a lock
@@ -146,14 +147,17 @@ SCENARIOS: dict[str, tuple[dict[str, int], Statement, Statement]] = {
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_the_record_holds_when_a_maximum_and_a_call_change_at_once(
-    scenario: str, db: Db, engine: Engine
+    scenario: str, db: Db, engine: Engine, reliability: Reliability
 ) -> None:
     setup, organization_side, call_side = SCENARIOS[scenario]
     rng = random.Random(f"{scenario}-20261129")
     for _ in range(ROUNDS):
         r = setup_round(db, **setup)
         run_concurrently(engine, organization_side, call_side, r, rng)
-    assert due_by_table(db) == due_by_policy(engine)
+    listed, due = due_by_table(db), due_by_policy(engine)
+    reliability.record("due-record-race", commands=2 * ROUNDS, lost=len(due - listed),
+                       doubled=len(listed - due))  # fmt: skip
+    assert listed == due
 
 
 def test_a_stale_entry_cannot_stall_the_sweep(db: Db, engine: Engine) -> None:

@@ -18,11 +18,22 @@ def flower_argv(address: str, port: int) -> list[str]:
 
 
 def require_auth(basic_auth: str | None) -> str:
-    """Flower never starts open: the credentials, or a ClickException saying how to set them."""
-    if not basic_auth or ":" not in basic_auth:
+    """Flower never starts open: the credentials, or a ClickException saying how to set them.
+
+    One ``user:password``, both non-empty. No comma anywhere: Flower splits its basic-auth
+    setting on commas into several logins, so a password with a comma would let its first
+    part (and whatever follows as a second "user:password") in.
+    """
+    user, colon, password = (basic_auth or "").partition(":")
+    if not basic_auth or not colon or not user or not password:
         raise click.ClickException(
             "Flower needs authentication: set CALLS_WORKER_FLOWER_BASIC_AUTH=user:password "
-            "(or CALLS_WORKER_FLOWER_BASIC_AUTH_FILE)"
+            "with both parts non-empty (or CALLS_WORKER_FLOWER_BASIC_AUTH_FILE)"
+        )
+    if "," in basic_auth:
+        raise click.ClickException(
+            "CALLS_WORKER_FLOWER_BASIC_AUTH must not contain a comma: Flower would read it as"
+            " several logins"
         )
     return basic_auth
 
