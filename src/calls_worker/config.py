@@ -42,6 +42,13 @@ class Settings(BaseSettings):
         description="How often beat compares the due-calls record with the expiry rule and"
         " repairs any difference (each one counted in calls_worker_due_record_repairs_total).",
     )
+    task_time_limit_seconds: int = Field(
+        default=300,
+        ge=2,
+        description="Longest a command or sweep may run. Past its soft limit (30 s sooner, or "
+        "half of it when that is shorter) a command is kept among the rejected ones; the "
+        "hard limit ends the process running it. Keep it under the visibility timeout.",
+    )
     visibility_timeout_seconds: PositiveInt = Field(
         default=3600,
         description="Redis redelivers a message not acknowledged within this; keep it above "

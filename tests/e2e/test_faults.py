@@ -150,3 +150,33 @@ def _waiting_on_lock(db: Db) -> bool:
             " AND application_name = 'calls-worker'"
         ).scalar()
     )
+
+
+@pytest.mark.slow
+def test_a_command_past_its_time_limit_is_kept_and_not_requeued(
+    db: Db, worker: Process, client: CallsClient, control_app: Celery, database_url: str,
+    redis_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Blocked on a lock past its time limit (4 s here, soft at 2 s): the command is kept
+    among the rejected ones and its message acknowledged, not handed to the next worker."""
+    call = new_call(db, client)
+    with session_worker_paused(control_app):
+        slow = own_worker(database_url, redis_url, control_app, tmp_path, "slow",
+                          CALLS_WORKER_TASK_TIME_LIMIT_SECONDS="4")  # fmt: skip
+        try:
+            with db.engine.connect() as holder:  # the command waits on this lock, and waits
+                holder.exec_driver_sql("SELECT 1 FROM calls WHERE uuid = %s FOR UPDATE", (call,))
+                handle = client.send("add_attempt", attempt(call))
+                kept = wait_until(
+                    lambda: db.sql("SELECT reason FROM worker_rejected_commands WHERE"
+                                   " command_id = :c", c=handle.command_id).scalar(),
+                    TIMEOUT, "the command to be kept",
+                )  # fmt: skip
+                holder.rollback()
+            assert "TimeLimitExceeded" in kept
+            wait_until(lambda: queues_drained(redis_url), TIMEOUT, "the message to be acked")
+            time.sleep(2)  # had it been requeued, it would run now that the lock is gone
+            assert db.attempt_rows(UUID(call)) == 0
+            assert slow.popen.poll() is None
+        finally:
+            slow.stop()

@@ -27,13 +27,21 @@ from calls_worker.wire import (
     enable_signing,
 )
 
-# Longest a task may run; the broker's visibility timeout (settings) should
-# exceed it, or Redis hands a still-running task to a second worker.
+# Longest a task may run (the default of CALLS_WORKER_TASK_TIME_LIMIT_SECONDS); the broker's
+# visibility timeout should exceed it, or Redis hands a still-running task to a second worker.
 TASK_TIME_LIMIT = 300
 
 
+def soft_time_limit(time_limit: int) -> int:
+    """When a task is asked to stop: 30 s before the hard limit, or half-way if sooner."""
+    return time_limit - min(30, time_limit // 2)
+
+
 def worker_config(
-    broker_url: str, result_backend_url: str, visibility_timeout: int = VISIBILITY_TIMEOUT
+    broker_url: str,
+    result_backend_url: str,
+    visibility_timeout: int = VISIBILITY_TIMEOUT,
+    time_limit: int = TASK_TIME_LIMIT,
 ) -> dict[str, Any]:
     """How a worker consumes: what the benchmarks' no-op baseline shares with the real one."""
     return {
@@ -42,15 +50,17 @@ def worker_config(
         # if its process dies; the command id makes the second run return the first outcome.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        # Except a command that reached the hard time limit: Celery (5.5 and later) then
-        # calls the task's on_failure in the worker's main process, which keeps the command
-        # among the rejected ones, and acknowledges it (this setting, said out loud): a
-        # command that hangs for five minutes would hang again, so it waits for an operator
-        # instead of blocking a worker process forever. See tests/e2e/test_faults.py.
+        # Except a command past its time limit. At the soft limit the task gives up: the
+        # command is kept among the rejected ones (or retried while the database cannot keep
+        # it), and acknowledged. At the hard limit Celery (5.7) kills the pool process, calls
+        # the task's on_failure in the main process, which keeps the command, and
+        # acknowledges it (this setting, said out loud; it is not requeued): a command that
+        # hung that long would hang again, so it waits for an operator instead of holding a
+        # worker process forever. tests/e2e/test_faults.py shows it.
         "task_acks_on_failure_or_timeout": True,
         "worker_prefetch_multiplier": 1,
-        "task_time_limit": TASK_TIME_LIMIT,
-        "task_soft_time_limit": TASK_TIME_LIMIT - 30,
+        "task_time_limit": time_limit,
+        "task_soft_time_limit": soft_time_limit(time_limit),
         # Events for Flower.
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -68,7 +78,10 @@ def create_app(
     app = Celery("calls-worker")
     app.conf.update(
         worker_config(
-            broker_url, result_backend_url or broker_url, settings.visibility_timeout_seconds
+            broker_url,
+            result_backend_url or broker_url,
+            settings.visibility_timeout_seconds,
+            settings.task_time_limit_seconds,
         ),
         task_routes={
             task: {"queue": SWEEPS_QUEUE} for task in (SWEEP_TASK, PRUNE_TASK, RECONCILE_TASK)

@@ -13,6 +13,7 @@ from typing import Any
 
 import psycopg
 from celery import Celery, Task
+from celery.exceptions import SoftTimeLimitExceeded
 from celery.utils.time import get_exponential_backoff_interval
 from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -117,8 +118,17 @@ def retry_or_give_up(task: Task[Any, Any], error: Exception, args: Any, kwargs: 
             full_jitter=True,
         )  # fmt: skip
         raise task.retry(exc=error, countdown=countdown)
+    return give_up(task, error, args, kwargs, f"failed after {retries} retries: {error!r}")
+
+
+def give_up(
+    task: Task[Any, Any], error: Exception, args: Any, kwargs: Any, reason: str
+) -> Exception:
+    """Keep the command among the rejected ones and return the CommandGaveUp to raise; when
+    the database cannot keep it, retry instead (raises celery's Retry), at the longest pause."""
+    runtime = runtime_of(task.app)
+    settings = runtime.settings
     command_id = str(task.request.id)
-    reason = f"failed after {retries} retries: {error!r}"
     try:
         rejected_id = journal.record_rejected(
             runtime.unpooled_engine(),
@@ -129,7 +139,7 @@ def retry_or_give_up(task: Task[Any, Any], error: Exception, args: Any, kwargs: 
         )
     except Exception as unkept:  # the database is away: the broker keeps the command
         logger.warning(
-            "command %s is out of retries but cannot be kept either (%s): it stays queued",
+            "command %s is given up but cannot be kept either (%s): it stays queued",
             command_id,
             str(unkept).splitlines()[0] if str(unkept) else repr(unkept),
             extra={"command_id": command_id},
@@ -281,6 +291,9 @@ def _command_task(kind: CommandKind) -> Any:
             return run_command(self, kind, args, kwargs)
         except TRANSIENT_ERRORS as error:
             raise retry_or_give_up(self, error, args, kwargs) from error
+        except SoftTimeLimitExceeded as error:  # it would only hang again: an operator decides
+            reason = f"ran past its soft time limit: {error!r}"
+            raise give_up(self, error, args, kwargs, reason) from error
 
     command_task.__doc__ = f"Handle a queued {kind} command (``command``: its JSON)."
     return command_task

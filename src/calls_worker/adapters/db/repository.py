@@ -6,6 +6,7 @@ All the worker's SQL about calls lives here, including ``exhausted``: the SQL tw
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
@@ -314,6 +315,16 @@ class _Transaction:
             self.cursor.execute("; ".join(statements))
         except psycopg.OperationalError:
             _drop_if_broken(self.connection)
+            raise
+        except psycopg.Error:
+            raise
+        except BaseException:
+            # Interrupted while the server runs the statements (Celery's soft time limit
+            # raises here): the connection is mid-query and must never be used again, nor
+            # go back to the pool. Ask the server to stop, then close it.
+            with contextlib.suppress(Exception):
+                self.driver.cancel_safe(timeout=5)
+            self.connection.invalidate()
             raise
         return began
 
