@@ -48,6 +48,23 @@ TRANSIENT_ERRORS = (
     psycopg.OperationalError,
     psycopg.InterfaceError,
 )
+# SQLSTATEs that say the server cannot serve us now: admin or crash shutdown, starting up.
+_SERVER_AWAY = {"57P01", "57P02", "57P03"}
+
+
+def database_away(error: BaseException) -> bool:
+    """Whether ``error`` says the database cannot be reached (connection refused or lost,
+    shutting down, starting up), as opposed to an error of a database that answers (a
+    deadlock, a serialization failure, a pool exhausted by slow commands)."""
+    cause = getattr(error, "orig", None) or error
+    if isinstance(error, InterfaceError) or isinstance(cause, psycopg.InterfaceError):
+        return True
+    if isinstance(cause, psycopg.OperationalError):
+        state = cause.sqlstate
+        return state is None or state.startswith("08") or state in _SERVER_AWAY
+    return False
+
+
 # How much of a command's body a log line shows (the rejected-commands table keeps it all).
 LOGGED_PREFIX = 512
 
@@ -73,13 +90,16 @@ class CommandTask(Task[Any, Outcome]):
     resultrepr_maxsize = 160
 
     def on_retry(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
+        budget = runtime_of(self.app).settings.command_max_retries
+        retry = self.request.retries + 1
         logger.warning(
-            "command %s will be retried (try %d of %d): %s",
+            "command %s will be retried (try %d of %d%s): %s",
             task_id,
-            self.request.retries + 1,
-            runtime_of(self.app).settings.command_max_retries,
+            retry,
+            budget,
+            "; past the budget while the database is away" if retry > budget else "",
             str(exc).splitlines()[0] if str(exc) else repr(exc),
-            extra={"command_id": task_id, "retry": self.request.retries + 1},
+            extra={"command_id": task_id, "retry": retry},
         )
 
     def on_failure(self, exc: Exception, task_id: str, args: Any, kwargs: Any, einfo: Any) -> None:
@@ -105,14 +125,18 @@ class CommandTask(Task[Any, Outcome]):
 
 def retry_or_give_up(task: Task[Any, Any], error: Exception, args: Any, kwargs: Any) -> Exception:
     """After a transient error: retry (raises celery's Retry) while the budget lasts; then
-    keep the command among the rejected ones and return the CommandGaveUp to raise. When
-    the database cannot keep it, retry anyway, at the longest pause: a command is never
-    acknowledged while the database is away.
+    keep the command among the rejected ones and return the CommandGaveUp to raise.
+
+    A command is never given up because the database is away: while it is (``database_away``),
+    the command is retried whatever the budget says, at most a backoff maximum apart; and
+    if the database cannot even keep it among the rejected ones, it is retried too. Only
+    an error of a database that answers spends the budget to the end. (The budget counts
+    every retry: a deadlock right after a long outage is kept at once, for a replay.)
     """
     runtime = runtime_of(task.app)
     settings = runtime.settings
     retries = task.request.retries
-    if retries < settings.command_max_retries:
+    if retries < settings.command_max_retries or database_away(error):
         countdown = get_exponential_backoff_interval(
             factor=1, retries=retries, maximum=settings.command_retry_backoff_max_seconds,
             full_jitter=True,

@@ -1,0 +1,38 @@
+"""Which errors say the database is away (never a reason to give a command up) and which
+are errors of a database that answers (they spend the retry budget)."""
+
+from __future__ import annotations
+
+import psycopg
+import pytest
+from psycopg import errors
+from sqlalchemy.exc import InterfaceError, OperationalError
+
+from calls_worker.entrypoints.tasks import database_away
+
+
+def wrapped(error: Exception) -> OperationalError:
+    """As SQLAlchemy raises it."""
+    return OperationalError("SELECT 1", {}, error)
+
+
+@pytest.mark.parametrize(
+    ("error", "away"),
+    [
+        (psycopg.OperationalError("connection refused"), True),  # no SQLSTATE: client side
+        (wrapped(psycopg.OperationalError("server closed the connection")), True),
+        (errors.CannotConnectNow("the database system is starting up"), True),
+        (errors.AdminShutdown("terminating connection"), True),
+        (errors.CrashShutdown("crash"), True),
+        (errors.ConnectionFailure("connection failure"), True),
+        (InterfaceError("SELECT 1", {}, psycopg.InterfaceError("closed")), True),
+        (psycopg.InterfaceError("the connection is closed"), True),
+        (errors.DeadlockDetected("deadlock detected"), False),
+        (wrapped(errors.SerializationFailure("could not serialize")), False),
+        (errors.LockNotAvailable("lock timeout"), False),
+        (errors.QueryCanceled("statement timeout"), False),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),
+)
+def test_database_away(error: Exception, away: bool) -> None:
+    assert database_away(error) is away
