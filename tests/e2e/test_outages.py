@@ -16,6 +16,7 @@ from uuid import UUID, uuid4
 
 import pytest
 from celery import Celery
+from kombu import Queue
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.migrate import upgrade
@@ -86,6 +87,14 @@ def test_commands_survive_a_database_outage(
                 engine.dispose()
                 pg_ctl(["-w", "-m", "fast", "stop"], pgdata=server.pgdata,
                        user=server._server.system_user)  # fmt: skip
+                # A message to refuse while the database cannot keep it: it must wait.
+                with control.connection_for_write() as connection:
+                    connection.Producer().publish(
+                        b"\x80binary", exchange="", routing_key="calls.commands",
+                        content_type="application/data", content_encoding="binary",
+                        headers={"task": "calls.create", "id": "refused-in-the-outage"},
+                        declare=[Queue("calls.commands")],
+                    )  # fmt: skip
                 time.sleep(10)
                 server._server.ensure_postgres_running()
                 producer.join()
@@ -101,7 +110,9 @@ def test_commands_survive_a_database_outage(
         applied = [db.attempt_rows(UUID(call)) for call in calls]
         lost, doubled = counted(applied, 12)  # 60 attempts over 5 calls
         reliability.record("database-outage", commands=60, lost=lost, doubled=doubled)
-        assert db.sql("SELECT count(*) FROM worker_rejected_commands").scalar() == 0
+        kept = db.sql("SELECT command_id, reason FROM worker_rejected_commands").all()
+        assert [k.command_id for k in kept] == ["refused-in-the-outage"]  # kept, and only it
+        assert "not accepted" in kept[0].reason
         for call, count in zip(calls, applied, strict=True):
             row = db.sql("SELECT attempt_count FROM calls WHERE uuid = :c", c=call).scalar()
             assert row == count == 12

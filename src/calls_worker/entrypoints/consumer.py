@@ -101,7 +101,8 @@ class RecordingConsumer(Consumer):
         return errors
 
     def _refuse(self, message: Any, reason: str, limit: int) -> None:
-        if self._record(message, reason, limit):
+        # Celery may have settled it already before raising; settling twice would raise.
+        if self._record(message, reason, limit) and not message.acknowledged:
             message.reject_log_error(logger, self._connection_errors())
 
     def _record(self, message: Any, reason: str, limit: int | None = None) -> bool:
@@ -127,7 +128,8 @@ class RecordingConsumer(Consumer):
                 body[:LOGGED_PREFIX],
             )
             time.sleep(REQUEUE_PAUSE_SECONDS)
-            message.reject_log_error(logger, self._connection_errors(), requeue=True)
+            if not message.acknowledged:
+                message.reject_log_error(logger, self._connection_errors(), requeue=True)
             return False
         worker_metrics().rejection("message")
         logger.warning("message rejected as %s: %s", rejected_id, reason)
