@@ -11,7 +11,7 @@ from sqlalchemy import Engine
 
 from calls_worker.client import CallsClient
 from calls_worker.entrypoints.metrics import serve_database_metrics
-from calls_worker.wire import SWEEP_TASK, SWEEPS_QUEUE
+from calls_worker.wire import RECONCILE_TASK, SWEEP_TASK, SWEEPS_QUEUE
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import Process, free_ports, scrape, wait_until, worker_env
 
@@ -104,3 +104,28 @@ def test_beat_serves_the_database_metrics(
         assert ("calls_worker_requested_calls", ()) in samples
     finally:
         beat.stop()
+
+
+def test_reconciliation_runs_on_the_sweeps_queue_and_counts_its_repairs(
+    db: Db, worker: Process, control_app: Celery
+) -> None:
+    """Drift made by hand (a due call taken off the record, a call not due put on it): the
+    calls.reconcile task that beat schedules repairs both, and the worker counts them."""
+    port = int(worker.env["CALLS_WORKER_METRICS_PORT"])
+    before = scrape(port)
+    organization = db.organization(1)
+    person = db.person(organization)
+    missing = db.call(person, organization, attempts=1)
+    stale = db.call(person, organization)
+    db.sql("DELETE FROM worker_due_calls WHERE call_uuid = :c", c=missing)
+    db.sql("INSERT INTO worker_due_calls (call_uuid) VALUES (:c)", c=stale)
+
+    report = control_app.send_task(RECONCILE_TASK, queue=SWEEPS_QUEUE).get(timeout=TIMEOUT)
+
+    assert report == {"missing": 1, "stale": 1}
+    listed = set(db.sql("SELECT call_uuid FROM worker_due_calls").scalars())
+    assert listed == {missing}
+    after = scrape(port)
+    for kind in ("missing", "stale"):
+        key = ("calls_worker_due_record_repairs_total", (("kind", kind),))
+        assert after[key] - before.get(key, 0) == 1, kind
