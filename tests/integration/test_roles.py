@@ -12,7 +12,12 @@ from sqlalchemy import make_url, text
 from sqlalchemy.exc import ProgrammingError
 
 from calls_worker.adapters.db.engine import build_engine
-from calls_worker.adapters.db.journal import operational_figures, prune_processed, record_rejected
+from calls_worker.adapters.db.journal import (
+    operational_figures,
+    prune_processed,
+    reconcile_due_calls,
+    record_rejected,
+)
 from calls_worker.adapters.db.migrate import grant_to, upgrade
 from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.domain.commands import parse_command
@@ -92,6 +97,7 @@ def test_the_worker_does_everything_as_the_app_role(roles: tuple[str, str]) -> N
         record_rejected(app, task_name="calls.create", command_id=None, raw_body="{}",
                         reason="test")  # fmt: skip
         assert prune_processed(app, datetime.now(UTC)) == 3
+        assert reconcile_due_calls(app) == (0, 0)
         with pytest.raises(ProgrammingError, match="permission denied"), app.begin() as c:
             c.execute(text("CREATE TABLE not_allowed (id int)"))
         with pytest.raises(ProgrammingError, match="permission denied"), app.begin() as c:
