@@ -80,12 +80,15 @@ def worker_env(database_url: str, broker_url: str, data_dir: Path, **extra: str)
 class Process:
     """A calls-worker child process whose output goes to a log file."""
 
-    def __init__(self, args: list[str], env: dict[str, str], log: Path) -> None:
+    def __init__(
+        self, args: list[str], env: dict[str, str], log: Path, program: list[str] | None = None
+    ) -> None:
+        """``program``: what runs ``args`` (by default this interpreter's calls_worker)."""
         self.env = env
         self.log = log
         self._file = log.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "calls_worker", *args],
+            [*(program or [sys.executable, "-m", "calls_worker"]), *args],
             env=env,
             stdout=self._file,
             stderr=subprocess.STDOUT,

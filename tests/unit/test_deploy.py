@@ -226,3 +226,20 @@ def test_kubernetes_migrates_as_the_owner_and_runs_as_the_least_privileged_role(
         refs = {s["secretRef"]["name"] for c in pod["containers"] for s in c.get("envFrom", [])
                 if "secretRef" in s}  # fmt: skip
         assert refs == {"calls-worker-secrets"}, name
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    linted = run(tool("hadolint"), "deploy/Dockerfile")
+    assert linted.returncode == 0, linted.stdout + linted.stderr
+
+
+def test_the_dockerfile_installs_what_the_image_test_installs() -> None:
+    """tests/e2e/test_image.py repeats these steps; they must stay the same steps."""
+    steps = [line for line in (DEPLOY / "Dockerfile").read_text().splitlines()
+             if line.startswith("RUN pip")]  # fmt: skip
+    assert steps == [
+        "RUN pip wheel --no-cache-dir --no-deps --require-hashes --wheel-dir /wheels"
+        " -r requirements.lock",
+        "RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .",
+        "RUN pip install --no-cache-dir --no-index --no-deps /wheels/*.whl && rm -rf /wheels",
+    ]
