@@ -229,14 +229,44 @@ def ping(hostname: str, database: bool, timeout: float) -> None:
     help="Then grant ROLE (the workers' least-privilege role, e.g. calls_worker_app) what"
     " the worker needs, and nothing more.",
 )
-def migrate(grantee: str | None) -> None:
-    """Upgrade the database schema to the newest revision (safe to run again)."""
-    from calls_worker.adapters.db.migrate import current_revision, grant_to, upgrade
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Say what migrate would do here (create, adopt the API's tables, upgrade, or refuse"
+    " and why), changing nothing; exit 1 if it would refuse.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=1000,
+    show_default=True,
+    help="Calls a backfill transaction takes, when adopting the API's tables.",
+)
+def migrate(grantee: str | None, check: bool, batch_size: int) -> None:
+    """Upgrade the database schema to the newest revision (safe to run again).
+
+    Where the Calls API's tables exist already, adopts them online (docs/database.md), or
+    refuses with every way they differ from what the worker needs, changing nothing.
+    """
+    from calls_worker.adapters.db.migrate import (
+        ContractBroken,
+        current_revision,
+        grant_to,
+        plan,
+        upgrade,
+    )
 
     servers = _servers()
     engine = _engine(servers)
     try:
-        upgrade(engine)
+        if check:
+            the_plan = plan(engine)
+            click.echo(f"migrate would {the_plan.describe()}")
+            sys.exit(1 if the_plan.action == "refuse" else 0)
+        try:
+            upgrade(engine, batch_size=batch_size)
+        except ContractBroken as error:
+            raise click.ClickException(str(error)) from None
         click.echo(f"schema at revision {current_revision(engine)}")
         if grantee is not None:
             try:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import logging
 import re
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import psycopg
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
+
+from calls_worker.adapters.db.adoption import DEFAULT_BATCH_SIZE
+from calls_worker.adapters.db.contract import mismatches, present_tables
+
+logger = logging.getLogger("calls_worker")
 
 # The Calls API shares this database and may use alembic itself: keep our own version table.
 VERSION_TABLE = "calls_worker_alembic_version"
@@ -24,14 +35,96 @@ def _config() -> Config:
     return config
 
 
-def upgrade(engine: Engine, revision: str = "head") -> None:
-    """Bring the schema to ``revision``; a no-op when it is there already."""
-    _run(engine, lambda config: command.upgrade(config, revision))
+# DDL on the API's tables waits this long for its lock, then gives up (and is tried again)
+# rather than queueing the API's writes behind it.
+LOCK_TIMEOUT = "3s"
+LOCK_TRIES = 20
+
+
+class ContractBroken(Exception):
+    """The API's tables are there but break the worker's contract; nothing was changed."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(
+            "the Calls tables in this database do not meet what the worker needs"
+            " (nothing was changed):\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+        self.problems = problems
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What ``upgrade`` would do to a database: ``create`` the Calls tables and the worker's
+    objects, ``adopt`` the API's tables, ``upgrade`` the worker's objects from ``revision``,
+    nothing (``current``), or ``refuse`` (``problems`` says why)."""
+
+    action: Literal["create", "adopt", "upgrade", "current", "refuse"]
+    revision: str | None
+    problems: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        head = head_revision()
+        return {
+            "create": f"create the Calls tables and the worker's objects (revision {head})",
+            "adopt": "adopt the API's Calls tables: add attempt_count and completed_by,"
+            " the triggers, the worker's indexes and tables, and backfill both, online"
+            f" (revision {head})",
+            "upgrade": f"upgrade the worker's objects from revision {self.revision} to {head}",
+            "current": f"nothing: at revision {head} already",
+            "refuse": "refuse: the Calls tables do not meet what the worker needs:\n"
+            + "\n".join(f"  - {p}" for p in self.problems),
+        }[self.action]
+
+
+def plan(engine: Engine) -> Plan:
+    """What ``upgrade`` would do here; reads the catalog only."""
+    revision = current_revision(engine)
+    if revision is not None:
+        return Plan("current" if revision == head_revision() else "upgrade", revision)
+    with engine.connect() as connection:
+        if not present_tables(connection):
+            return Plan("create", None)
+        problems = mismatches(connection)
+    return Plan("refuse", None, tuple(problems)) if problems else Plan("adopt", None)
+
+
+def upgrade(
+    engine: Engine, revision: str = "head", *, batch_size: int = DEFAULT_BATCH_SIZE
+) -> None:
+    """Bring the schema to ``revision``; a no-op when it is there already.
+
+    On a database where the API's tables exist and the worker's do not, adopts them
+    (adoption.py) once they meet the contract, else raises ContractBroken and changes
+    nothing. DDL that cannot have its lock within LOCK_TIMEOUT is tried again.
+    """
+    for attempt in range(1, LOCK_TRIES + 1):
+        try:
+            _run(engine, lambda config: _upgrade(engine, config, revision, batch_size))
+            return
+        except OperationalError as error:
+            if not isinstance(error.orig, psycopg.errors.LockNotAvailable) or attempt == LOCK_TRIES:
+                raise
+            logger.warning("migrate: a lock was not granted in %s; trying again (%d of %d)",
+                           LOCK_TIMEOUT, attempt, LOCK_TRIES)  # fmt: skip
+            time.sleep(min(attempt, 5))
+
+
+def _upgrade(engine: Engine, config: Config, revision: str, batch_size: int) -> None:
+    the_plan = plan(engine)
+    if the_plan.action == "refuse":
+        raise ContractBroken(list(the_plan.problems))
+    config.attributes["adopting"] = the_plan.action == "adopt"
+    config.attributes["batch_size"] = batch_size
+    command.upgrade(config, revision)
 
 
 def downgrade(engine: Engine, revision: str) -> None:
-    """Take the schema back to ``revision`` (``base``: nothing of ours left)."""
+    """Take the schema back to ``revision`` (``base``: nothing of ours left, not even the
+    version table; adopted tables are left to the API as they were found)."""
     _run(engine, lambda config: command.downgrade(config, revision))
+    if revision == "base":
+        with engine.begin() as connection:
+            connection.execute(text(f"DROP TABLE IF EXISTS {VERSION_TABLE}"))
 
 
 GRANTS = Path(__file__).parent / "grants.sql"
@@ -65,6 +158,7 @@ def _run(engine: Engine, action: Callable[[Config], object]) -> None:
     config = _config()
     with engine.connect() as connection:
         connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+        connection.execute(text(f"SET lock_timeout = '{LOCK_TIMEOUT}'"))
         connection.commit()
         try:
             config.attributes["connection"] = connection

@@ -10,7 +10,7 @@ import contextlib
 from datetime import datetime
 from types import TracebackType
 from typing import Any, Self
-from uuid import UUID
+from uuid import UUID, uuid4
 
 import psycopg
 from psycopg.rows import namedtuple_row
@@ -231,9 +231,10 @@ _INSERT_CALL = (
     " %(result)s, %(notes)s, %(external_metadata)s, %(completed_by)s, %(created_at)s,"
     " %(updated_at)s, %(completed_at)s, %(cancelled_at)s, %(expired_at)s)"
 )
+# The attempt's uuid is made here: the API's own table need not have a default for it.
 _INSERT_ATTEMPT = (
-    "INSERT INTO call_attempts (call_uuid, user_uuid, attempted_at)"
-    " VALUES (%(call_uuid)s, %(user_uuid)s, %(attempted_at)s)"
+    "INSERT INTO call_attempts (uuid, call_uuid, user_uuid, attempted_at)"
+    " VALUES (%(uuid)s, %(call_uuid)s, %(user_uuid)s, %(attempted_at)s)"
 )
 _TOUCH_CALL = "UPDATE calls SET updated_at = %(updated_at)s WHERE uuid = %(uuid)s"
 _SAVE_STATE = (
@@ -243,7 +244,9 @@ _SAVE_STATE = (
 )
 # Unique constraints whose violation at commit means something to the handlers.
 _DUPLICATE_COMMAND = "worker_processed_commands_pkey"
-_CALL_UUID_TAKEN = "calls_pkey"
+# A call's uuid is taken when the unique key on calls.uuid is violated, whatever the API
+# named that constraint (an adopted table keeps its names).
+_CALL_UUID_TAKEN = "Key (uuid)="
 # The table whose foreign keys (person, organization, pledge case) a new call must meet.
 _CALLS = "calls"
 
@@ -377,13 +380,14 @@ class SqlCallRepository(CallRepository):
         for a in call.attempts:
             self._transaction.write(
                 _INSERT_ATTEMPT,
-                {"call_uuid": call.uuid, "user_uuid": a.user_uuid, "attempted_at": a.attempted_at},
-            )
+                {"uuid": uuid4(), "call_uuid": call.uuid, "user_uuid": a.user_uuid,
+                 "attempted_at": a.attempted_at},
+            )  # fmt: skip
 
     def add_attempt(self, call: Call, attempt: CallAttempt) -> None:
         self._transaction.write(
             _INSERT_ATTEMPT,
-            {"call_uuid": call.uuid, "user_uuid": attempt.user_uuid,
+            {"uuid": uuid4(), "call_uuid": call.uuid, "user_uuid": attempt.user_uuid,
              "attempted_at": attempt.attempted_at},
         )  # fmt: skip
         self._transaction.write(_TOUCH_CALL, {"uuid": call.uuid, "updated_at": call.updated_at})
@@ -480,7 +484,9 @@ class SqlUnitOfWork(UnitOfWork):
             constraint = error.diag.constraint_name
             if constraint == _DUPLICATE_COMMAND:
                 raise DuplicateCommand(str(error)) from error
-            if constraint == _CALL_UUID_TAKEN:
+            if error.diag.table_name == _CALLS and (error.diag.message_detail or "").startswith(
+                _CALL_UUID_TAKEN
+            ):
                 raise CallUuidTaken(str(error)) from error
             raise
         except psycopg.errors.ForeignKeyViolation as error:

@@ -4,7 +4,9 @@ Revision ID: 0001
 Revises:
 """
 
-from alembic import op
+from alembic import context, op
+
+from calls_worker.adapters.db import adoption
 
 revision = "0001"
 down_revision = None
@@ -13,7 +15,7 @@ depends_on = None
 
 # Every column the worker adds to the API's tables has a default, so the API's plain
 # INSERTs keep working. Timestamps are timestamptz: stored as UTC instants.
-UPGRADE = """
+API_TABLES = """
 CREATE TABLE organizations (
     uuid uuid PRIMARY KEY,
     name text NOT NULL,
@@ -68,6 +70,9 @@ CREATE TABLE call_attempts (
 );
 CREATE INDEX call_attempts_call_idx ON call_attempts (call_uuid, attempted_at);
 
+"""
+
+COUNTING = """
 -- attempt_count is the number of call_attempts rows, whoever writes them (the API inserts
 -- attempts too). Row triggers on call_attempts keep it; a guard on calls keeps anyone from
 -- setting it by hand, so it cannot drift.
@@ -98,6 +103,9 @@ CREATE TRIGGER call_attempts_truncated
     AFTER TRUNCATE ON call_attempts
     FOR EACH STATEMENT EXECUTE FUNCTION calls_worker_reset_attempt_counts();
 
+"""
+
+GUARD = """
 -- Only the triggers above (nested, so pg_trigger_depth() > 1) may change attempt_count;
 -- a new call starts at 0 and its attempts count it up.
 CREATE FUNCTION calls_worker_guard_attempt_count() RETURNS trigger
@@ -117,6 +125,9 @@ CREATE TRIGGER calls_attempt_count_guard
     BEFORE INSERT OR UPDATE OF attempt_count ON calls
     FOR EACH ROW EXECUTE FUNCTION calls_worker_guard_attempt_count();
 
+"""
+
+WORKER_TABLES = """
 -- The worker's own tables.
 CREATE TABLE worker_processed_commands (
     command_id text PRIMARY KEY,
@@ -155,10 +166,68 @@ DROP TABLE persons;
 DROP TABLE organizations;
 """
 
+# Adopting the API's tables (docs/database.md): the worker's columns, with defaults (adding
+# one is instant: no rewrite), then its functions and triggers, its own tables. Every
+# statement can run again: a migrate killed half-way is resumed by the next one.
+ADOPT_COLUMNS = """
+ALTER TABLE calls
+    ADD COLUMN IF NOT EXISTS attempt_count integer NOT NULL DEFAULT 0,
+    ADD COLUMN IF NOT EXISTS completed_by uuid NULL DEFAULT NULL;
+"""
+# What the worker needs indexed, built without blocking the API's writes, under names of
+# its own (the API's indexes are left alone, whatever they are).
+ADOPT_INDEXES = {
+    "calls_worker_call_attempts_call_idx": "call_attempts (call_uuid, attempted_at)",
+    "calls_worker_calls_requested_idx": "calls (person_uuid, attempt_count)"
+    " WHERE status = 'requested' AND external_metadata IS NULL",
+    "calls_worker_persons_owner_idx": "persons (owning_organization_uuid)",
+}
+ADOPT_DOWNGRADE = """
+DROP TABLE worker_rejected_commands;
+DROP TABLE worker_processed_commands;
+DROP TRIGGER calls_attempt_count_guard ON calls;
+DROP TRIGGER call_attempts_truncated ON call_attempts;
+DROP TRIGGER call_attempts_count ON call_attempts;
+DROP FUNCTION calls_worker_guard_attempt_count();
+DROP FUNCTION calls_worker_reset_attempt_counts();
+DROP FUNCTION calls_worker_count_attempts();
+ALTER TABLE calls DROP COLUMN attempt_count, DROP COLUMN completed_by;
+"""
+
+
+def adopting() -> bool:
+    return bool(context.config.attributes.get("adopting"))
+
 
 def upgrade() -> None:
-    op.execute(UPGRADE)
+    if not adopting():
+        op.execute(API_TABLES + COUNTING + GUARD + WORKER_TABLES)
+        return
+    connection = op.get_bind()
+    batch_size = int(context.config.attributes.get("batch_size", adoption.DEFAULT_BATCH_SIZE))
+    with op.get_context().autocommit_block():
+        # The guard would stop the backfill setting attempt_count; it comes back after it.
+        adoption.run_online(connection, "DROP TRIGGER IF EXISTS calls_attempt_count_guard ON calls")
+        adoption.run_online(connection, ADOPT_COLUMNS)
+        adoption.run_online(connection, COUNTING)  # attempts are counted from here on
+        adoption.run_online(connection, WORKER_TABLES)
+        adoption.start(connection)
+        adoption.backfill(connection, adoption.ATTEMPT_COUNTS, batch_size)
+        adoption.run_online(connection, GUARD)
+        # Index builds wait for older transactions without blocking anyone: no lock_timeout.
+        previous = connection.exec_driver_sql("SHOW lock_timeout").scalar()
+        connection.exec_driver_sql("SET lock_timeout = 0")
+        for name, definition in ADOPT_INDEXES.items():
+            adoption.build_index_concurrently(connection, name, definition)
+        connection.exec_driver_sql(f"SET lock_timeout = '{previous}'")
 
 
 def downgrade() -> None:
+    connection = op.get_bind()
+    if adoption.adopted(connection):  # the API's tables stay, as they were found
+        for name in ADOPT_INDEXES:
+            op.execute(f"DROP INDEX IF EXISTS {name}")
+        op.execute(ADOPT_DOWNGRADE)
+        op.execute(f"DROP TABLE {adoption.ADOPTION_TABLE}")
+        return
     op.execute(DOWNGRADE)

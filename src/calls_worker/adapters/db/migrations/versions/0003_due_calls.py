@@ -13,6 +13,8 @@ Revises: 0002
 
 from alembic import op
 
+from calls_worker.adapters.db import adoption
+
 revision = "0003"
 down_revision = "0002"
 branch_labels = None
@@ -113,7 +115,12 @@ CREATE TRIGGER persons_track_due
     REFERENCING OLD TABLE AS before NEW TABLE AS changed
     FOR EACH STATEMENT EXECUTE FUNCTION calls_worker_person_changed();
 
--- What is due already.
+"""
+
+# What is due already. On adopted tables, full of the API's data, this one statement would
+# hold the triggers' locks for as long as it runs: there, migration 0006 fills the record
+# in batches instead.
+BACKFILL = """
 INSERT INTO worker_due_calls (call_uuid)
 SELECT c.uuid
 FROM calls c
@@ -137,7 +144,13 @@ DROP TABLE worker_due_calls;
 
 
 def upgrade() -> None:
-    op.execute(UPGRADE)
+    connection = op.get_bind()
+    if not adoption.adopted(connection):
+        op.execute(UPGRADE)
+        op.execute(BACKFILL)
+        return
+    with op.get_context().autocommit_block():
+        adoption.run_online(connection, UPGRADE)
 
 
 def downgrade() -> None:

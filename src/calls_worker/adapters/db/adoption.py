@@ -1,0 +1,192 @@
+"""Adopting the API's tables online: what ``migrate`` adds to them, and the two backfills.
+
+Where the Calls API's tables exist already, full of data and being written to, the
+worker adds its own objects without stopping the API's writes for more than a moment:
+
+- DDL on the API's tables (a column with a default, a trigger) takes its lock for a
+  moment only, and gives up after ``lock_timeout`` instead of queueing every writer behind
+  a long transaction of the API's (``migrate`` then tries again);
+- indexes are built ``CONCURRENTLY``;
+- ``attempt_count`` and the due-calls record are backfilled in batches of calls, each its
+  own short transaction, in key order. A batch first locks its calls (so an attempt being
+  added to one of them finishes first, and none can start), then counts in a statement of
+  its own, which sees every attempt committed: the count is exact, and the counting
+  trigger, live before the backfill starts, keeps it so afterwards.
+
+Progress is kept in ``worker_adoption`` (one row a backfill, with the last key done), so a
+``migrate`` killed half-way resumes where it stopped. The table also says, for a
+downgrade, that the API's tables were adopted and must be left as they were found.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Connection, text
+
+logger = logging.getLogger("calls_worker")
+
+ADOPTION_TABLE = "worker_adoption"
+ATTEMPT_COUNTS = "attempt_count"
+DUE_CALLS = "due_calls"
+ADOPTED = "adopted"
+DEFAULT_BATCH_SIZE = 1000
+
+CREATE_PROGRESS = f"""
+CREATE TABLE IF NOT EXISTS {ADOPTION_TABLE} (
+    step text PRIMARY KEY,
+    last_key uuid NULL,
+    finished_at timestamptz NULL
+)
+"""
+
+_NEXT_BATCH = text(
+    "SELECT uuid FROM calls WHERE (CAST(:after AS uuid) IS NULL OR uuid > :after)"
+    " ORDER BY uuid LIMIT :size FOR UPDATE"
+)
+_COUNT = text(
+    "UPDATE calls c SET attempt_count = n.count"
+    " FROM (SELECT u AS uuid,"
+    "       (SELECT count(*) FROM call_attempts a WHERE a.call_uuid = u)::integer AS count"
+    "       FROM unnest(CAST(:uuids AS uuid[])) AS u) n"
+    " WHERE c.uuid = n.uuid AND c.attempt_count <> n.count"
+)
+_REFRESH_DUE = text(
+    "SELECT count(*) FILTER (WHERE calls_worker_refresh_due_call(c.uuid)) FROM calls c"
+    " WHERE c.uuid = ANY (CAST(:uuids AS uuid[]))"
+    " AND c.status = 'requested' AND c.external_metadata IS NULL"
+)
+_PROGRESS = text(f"UPDATE {ADOPTION_TABLE} SET last_key = :key WHERE step = :step")
+_FINISHED = text(f"UPDATE {ADOPTION_TABLE} SET finished_at = now() WHERE step = :step")
+
+
+def start(connection: Connection) -> None:
+    """Record that the tables are being adopted, and which backfills are owed."""
+    connection.exec_driver_sql(CREATE_PROGRESS)
+    connection.execute(
+        text(f"INSERT INTO {ADOPTION_TABLE} (step) VALUES (:a), (:b), (:c)"
+             " ON CONFLICT (step) DO NOTHING"),
+        {"a": ADOPTED, "b": ATTEMPT_COUNTS, "c": DUE_CALLS},
+    )  # fmt: skip
+
+
+def adopted(connection: Connection) -> bool:
+    """Whether this database's Calls tables were the API's before the worker came."""
+    exists = connection.execute(text("SELECT to_regclass(:t)"), {"t": ADOPTION_TABLE}).scalar()
+    if exists is None:
+        return False
+    return bool(
+        connection.execute(
+            text(f"SELECT EXISTS (SELECT FROM {ADOPTION_TABLE} WHERE step = :s)"), {"s": ADOPTED}
+        ).scalar()
+    )
+
+
+def _pending(connection: Connection, step: str) -> tuple[bool, UUID | None]:
+    """Whether ``step`` is owed, and the last key it did."""
+    if connection.execute(text("SELECT to_regclass(:t)"), {"t": ADOPTION_TABLE}).scalar() is None:
+        return False, None
+    row = connection.execute(
+        text(f"SELECT last_key, finished_at FROM {ADOPTION_TABLE} WHERE step = :s"), {"s": step}
+    ).one_or_none()
+    if row is None or row.finished_at is not None:
+        return False, None
+    return True, row.last_key
+
+
+def repeatable(sql: str) -> str:
+    """The same statements, safe to run a second time (a resumed adoption does)."""
+    for plain, again in (
+        ("CREATE FUNCTION", "CREATE OR REPLACE FUNCTION"),
+        ("CREATE TRIGGER", "CREATE OR REPLACE TRIGGER"),
+        ("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"),
+        ("CREATE INDEX", "CREATE INDEX IF NOT EXISTS"),
+    ):
+        sql = re.sub(rf"{plain}(?! IF NOT EXISTS)", again, sql)
+    return sql
+
+
+def statements(sql: str) -> list[str]:
+    """``sql`` cut into its statements: its comment lines dropped, then cut at each ``;``
+    outside a $$-quoted body."""
+    text_only = "\n".join(line for line in sql.splitlines() if not line.strip().startswith("--"))
+    found: list[str] = []
+    current: list[str] = []
+    quoted = False
+    for part in re.split(r"(\$\$|;)", text_only):
+        if part == "$$":
+            quoted = not quoted
+        if part == ";" and not quoted:
+            found.append("".join(current).strip())
+            current = []
+            continue
+        current.append(part)
+    found.append("".join(current).strip())
+    return [statement for statement in found if statement]
+
+
+def run_online(connection: Connection, sql: str) -> None:
+    """Each statement of ``sql`` in a transaction of its own, on a connection in autocommit
+    mode: a DDL statement then holds its table's lock only while it runs, never while it
+    waits for another table's, which is how it would deadlock with a writer of the API that
+    takes the two tables in the other order."""
+    for statement in statements(repeatable(sql)):
+        connection.exec_driver_sql(statement)
+
+
+def build_index_concurrently(connection: Connection, name: str, definition: str) -> None:
+    """CREATE INDEX CONCURRENTLY, on a connection in autocommit mode; one that an
+    interrupted build left invalid is dropped and built again."""
+    invalid = connection.execute(
+        text("SELECT NOT i.indisvalid FROM pg_index i WHERE i.indexrelid = to_regclass(:n)"),
+        {"n": name},
+    ).scalar()
+    if invalid:
+        connection.exec_driver_sql(f"DROP INDEX CONCURRENTLY IF EXISTS {name}")
+    connection.exec_driver_sql(f"CREATE INDEX CONCURRENTLY IF NOT EXISTS {name} ON {definition}")
+
+
+@contextmanager
+def _transaction(connection: Connection) -> Iterator[None]:
+    """A transaction of our own on a connection in autocommit mode (where SQLAlchemy's
+    begin() sends nothing): the batch's row locks must last until its commit."""
+    connection.exec_driver_sql("BEGIN")
+    try:
+        yield
+    except BaseException:
+        connection.exec_driver_sql("ROLLBACK")
+        raise
+    connection.exec_driver_sql("COMMIT")
+
+
+def backfill(connection: Connection, step: str, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
+    """Run the backfill ``step`` (ATTEMPT_COUNTS or DUE_CALLS) from where it stopped, a batch
+    a transaction, on a connection in autocommit mode; how many calls it changed."""
+    owed, after = _pending(connection, step)
+    if not owed:
+        return 0
+    work: Any = _COUNT if step == ATTEMPT_COUNTS else _REFRESH_DUE
+    changed = batches = 0
+    started = time.monotonic()
+    while True:
+        with _transaction(connection):
+            uuids = list(
+                connection.execute(_NEXT_BATCH, {"after": after, "size": batch_size}).scalars()
+            )
+            if not uuids:
+                connection.execute(_FINISHED, {"step": step})
+                break
+            result = connection.execute(work, {"uuids": uuids})
+            changed += result.rowcount if step == ATTEMPT_COUNTS else int(result.scalar() or 0)
+            after = uuids[-1]
+            connection.execute(_PROGRESS, {"key": after, "step": step})
+        batches += 1
+    logger.info("backfill %s: %d calls changed in %d batches, %.1fs", step, changed, batches,
+                time.monotonic() - started)  # fmt: skip
+    return changed
