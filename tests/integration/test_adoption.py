@@ -389,3 +389,45 @@ def test_downgrade_to_base_leaves_the_api_tables_as_they_were(
     assert after == rows
     with api.connect() as connection:
         assert connection.exec_driver_sql(f"SELECT to_regclass('{VERSION_TABLE}')").scalar() is None
+
+
+def test_a_long_api_transaction_delays_the_adoption_never_the_api_for_long(
+    api: Engine,
+) -> None:
+    """The API holds a lock on calls in a long transaction: adding the column waits at most
+    the lock timeout, gives up (so the API's other writers are not queued behind it for
+    longer), and migrate tries again until the long transaction is gone."""
+    long_transaction = api.connect()
+    long_transaction.exec_driver_sql("BEGIN; LOCK TABLE calls IN ROW EXCLUSIVE MODE")
+    done = threading.Event()
+    errors: list[BaseException] = []
+
+    def migrate() -> None:
+        try:
+            upgrade(api, batch_size=500)
+        except BaseException as error:  # reported below
+            errors.append(error)
+        finally:
+            done.set()
+
+    thread = threading.Thread(target=migrate)
+    thread.start()
+    try:
+        waits = []
+        deadline = time.monotonic() + 8
+        while time.monotonic() < deadline:  # another API writer, meanwhile
+            started = time.monotonic()
+            with api.begin() as connection:
+                connection.exec_driver_sql("UPDATE calls SET notes = 'busy' WHERE uuid ="
+                                           " (SELECT uuid FROM calls LIMIT 1)")  # fmt: skip
+            waits.append(time.monotonic() - started)
+            time.sleep(0.05)
+        assert not done.is_set()  # held back by the long transaction
+    finally:
+        long_transaction.rollback()
+        long_transaction.close()
+    thread.join(120)
+    assert not errors, errors
+    assert current_revision(api) == head_revision()
+    assert max(waits) < 3.5  # never queued behind migrate for more than its lock timeout
+    assert exact_counts(api) == 0
