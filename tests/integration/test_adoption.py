@@ -30,6 +30,7 @@ from calls_worker.adapters.db.migrate import (
     ContractBroken,
     current_revision,
     downgrade,
+    grant_to,
     head_revision,
     plan,
     upgrade,
@@ -38,6 +39,7 @@ from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.service.sweep import expire_exhausted_calls
 from tests.db_world import ISSUED, Db
 from tests.integration.test_due_calls import due_by_policy, due_by_table
+from tests.integration.test_roles import SQL, as_role
 
 API_SCHEMA = """
 CREATE TABLE organizations (
@@ -431,3 +433,62 @@ def test_a_long_api_transaction_delays_the_adoption_never_the_api_for_long(
     assert current_revision(api) == head_revision()
     assert max(waits) < 3.5  # never queued behind migrate for more than its lock timeout
     assert exact_counts(api) == 0
+
+
+def test_adopting_as_a_member_of_the_role_that_owns_the_api_tables(
+    empty_database_url: str, postgres_server_url: str
+) -> None:
+    """As the README says to deploy it: the API's tables belong to the API's role; the
+    worker's migrator (deploy/sql/roles.sql) is made a member of it and adopts them; the
+    worker runs as the least-privileged role; the API's own writes keep the counts."""
+    suffix = uuid4().hex[:8]
+    names = {"calls_worker_migrator": f"cw_migrator_{suffix}",
+             "calls_worker_app": f"cw_app_{suffix}"}  # fmt: skip
+    api_owner = f"api_owner_{suffix}"
+    script = (SQL / "roles.sql").read_text()
+    for role, unique in names.items():
+        script = script.replace(role, unique)
+    admin = build_engine(empty_database_url, pool_size=1)
+    engines: list[Engine] = [admin]
+    try:
+        with admin.begin() as connection:
+            connection.exec_driver_sql(script)
+            connection.exec_driver_sql(f'CREATE ROLE "{api_owner}" LOGIN')
+            connection.exec_driver_sql(f'GRANT CREATE, USAGE ON SCHEMA public TO "{api_owner}"')
+        api_engine = api_database(as_role(empty_database_url, api_owner))
+        engines.append(api_engine)
+        with admin.begin() as connection:
+            connection.exec_driver_sql(f'GRANT "{api_owner}" TO "{names["calls_worker_migrator"]}"')
+        migrator = build_engine(as_role(empty_database_url, names["calls_worker_migrator"]),
+                                pool_size=1)  # fmt: skip
+        engines.append(migrator)
+
+        upgrade(migrator, batch_size=200)
+        grant_to(migrator, names["calls_worker_app"])
+
+        app = build_engine(as_role(empty_database_url, names["calls_worker_app"]), pool_size=2)
+        engines.append(app)
+        assert exact_counts(api_engine) == 0
+        api = Db(api_engine)
+        call = api.sql("SELECT uuid FROM calls WHERE status = 'requested' LIMIT 1").scalar()
+        before = api.row(call)["attempt_count"]
+        api.plain_attempt(call)  # the API's own insert, as the API's role
+        assert api.row(call)["attempt_count"] == before + 1
+        worker = Db(app)
+        attempt = {"callUuid": str(call), "userUuid": str(uuid4()), "attemptedAt": ISSUED}
+        assert worker.send("add_attempt", attempt)["ok"] is True
+        assert api.row(call)["attempt_count"] == before + 2
+        result = expire_exhausted_calls(lambda: SqlUnitOfWork(app), NOW, 500)
+        assert result.expired > 0
+        assert due_by_table(Db(migrator)) == due_by_policy(migrator) == set()
+    finally:
+        for engine in engines:
+            engine.dispose()
+        with admin.begin() as connection:
+            for role in (*names.values(), api_owner):
+                connection.execute(text(f'DROP OWNED BY "{role}" CASCADE'))
+        server = build_engine(postgres_server_url, pool_size=1)
+        with server.begin() as connection:
+            for role in (*names.values(), api_owner):
+                connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
+        server.dispose()

@@ -212,14 +212,15 @@ def upgrade() -> None:
         adoption.run_online(connection, COUNTING)  # attempts are counted from here on
         adoption.run_online(connection, WORKER_TABLES)
         adoption.start(connection)
-        adoption.backfill(connection, adoption.ATTEMPT_COUNTS, batch_size)
-        adoption.run_online(connection, GUARD)
         # Index builds wait for older transactions without blocking anyone: no lock_timeout.
+        # Before the backfill, which counts each call's attempts through the first one.
         previous = connection.exec_driver_sql("SHOW lock_timeout").scalar()
         connection.exec_driver_sql("SET lock_timeout = 0")
         for name, definition in ADOPT_INDEXES.items():
             adoption.build_index_concurrently(connection, name, definition)
         connection.exec_driver_sql(f"SET lock_timeout = '{previous}'")
+        adoption.backfill(connection, adoption.ATTEMPT_COUNTS, batch_size)
+        adoption.run_online(connection, GUARD)
 
 
 def downgrade() -> None:
