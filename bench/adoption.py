@@ -149,12 +149,13 @@ def main() -> None:
     during_rate = len(during) / (migrate_ended - migrate_started)
     seconds = migrate_ended - migrate_started
     longest = max(during) * 1000
+    size = f"{args.calls:,} calls"
     rows = [
-        Row("adoption", f"migrate adopting {args.calls:,} calls", seconds, "s",
+        Row("adoption", f"migrate adopting {size}", seconds, "s",
             "", None, "", True, {"batch_size": args.batch_size}),
-        Row("adoption", "API writer's longest transaction during it", longest, "ms",
+        Row("adoption", f"API writer's longest transaction, {size}", longest, "ms",
             "longest before it", max(before) * 1000, "≤ 200 ms", longest <= 200),
-        Row("adoption", "API writer's transactions/s during it", during_rate, "/s",
+        Row("adoption", f"API writer's transactions/s, {size}", during_rate, "/s",
             "before it", before_rate, "", True),
     ]  # fmt: skip
     print_table(rows)
