@@ -12,6 +12,7 @@ import click
 
 from calls_worker.config import get_settings, signing_of
 from calls_worker.domain.commands import CommandKind
+from calls_worker.entrypoints.cli_directory import COMMANDS as DIRECTORY_COMMANDS
 from calls_worker.entrypoints.logs import LogFormat
 from calls_worker.entrypoints.servers import Servers
 
@@ -78,7 +79,8 @@ def _engine(servers: Servers) -> Any:
     return build_engine(servers.database_url(), pool_size=1)
 
 
-@click.group()
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="calls-worker", prog_name="calls-worker")
 def main() -> None:
     """Consumes call commands and expires calls whose attempts are exhausted.
 
@@ -430,3 +432,7 @@ def schema(out: Path | None) -> None:
     for kind, document in schemas.items():
         (out / f"{kind}.schema.json").write_text(json.dumps(document, indent=2) + "\n")
     click.echo(f"wrote {len(schemas)} schemas to {out}")
+
+
+for _command in DIRECTORY_COMMANDS:
+    main.add_command(_command)
