@@ -124,6 +124,21 @@ class CallsClient:
         )
         return CommandHandle(command_id=command_id, command=stamped, _result=result)
 
+    def send_unchecked(
+        self, kind: CommandKind, command: str, *, command_id: str | None = None
+    ) -> CommandHandle:
+        """Queue ``command`` exactly as given, neither checked nor stamped: what a faulty
+        producer would send. For operators reproducing a rejected message; producers use
+        ``send``."""
+        command_id = command_id or str(uuid4())
+        kwargs: dict[str, Any] = {"command": command}
+        if self._signed:
+            kwargs["signedFor"] = {"id": command_id, "task": TASK_NAMES[kind]}
+        result = self._app.send_task(
+            TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE
+        )
+        return CommandHandle(command_id=command_id, command={}, _result=result)
+
     def close(self) -> None:
         self._app.close()
 

@@ -311,19 +311,61 @@ def sweep(dry_run: bool) -> None:
         servers.stop()
 
 
+# A command is a few kilobytes; a file far larger than a message may be is not one.
+MAX_COMMAND_BYTES = 1_048_576
+
+
+class Refused(click.ClickException):
+    """The input cannot be a command: nothing was sent (exit status 2, like click's own
+    refusals of a missing file or a directory)."""
+
+    exit_code = 2
+
+
+def _read_command(file: Any) -> str:
+    """The command's text from FILE (bytes), or exit 2 with what is wrong with it."""
+    if file is sys.stdin.buffer and sys.stdin.isatty():
+        click.echo("Reading the command's JSON from standard input; end it with Ctrl-D.",
+                   err=True)  # fmt: skip
+    raw = file.read(MAX_COMMAND_BYTES + 1)
+    if len(raw) > MAX_COMMAND_BYTES:
+        raise Refused(
+            f"the command is over {MAX_COMMAND_BYTES} bytes; a command is a JSON object of a"
+            " few kilobytes"
+        ) from None
+    try:
+        return str(raw.decode("utf-8-sig"))  # a byte order mark is not part of the JSON
+    except UnicodeDecodeError as error:
+        raise Refused(
+            f"the command is not UTF-8 text (byte {error.start}): give its JSON in UTF-8"
+        ) from None
+
+
 @main.command()
 @click.argument("kind", type=click.Choice(sorted(KINDS)))
-@click.argument("file", type=click.File("r"), default="-")
+@click.argument("file", type=click.File("rb"), default="-")
 @click.option("--command-id", help="Your own command id (default: a new UUID).")
 @click.option("--timeout", type=float, default=30.0, show_default=True)
-def send(kind: str, file: Any, command_id: str | None, timeout: float) -> None:
-    """Queue one command (its JSON from FILE or stdin) and print its outcome.
+@click.option(
+    "--no-validate",
+    is_flag=True,
+    help="Send FILE's text as it is, unchecked and unstamped, as a producer's bad message"
+    " would arrive (the worker then refuses it and keeps it among the dead letters).",
+)
+def send(kind: str, file: Any, command_id: str | None, timeout: float, no_validate: bool) -> None:
+    """Queue one command (its JSON from FILE, a path from where you are, or - for stdin)
+    and print its outcome.
 
-    Exit status: 0 ok, 1 an error outcome, 2 refused before sending.
+    Exit status: 0 ok, 1 an error outcome, 2 refused before sending (the reason on
+    standard error, or the invalid outcome on standard output).
     """
+    text = _read_command(file)
     servers = _servers()
     with _client(servers) as client:
-        handle = _queue(client, KINDS[kind], file.read(), command_id)
+        if no_validate:
+            handle = client.send_unchecked(KINDS[kind], text, command_id=command_id)
+        else:
+            handle = _queue(client, KINDS[kind], text, command_id)
         outcome = handle.outcome(timeout)
     _print_json(outcome)
     sys.exit(0 if outcome["ok"] else 1)
@@ -359,7 +401,7 @@ def dead_letters_list(include_replayed: bool, limit: int) -> None:
 
 @dead_letters.command(name="replay")
 @click.argument("rejected_id", type=int)
-@click.argument("file", type=click.File("r"), required=False)
+@click.argument("file", type=click.File("rb"), required=False)
 @click.option("--timeout", type=float, default=30.0, show_default=True)
 def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
     """Send rejected command REJECTED_ID again, as it was or as corrected in FILE (- for stdin).
@@ -394,7 +436,7 @@ def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
                 f"command {rejected.command_id} was applied at {applied['processedAt']}"
                 " (its outcome is above); it is not sent again"
             )
-        command = file.read() if file is not None else command_of(rejected.raw_body)
+        command = _read_command(file) if file is not None else command_of(rejected.raw_body)
         with _client(servers) as client:
             handle = _queue(
                 client, kinds[rejected.task_name], command, replay_id(rejected_id, command)
