@@ -207,7 +207,9 @@ def test_an_operator_lists_and_replays_a_rejected_command(
     assert db.sql("SELECT count(*) FROM calls").scalar() == 1
     assert waiting() == []  # replayed: no longer waiting
     everything = json.loads(calls_worker(env, "dead-letters", "list", "--all").stdout)
-    assert everything[0]["replayed_at"] is not None
+    assert everything[0]["replayedAt"] is not None
+    assert set(everything[0]) == {"id", "receivedAt", "taskName", "commandId", "rawBody",
+                                  "reason", "details", "replayedAt"}  # fmt: skip
 
 
 def test_a_replay_never_applies_a_command_that_was_applied(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from datetime import datetime
 from pathlib import Path
 from typing import Any, get_args
 
@@ -14,6 +13,7 @@ from calls_worker.config import get_settings, signing_of
 from calls_worker.domain.commands import CommandKind
 from calls_worker.entrypoints.cli_directory import COMMANDS as DIRECTORY_COMMANDS
 from calls_worker.entrypoints.logs import LogFormat
+from calls_worker.entrypoints.output import camel_keys, print_json
 from calls_worker.entrypoints.servers import Servers
 
 log_format_option = click.option(
@@ -24,14 +24,6 @@ log_format_option = click.option(
     help="text for people, json (one object a line) for machines.",
 )
 KINDS = {kind.replace("_", "-"): kind for kind in get_args(CommandKind)}
-
-
-def _json_default(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else str(value)
-
-
-def _print_json(value: Any) -> None:
-    click.echo(json.dumps(value, indent=2, default=_json_default, ensure_ascii=False))
 
 
 def _servers() -> Servers:
@@ -69,7 +61,7 @@ def _queue(client: Any, kind: CommandKind, command: Any, command_id: str | None)
     try:
         return client.send(kind, command, command_id=command_id)
     except InvalidCommand as error:
-        _print_json(failed(error))
+        print_json(failed(error))
         sys.exit(2)
 
 
@@ -181,7 +173,7 @@ def status(as_json: bool) -> None:
     finally:
         servers.stop()
     if as_json:
-        _print_json(report)
+        print_json(report)
     else:
         click.echo(render_status(report))
     sys.exit(0 if report["database"]["ok"] and report["broker"]["ok"] else 1)
@@ -295,7 +287,7 @@ def sweep(dry_run: bool) -> None:
             engine = _engine(servers)
             by_organization = exhausted_by_organization(engine)
             engine.dispose()
-            _print_json(
+            print_json(
                 {
                     "wouldExpire": sum(o["calls"] for o in by_organization),
                     "byOrganization": by_organization,
@@ -304,7 +296,7 @@ def sweep(dry_run: bool) -> None:
             return
         runtime = Runtime(database_url=servers.database_url(), settings=servers.settings)
         try:
-            _print_json(run_sweep(runtime))
+            print_json(run_sweep(runtime))
         finally:
             runtime.dispose()
     finally:
@@ -367,7 +359,7 @@ def send(kind: str, file: Any, command_id: str | None, timeout: float, no_valida
         else:
             handle = _queue(client, KINDS[kind], text, command_id)
         outcome = handle.outcome(timeout)
-    _print_json(outcome)
+    print_json(outcome)
     sys.exit(0 if outcome["ok"] else 1)
 
 
@@ -388,9 +380,9 @@ def dead_letters_list(include_replayed: bool, limit: int) -> None:
     servers = _servers()
     engine = _engine(servers)
     try:
-        _print_json(
+        print_json(
             [
-                asdict(r)
+                camel_keys(asdict(r))
                 for r in list_rejected(engine, include_replayed=include_replayed, limit=limit)
             ]
         )
@@ -431,7 +423,7 @@ def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
             None if rejected.command_id is None else processed_outcome(engine, rejected.command_id)
         )
         if applied is not None:
-            _print_json(applied["outcome"])
+            print_json(applied["outcome"])
             raise click.ClickException(
                 f"command {rejected.command_id} was applied at {applied['processedAt']}"
                 " (its outcome is above); it is not sent again"
@@ -442,7 +434,7 @@ def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
                 client, kinds[rejected.task_name], command, replay_id(rejected_id, command)
             )
             mark_replayed(engine, rejected_id)
-            _print_json(handle.outcome(timeout))
+            print_json(handle.outcome(timeout))
     finally:
         engine.dispose()
         servers.stop()
@@ -468,7 +460,7 @@ def schema(out: Path | None) -> None:
 
     schemas = {kind: model.model_json_schema(by_alias=True) for kind, model in COMMANDS.items()}
     if out is None:
-        _print_json(schemas)
+        print_json(schemas)
         return
     out.mkdir(parents=True, exist_ok=True)
     for kind, document in schemas.items():

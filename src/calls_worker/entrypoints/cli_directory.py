@@ -8,25 +8,17 @@ operators who need to look. Each ``add`` prints the new uuid alone, so a shell c
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime
 from typing import Any
 from uuid import UUID
 
 import click
 
 from calls_worker.config import get_settings
+from calls_worker.entrypoints.output import print_json
 from calls_worker.entrypoints.servers import Servers
-
-
-def _print_json(value: Any) -> None:
-    def default(item: Any) -> Any:
-        return item.isoformat() if isinstance(item, datetime) else str(item)
-
-    click.echo(json.dumps(value, indent=2, default=default, ensure_ascii=False))
 
 
 @contextmanager
@@ -80,7 +72,7 @@ def organizations_list() -> None:
     from calls_worker.adapters.db.directory import list_organizations
 
     with _engine() as engine:
-        _print_json(list_organizations(engine))
+        print_json(list_organizations(engine))
 
 
 @click.group()
@@ -105,7 +97,7 @@ def persons_list(organization: UUID | None) -> None:
     from calls_worker.adapters.db.directory import list_persons
 
     with _engine() as engine:
-        _print_json(list_persons(engine, organization))
+        print_json(list_persons(engine, organization))
 
 
 @click.group(name="pledge-cases")
@@ -129,7 +121,7 @@ def pledge_cases_list(person: UUID | None) -> None:
     from calls_worker.adapters.db.directory import list_pledge_cases
 
     with _engine() as engine:
-        _print_json(list_pledge_cases(engine, person))
+        print_json(list_pledge_cases(engine, person))
 
 
 @click.group()
@@ -148,7 +140,7 @@ def calls_show(call: UUID) -> None:
     if shown is None:
         click.echo(f"Error: no call {call}", err=True)
         sys.exit(1)
-    _print_json(shown)
+    print_json(shown)
 
 
 COMMANDS = (organizations, persons, pledge_cases, calls)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from calls_worker.entrypoints.output import camel_keys
 from calls_worker.entrypoints.servers import Servers
 
 
@@ -27,7 +28,9 @@ def gather_status(servers: Servers) -> dict[str, Any]:
                 "atLimitNotExpired": figures.exhausted,
                 "sweepLagSeconds": round(figures.sweep_lag_seconds, 3),
             }
-            report["lastSweep"] = figures.last_sweep
+            report["lastSweep"] = (
+                None if figures.last_sweep is None else camel_keys(figures.last_sweep)
+            )
             report["rejectedCommandsWaiting"] = figures.rejected_waiting
         finally:
             engine.dispose()
@@ -72,8 +75,8 @@ def render_status(report: dict[str, Any]) -> str:
             f"{calls['atLimitNotExpired']} (oldest waiting {calls['sweepLagSeconds']:.0f}s)",
             "last sweep: never"
             if last is None
-            else f"last sweep: {last['swept_at'].isoformat()}, expired {last['expired']} in "
-            f"{last['duration_seconds']:.3f}s ({last['batches']} batches)",
+            else f"last sweep: {last['sweptAt'].isoformat()}, expired {last['expired']} in "
+            f"{last['durationSeconds']:.3f}s ({last['batches']} batches)",
             f"rejected commands waiting: {report['rejectedCommandsWaiting']}"
             + ("  (calls-worker dead-letters list)" if report["rejectedCommandsWaiting"] else ""),
         ]
