@@ -113,6 +113,13 @@ def test_run_starts_everything_accepts_a_command_and_stops_cleanly(tmp_path: Pat
         wait_until(expired_by_beat, 30, "beat's sweep to expire the call at its limit")
         engine.dispose()
 
+        argv = [sys.executable, "-m", "calls_worker", "run"]
+        second = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60,
+                                check=False)  # fmt: skip
+        assert second.returncode == 1
+        assert f"another calls-worker run (pid {run.popen.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+
         assert run.stop(signal.SIGINT, timeout=90) == 0, run.output()
     finally:
         run.stop(signal.SIGKILL)

@@ -77,3 +77,17 @@ def test_a_setting_can_come_from_a_file(tmp_path: Path) -> None:
     assert "from-a-file" not in repr(settings)
     direct = {**environ, "CALLS_WORKER_FLOWER_BASIC_AUTH": "ops:direct"}
     assert _from_files(direct) == {}
+
+
+def test_a_remembered_redis_port_is_probed_briefly_and_once() -> None:
+    """A restart (or status, or send) asks the port of the last run whether the embedded
+    Redis is still there: a closed or foreign port must not hold it up for seconds."""
+    from calls_worker.adapters.embedded import LOOPBACK_PROBE_SECONDS, probe_client
+
+    client = probe_client(6399, "secret")
+    settings = client.connection_pool.connection_kwargs
+    assert LOOPBACK_PROBE_SECONDS <= 0.5
+    assert settings["socket_connect_timeout"] == LOOPBACK_PROBE_SECONDS
+    assert settings["socket_timeout"] == LOOPBACK_PROBE_SECONDS
+    assert client.get_retry()._retries == 0
+    client.close()

@@ -103,13 +103,37 @@ def _free_port() -> int:
         return port
 
 
+# A Redis on loopback answers in microseconds: one that does not within this is not there
+# (a port remembered from an earlier run may now be closed, or someone else's).
+LOOPBACK_PROBE_SECONDS = 0.5
+
+
+def probe_client(port: int, password: str) -> Any:
+    """A client for asking once whether the embedded Redis answers: short timeouts, no
+    retries."""
+    import redis
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    return redis.Redis(
+        port=port,
+        password=password,
+        socket_connect_timeout=LOOPBACK_PROBE_SECONDS,
+        socket_timeout=LOOPBACK_PROBE_SECONDS,
+        retry=Retry(NoBackoff(), 0),
+    )
+
+
 def _redis_answers(port: int, password: str) -> bool:
     import redis
 
+    client = probe_client(port, password)
     try:
-        return bool(redis.Redis(port=port, password=password, socket_timeout=1).ping())
+        return bool(client.ping())
     except redis.RedisError:
         return False
+    finally:
+        client.close()
 
 
 def _private_dir(data_dir: Path) -> Path:

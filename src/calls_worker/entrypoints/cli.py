@@ -87,13 +87,14 @@ def main() -> None:
 @click.option("--flower-port", type=int, default=5555, show_default=True)
 def run(log_format: LogFormat, flower: bool, flower_port: int) -> None:
     """Migrate, then run a worker and beat until Ctrl-C (embedded servers if no URLs)."""
-    from calls_worker.entrypoints.supervisor import run_everything
+    from calls_worker.entrypoints.supervisor import run_everything, sole_run
 
-    sys.exit(
-        run_everything(
-            _servers(), log_format=log_format, flower_port=flower_port if flower else None
+    servers = _servers()
+    with sole_run(servers.settings.data_dir):
+        status = run_everything(
+            servers, log_format=log_format, flower_port=flower_port if flower else None
         )
-    )
+    sys.exit(status)
 
 
 @main.command()

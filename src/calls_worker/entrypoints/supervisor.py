@@ -9,11 +9,15 @@ servers it started. Children die with it even if it is killed outright (PDEATHSI
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import os
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from types import FrameType
 
 import click
@@ -40,6 +44,31 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         start_new_session=True,
         preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
+
+
+@contextmanager
+def sole_run(data_dir: Path) -> Iterator[None]:
+    """Hold ``data_dir`` for this run: a second ``calls-worker run`` on the same folder
+    would start a second beat (and fight over the embedded servers), so it is refused,
+    naming the first. The lock goes with the process, however it ends."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    lock = (data_dir / "run.lock").open("a+")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise click.ClickException(
+                f"another calls-worker run (pid {holder}) is running on {data_dir.resolve()}:"
+                " stop it first, or give this one CALLS_WORKER_DATA_DIR of its own"
+            ) from None
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
+    finally:
+        lock.close()
 
 
 def run_everything(
