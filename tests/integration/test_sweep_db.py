@@ -84,3 +84,17 @@ def test_a_call_locked_by_a_command_is_left_for_the_next_sweep(db: Db, engine: E
         holder.rollback()
     assert sweep(engine).expired == 1
     assert db.row(locked)["status"] == "expired"
+
+
+def test_a_sweep_says_how_many_it_expired_for_each_owning_organization(
+    db: Db, engine: Engine
+) -> None:
+    first, second, performer = db.organization(1), db.organization(2), db.organization(None)
+    calls_of_first = [db.call(db.person(first), performer, attempts=1) for _ in range(2)]
+    call_of_second = db.call(db.person(second), performer, attempts=2)
+    db.call(db.person(second), performer, attempts=1)  # not due
+
+    result = expire_exhausted_calls(lambda: SqlUnitOfWork(engine), NOW, 1)
+
+    assert result.by_organization == {str(first): 2, str(second): 1}  # owners, not the performer
+    assert sorted(result.expired_calls) == sorted([*calls_of_first, call_of_second])

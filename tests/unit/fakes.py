@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Self
@@ -107,10 +108,13 @@ class FakeCallRepository(CallRepository):
                 ],
             )
         ][:limit]
+        by_organization: Counter[str] = Counter()
         for call in due:
             call.status = CallStatus.EXPIRED
             call.expired_at = call.updated_at = now
-        return Batch(examined=len(due), expired=len(due))
+            by_organization[str(self.state.owning_organization[call.person_uuid])] += 1
+        return Batch(examined=len(due), expired=len(due), by_organization=dict(by_organization),
+                     expired_calls=tuple(call.uuid for call in due))  # fmt: skip
 
 
 class FakeProcessedCommands(ProcessedCommands):

@@ -26,7 +26,7 @@ from calls_worker.domain.outcome import Outcome, failed
 from calls_worker.entrypoints.metrics import worker_metrics
 from calls_worker.entrypoints.runtime import Runtime, runtime_of
 from calls_worker.service.handlers import handle, utc_now
-from calls_worker.service.sweep import expire_exhausted_calls
+from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
 from calls_worker.wire import (
     COMMANDS_QUEUE,
     PRUNE_TASK,
@@ -275,12 +275,12 @@ def run_sweep(runtime: Runtime) -> dict[str, Any]:
     now = utc_now()
     started = time.perf_counter()
     with journal.exclusive_sweep(engine) as mine:
-        expired = batches = 0
+        result = SweepResult(expired=0, batches=0)
         if mine:
             result = expire_exhausted_calls(
                 lambda: SqlUnitOfWork(engine), now, runtime.settings.sweep_batch_size
             )
-            expired, batches = result.expired, result.batches
+        expired, batches = result.expired, result.batches
     duration = time.perf_counter() - started
     worker_metrics().sweep(skipped=not mine, duration=duration, expired=expired)
     journal.record_sweep_run(
@@ -297,15 +297,22 @@ def run_sweep(runtime: Runtime) -> dict[str, Any]:
         "batches": batches,
         "durationSeconds": round(duration, 6),
         "skipped": not mine,
+        "expiredByOrganization": result.by_organization,
     }
+    by_organization = ", ".join(f"{organization}: {count}" for organization, count
+                                in sorted(result.by_organization.items()))  # fmt: skip
     logger.info(
-        "sweep expired=%d batches=%d duration=%.3fs%s",
+        "sweep expired=%d batches=%d duration=%.3fs%s%s",
         expired,
         batches,
         duration,
+        f" by owning organization {{{by_organization}}}" if by_organization else "",
         " (skipped: another sweep is running)" if not mine else "",
         extra={"sweep": report},
     )
+    if result.expired_calls:
+        logger.debug("sweep expired calls %s", ", ".join(map(str, result.expired_calls)),
+                     extra={"expired_calls": [str(c) for c in result.expired_calls]})  # fmt: skip
     return report
 
 

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
+from uuid import UUID
 
 from calls_worker.service.unit_of_work import UnitOfWork
 
 
 @dataclass(frozen=True)
 class SweepResult:
-    """What one sweep did."""
+    """What one sweep did: calls expired, in how many batches, how many for each owning
+    organization (by its uuid), and which."""
 
     expired: int
     batches: int
+    by_organization: dict[str, int] = field(default_factory=dict)
+    expired_calls: list[UUID] = field(default_factory=list)
 
 
 def expire_exhausted_calls(
@@ -31,13 +36,17 @@ def expire_exhausted_calls(
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")
     expired = batches = 0
+    by_organization: Counter[str] = Counter()
+    expired_calls: list[UUID] = []
     while True:
         with uow_factory() as uow:
             batch = uow.calls.expire_exhausted(now, batch_size)
             uow.commit()
         expired += batch.expired
         batches += 1
+        by_organization.update(batch.by_organization)
+        expired_calls.extend(batch.expired_calls)
         # A short batch means nothing more is due (or the rest is another sweep's); a full
         # batch that changed nothing means everything left is held by running commands.
         if batch.examined < batch_size or batch.expired + batch.cleared == 0:
-            return SweepResult(expired=expired, batches=batches)
+            return SweepResult(expired, batches, dict(by_organization), expired_calls)

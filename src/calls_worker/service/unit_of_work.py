@@ -6,7 +6,8 @@ A unit of work is one transaction: it rolls back unless told to commit.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import TracebackType
 from typing import Self
@@ -35,6 +36,9 @@ class Batch:
     examined: int
     expired: int
     cleared: int = 0
+    by_organization: Mapping[str, int] = field(default_factory=dict)
+    """Calls expired, by the uuid of their person's owning organization."""
+    expired_calls: tuple[UUID, ...] = ()
 
 
 class CallRepository(abc.ABC):

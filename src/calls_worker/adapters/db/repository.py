@@ -126,6 +126,7 @@ def _expire_batch(now: datetime, limit: int) -> Any:
     taken = (
         select(
             calls.c.uuid,
+            organizations.c.uuid.label("owner"),
             exhausted().label("due"),
             and_(
                 calls.c.status == CallStatus.REQUESTED.value, calls.c.external_metadata.is_(None)
@@ -161,10 +162,20 @@ def _expire_batch(now: datetime, limit: int) -> Any:
         )
         .cte("removed")
     )
+    by_owner = (
+        select(taken.c.owner, func.count().label("expired"))
+        .select_from(taken.join(expired, expired.c.uuid == taken.c.uuid))
+        .group_by(taken.c.owner)
+        .subquery("by_owner")
+    )
     return select(
         select(func.count()).select_from(batch).scalar_subquery().label("examined"),
         select(func.count()).select_from(expired).scalar_subquery().label("expired"),
         select(func.count()).select_from(cleared).scalar_subquery().label("cleared"),
+        select(func.json_object_agg(by_owner.c.owner, by_owner.c.expired))
+        .scalar_subquery()
+        .label("by_organization"),
+        select(func.array_agg(expired.c.uuid)).scalar_subquery().label("expired_calls"),
     ).add_cte(removed)
 
 
@@ -413,7 +424,13 @@ class SqlCallRepository(CallRepository):
     def expire_exhausted(self, now: datetime, limit: int) -> Batch:
         self._transaction.begin()
         row = self._transaction.connection.execute(_expire_batch(now, limit)).one()
-        return Batch(examined=row.examined, expired=row.expired, cleared=row.cleared)
+        return Batch(
+            examined=row.examined,
+            expired=row.expired,
+            cleared=row.cleared,
+            by_organization=dict(row.by_organization or {}),
+            expired_calls=tuple(row.expired_calls or ()),
+        )
 
 
 class SqlProcessedCommands(ProcessedCommands):
