@@ -449,7 +449,7 @@ def test_adopting_as_a_member_of_the_role_that_owns_the_api_tables(
     for role, unique in names.items():
         script = script.replace(role, unique)
     admin = build_engine(empty_database_url, pool_size=1)
-    engines: list[Engine] = [admin]
+    engines: list[Engine] = []
     try:
         with admin.begin() as connection:
             connection.exec_driver_sql(script)
@@ -487,6 +487,7 @@ def test_adopting_as_a_member_of_the_role_that_owns_the_api_tables(
         with admin.begin() as connection:
             for role in (*names.values(), api_owner):
                 connection.execute(text(f'DROP OWNED BY "{role}" CASCADE'))
+        admin.dispose()
         server = build_engine(postgres_server_url, pool_size=1)
         with server.begin() as connection:
             for role in (*names.values(), api_owner):
