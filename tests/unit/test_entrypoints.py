@@ -91,3 +91,13 @@ def test_a_remembered_redis_port_is_probed_briefly_and_once() -> None:
     assert settings["socket_timeout"] == LOOPBACK_PROBE_SECONDS
     assert client.get_retry()._retries == 0
     client.close()
+
+
+def test_docs_examples_hold_a_valid_command_of_every_kind() -> None:
+    """docs/examples/<kind>.json for every command kind, each one the worker accepts."""
+    from calls_worker.domain.commands import parse_command
+    from calls_worker.entrypoints.cli import KINDS
+
+    for name, kind in KINDS.items():
+        path = ROOT / "docs" / "examples" / f"{name}.json"
+        parse_command(kind, path.read_text())  # raises InvalidCommand if it is not

@@ -135,7 +135,8 @@ def run_everything(
             )
         click.echo(
             f"sweep every {servers.settings.sweep_interval_seconds}s. "
-            "Try: ./dev send create command.json — Ctrl-C stops everything."
+            "Try the README's first expired call from another terminal"
+            " (./dev organizations add ..., ./dev send create ...). Ctrl-C stops everything."
         )
         while not stopping:
             exited = [name for name, child in children.items() if child.poll() is not None]
