@@ -101,3 +101,12 @@ def test_docs_examples_hold_a_valid_command_of_every_kind() -> None:
     for name, kind in KINDS.items():
         path = ROOT / "docs" / "examples" / f"{name}.json"
         parse_command(kind, path.read_text())  # raises InvalidCommand if it is not
+
+
+def test_the_readme_lists_every_command() -> None:
+    from calls_worker.entrypoints.cli import main
+
+    readme = (ROOT / "README.md").read_text()
+    table = readme.split("| command | what it does |")[1].split("\n\n")[0]
+    for name in main.commands:
+        assert f"`calls-worker {name}" in table or f"`{name} " in table, name
