@@ -6,7 +6,8 @@ In a fresh clone of this checkout in a temporary folder, with nothing configured
    (initdb) and Redis, migrates, starts the workers and beat;
 2. stopped, its data folder removed, `./dev run` again: everything but the install;
 3. stopped, `./dev run` again on the data it left: the warm restart.
-Ready is the banner's "Ctrl-C stops everything". pip's cache is whatever this machine has.
+Ready is the command worker's "ready." line: it consumes commands from then on. pip's
+cache is whatever this machine has.
 
     python -m bench.startup
 """
@@ -14,6 +15,7 @@ Ready is the banner's "Ctrl-C stops everything". pip's cache is whatever this ma
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -22,7 +24,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-READY = "Ctrl-C stops everything"
+# The command worker's own "ready." line: it consumes from here on.
+READY = re.compile(r"commands@\S+ ready\.")
 
 
 def ready_after(clone: Path, env: dict[str, str], log: Path) -> float:
@@ -31,7 +34,7 @@ def ready_after(clone: Path, env: dict[str, str], log: Path) -> float:
         run = subprocess.Popen([str(clone / "dev"), "run"], cwd=clone, env=env, stdout=out,
                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
         try:
-            while READY not in log.read_text(errors="replace"):
+            while not READY.search(log.read_text(errors="replace")):
                 if run.poll() is not None:
                     raise SystemExit(f"./dev run exited:\n{log.read_text()}")
                 if time.monotonic() - started > 900:

@@ -79,3 +79,22 @@ def test_no_validate_sends_a_bad_command_as_a_producer_would_and_it_is_kept(
     kept = db.sql("SELECT raw_body FROM worker_rejected_commands").scalars().all()
     assert len(kept) == 1
     assert "not a uuid" in kept[0]
+
+
+def test_send_on_a_terminal_says_what_it_waits_for(database_url: str, redis_url: str) -> None:
+    import pty
+
+    terminal, its_end = pty.openpty()
+    argv = [sys.executable, "-m", "calls_worker", "send", "create"]
+    with subprocess.Popen(argv, stdin=its_end, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          env=env_for(database_url, redis_url)) as child:  # fmt: skip
+        os.close(its_end)
+        try:
+            assert child.stderr is not None
+            said = child.stderr.readline().decode()
+            assert "Reading the command's JSON from standard input; end it with Ctrl-D." in said
+            os.write(terminal, b"{}\n\x04")  # a command, then Ctrl-D
+            assert child.wait(60) == 2  # an empty create is invalid: refused before sending
+        finally:
+            os.close(terminal)
+            child.kill()
