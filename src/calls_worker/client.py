@@ -11,6 +11,7 @@ nothing of the worker runs here. Producers in other languages follow docs/wire-f
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -24,6 +25,7 @@ from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome
 from calls_worker.wire import (
     COMMANDS_QUEUE,
+    OUTCOME_TASK,
     TASK_NAMES,
     Signing,
     celery_config,
@@ -35,6 +37,11 @@ class CommandFailed(Exception):
     """The worker gave up on the command (it is kept among the rejected commands)."""
 
 
+# The first pause between two questions to the database for an ignored outcome; doubled
+# up to 2 s.
+_POLL_SECONDS = 0.25
+
+
 @dataclass(frozen=True)
 class CommandHandle:
     """A queued command; ``command_id`` is also its Celery task id."""
@@ -42,18 +49,32 @@ class CommandHandle:
     command_id: str
     command: dict[str, Any]
     _result: AsyncResult[Any]
+    _client: CallsClient | None = None
+    ignored: bool = False
+    """Sent with ``ignore_result``: no outcome in the result backend, only in the database."""
 
     def outcome(self, timeout: float = 30.0) -> Outcome:
-        """Wait for the outcome. Raises TimeoutError, or CommandFailed if the worker gave up."""
-        from celery.exceptions import TimeoutError as CeleryTimeout
+        """Wait for the outcome: from the result backend, or, when it is not there (sent with
+        ``ignore_result``, or kept there shorter than you waited), from the database, which
+        keeps it for CALLS_WORKER_PROCESSED_RETENTION_HOURS. Raises TimeoutError, or
+        CommandFailed if the worker gave up."""
+        if self._client is None:
+            return _from_backend(self._result, self.command_id, timeout)
+        return self._client._await_outcome(
+            self.command_id, None if self.ignored else self._result, timeout, late=False
+        )
 
-        try:
-            outcome: Outcome = self._result.get(timeout=timeout, propagate=False)
-        except CeleryTimeout as error:
-            raise TimeoutError(f"no outcome for command {self.command_id} yet") from error
-        if self._result.failed():
-            raise CommandFailed(f"command {self.command_id} failed: {outcome!r}")
-        return outcome
+
+def _from_backend(result: AsyncResult[Any], command_id: str, timeout: float) -> Outcome:
+    from celery.exceptions import TimeoutError as CeleryTimeout
+
+    try:
+        outcome: Outcome = result.get(timeout=timeout, propagate=False)
+    except CeleryTimeout as error:
+        raise TimeoutError(f"no outcome for command {command_id} yet") from error
+    if result.failed():
+        raise CommandFailed(f"command {command_id} failed: {outcome!r}")
+    return outcome
 
 
 def stamp(kind: CommandKind, command: Mapping[str, Any], now: datetime) -> dict[str, Any]:
@@ -103,8 +124,13 @@ class CallsClient:
         command: Mapping[str, Any] | str,
         *,
         command_id: str | None = None,
+        ignore_result: bool = False,
     ) -> CommandHandle:
         """Validate and queue one command. Raises InvalidCommand before anything is sent.
+
+        ``ignore_result``: store no outcome in the result backend (for producers that do not
+        read it; it costs Redis memory for CALLS_WORKER_RESULT_RETENTION_SECONDS). The
+        database keeps it anyway, and ``outcome()`` still finds it there.
 
         ``command_id``: set your own to make a resend after a crash a no-op; by default a
         new UUID. Sending the same command id twice has the effect once, as long as the
@@ -120,9 +146,71 @@ class CallsClient:
         if self._signed:  # the signature covers the body only: bind the id and task into it
             kwargs["signedFor"] = {"id": command_id, "task": TASK_NAMES[kind]}
         result = self._app.send_task(
-            TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE
-        )
-        return CommandHandle(command_id=command_id, command=stamped, _result=result)
+            TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE,
+            ignore_result=ignore_result,
+        )  # fmt: skip
+        return CommandHandle(command_id, stamped, result, self, ignore_result)
+
+    def outcome(self, command_id: str, timeout: float = 30.0) -> Outcome:
+        """The outcome of a command sent earlier (by this process or another): from the
+        result backend while it keeps it, else from the database. Raises TimeoutError if
+        there is none within ``timeout`` (not handled yet, or older than the database keeps
+        outcomes), CommandFailed if the worker gave up on it."""
+        return self._await_outcome(command_id, self._app.AsyncResult(command_id), timeout,
+                                   late=True)  # fmt: skip
+
+    def _await_outcome(
+        self, command_id: str, result: AsyncResult[Any] | None, timeout: float,
+        *, late: bool,
+    ) -> Outcome:  # fmt: skip
+        """Wait for an outcome. With ``result`` (the backend may hold it): from the backend,
+        asking the database first if ``late`` (it may have left the backend), and once more
+        when the wait runs out. Without (sent with ignore_result): from the database, asked
+        at growing intervals, so that waiting producers cost the worker little."""
+        deadline = time.monotonic() + timeout
+        if result is not None:
+            if late and not result.ready():
+                kept = self._ask_database(command_id, min(timeout, 10.0))
+                if kept is not None:
+                    return kept
+            try:
+                return _from_backend(result, command_id, max(0.1, deadline - time.monotonic()))
+            except TimeoutError:
+                kept = self._ask_database(command_id, 5.0)
+                if kept is None:
+                    raise
+                return kept
+        pause = _POLL_SECONDS
+        while True:
+            kept = self._ask_database(command_id, max(0.1, min(deadline - time.monotonic(), 10)))
+            if kept is not None:
+                return kept
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no outcome for command {command_id} yet")
+            time.sleep(min(pause, remaining))
+            pause = min(pause * 2, 2.0)
+
+    def _ask_database(self, command_id: str, timeout: float) -> Outcome | None:
+        """The outcome the database keeps for ``command_id`` (calls.outcome), or None."""
+        from celery.exceptions import TimeoutError as CeleryTimeout
+
+        kwargs: dict[str, Any] = {"query": {"commandId": command_id}}
+        query_id = f"outcome-{uuid4()}"
+        if self._signed:
+            kwargs["signedFor"] = {"id": query_id, "task": OUTCOME_TASK}
+        answer = self._app.send_task(OUTCOME_TASK, kwargs=kwargs, task_id=query_id,
+                                     queue=COMMANDS_QUEUE)  # fmt: skip
+        try:
+            found: dict[str, Any] = answer.get(timeout=timeout, propagate=False)
+        except CeleryTimeout:
+            return None
+        finally:
+            answer.forget()
+        if not isinstance(found, dict) or not found.get("found"):
+            return None
+        outcome: Outcome = found["outcome"]
+        return outcome
 
     def send_unchecked(
         self, kind: CommandKind, command: str, *, command_id: str | None = None
@@ -137,7 +225,7 @@ class CallsClient:
         result = self._app.send_task(
             TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE
         )
-        return CommandHandle(command_id=command_id, command={}, _result=result)
+        return CommandHandle(command_id, {}, result, self)
 
     def close(self) -> None:
         self._app.close()

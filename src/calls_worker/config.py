@@ -71,6 +71,12 @@ class Settings(BaseSettings):
         description="A message larger than this is refused before it is decoded, and kept "
         "truncated to this size with the reason (commands are a few kilobytes).",
     )
+    result_retention_seconds: PositiveInt = Field(
+        default=3600,
+        description="How long a command's outcome stays in the result backend (Redis) for its "
+        "producer to read. Later, the producer client asks the database (calls.outcome), which "
+        "keeps it PROCESSED_RETENTION_HOURS; see docs/scaling.md for what a day would cost.",
+    )
     processed_retention_hours: PositiveInt = Field(
         default=72,
         description="How long a command's outcome is kept to answer a redelivery of it "

@@ -24,10 +24,16 @@ TASK_NAMES: Final[dict[CommandKind, str]] = {
 }
 SWEEP_TASK: Final = "calls.sweep"
 PRUNE_TASK: Final = "calls.prune"
+# A query, not a command: {"commandId": ...} → the outcome the database keeps for it.
+OUTCOME_TASK: Final = "calls.outcome"
 RECONCILE_TASK: Final = "calls.reconcile"
 
 # JSON only: pickle (or anything else that can run code when decoded) is refused.
 CONTENT_TYPES: Final = ["json"]
+
+# How long an outcome stays in the result backend: producers read an outcome within seconds
+# of sending; one who comes later asks the database (calls.outcome), which keeps it 72 h.
+RESULT_RETENTION_SECONDS: Final = 3600
 
 # Longer than any task may run (celery_app.TASK_TIME_LIMIT): Redis redelivers a message
 # not acknowledged within it. The default; workers take CALLS_WORKER_VISIBILITY_TIMEOUT_SECONDS.
@@ -35,7 +41,10 @@ VISIBILITY_TIMEOUT: Final = 3600
 
 
 def celery_config(
-    broker_url: str, result_backend_url: str, visibility_timeout: int = VISIBILITY_TIMEOUT
+    broker_url: str,
+    result_backend_url: str,
+    visibility_timeout: int = VISIBILITY_TIMEOUT,
+    result_retention: int = RESULT_RETENTION_SECONDS,
 ) -> dict[str, Any]:
     """The Celery settings the worker and the producer client share."""
     return {
@@ -48,7 +57,7 @@ def celery_config(
         "broker_transport_options": {"visibility_timeout": visibility_timeout},
         "result_backend_transport_options": {"visibility_timeout": visibility_timeout},
         "broker_connection_retry_on_startup": True,
-        "result_expires": timedelta(days=1),
+        "result_expires": timedelta(seconds=result_retention),
         "task_default_queue": COMMANDS_QUEUE,
         "enable_utc": True,
         "timezone": "UTC",

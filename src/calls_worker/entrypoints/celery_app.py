@@ -20,6 +20,7 @@ from calls_worker.entrypoints.tasks import register_tasks
 from calls_worker.wire import (
     PRUNE_TASK,
     RECONCILE_TASK,
+    RESULT_RETENTION_SECONDS,
     SWEEP_TASK,
     SWEEPS_QUEUE,
     VISIBILITY_TIMEOUT,
@@ -42,10 +43,11 @@ def worker_config(
     result_backend_url: str,
     visibility_timeout: int = VISIBILITY_TIMEOUT,
     time_limit: int = TASK_TIME_LIMIT,
+    result_retention: int = RESULT_RETENTION_SECONDS,
 ) -> dict[str, Any]:
     """How a worker consumes: what the benchmarks' no-op baseline shares with the real one."""
     return {
-        **celery_config(broker_url, result_backend_url, visibility_timeout),
+        **celery_config(broker_url, result_backend_url, visibility_timeout, result_retention),
         # At least once, effect once: a task is acknowledged only after it ran, and put back
         # if its process dies; the command id makes the second run return the first outcome.
         "task_acks_late": True,
@@ -82,6 +84,7 @@ def create_app(
             result_backend_url or broker_url,
             settings.visibility_timeout_seconds,
             settings.task_time_limit_seconds,
+            settings.result_retention_seconds,
         ),
         task_routes={
             task: {"queue": SWEEPS_QUEUE} for task in (SWEEP_TASK, PRUNE_TASK, RECONCILE_TASK)

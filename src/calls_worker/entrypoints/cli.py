@@ -364,6 +364,27 @@ def send(kind: str, file: Any, command_id: str | None, timeout: float, no_valida
     sys.exit(0 if outcome["ok"] else 1)
 
 
+@main.command()
+@click.argument("command_id")
+def outcome(command_id: str) -> None:
+    """The outcome the database keeps for COMMAND_ID (for PROCESSED_RETENTION_HOURS, long
+    after the result backend forgot it). Exit 1 if there is none: not handled (yet), or older."""
+    from calls_worker.adapters.db.journal import processed_outcome
+
+    servers = _servers()
+    engine = _engine(servers)
+    try:
+        kept = processed_outcome(engine, command_id)
+    finally:
+        engine.dispose()
+        servers.stop()
+    if kept is None:
+        click.echo(f"Error: no outcome for command {command_id}: not handled (yet), or older"
+                   " than CALLS_WORKER_PROCESSED_RETENTION_HOURS", err=True)  # fmt: skip
+        sys.exit(1)
+    print_json(kept["outcome"])
+
+
 @main.group(name="dead-letters")
 def dead_letters() -> None:
     """Commands the worker could not handle, kept with the reason."""

@@ -29,6 +29,7 @@ from calls_worker.service.handlers import handle, utc_now
 from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
 from calls_worker.wire import (
     COMMANDS_QUEUE,
+    OUTCOME_TASK,
     PRUNE_TASK,
     RECONCILE_TASK,
     SWEEP_TASK,
@@ -361,3 +362,29 @@ def register_tasks(app: Celery) -> None:
         return {"missing": missing, "stale": stale}
 
     app.task(name=RECONCILE_TASK, bind=True, queue=SWEEPS_QUEUE, acks_late=True)(reconcile)
+
+    def outcome(self: Task[Any, Any], *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The outcome the database keeps for ``query: {"commandId": ...}``:
+        ``{"found": true, "outcome": ...}``, ``{"found": false}``, or ``{"found": false,
+        "error": ...}`` for a query that is not one. Changes nothing."""
+        return run_outcome_query(self, args, kwargs)
+
+    app.task(name=OUTCOME_TASK, bind=True, queue=COMMANDS_QUEUE, acks_late=True)(outcome)
+
+
+def run_outcome_query(task: Task[Any, Any], args: Any, kwargs: Any) -> dict[str, Any]:
+    runtime = runtime_of(task.app)
+    query = kwargs.get("query")
+    if args or set(kwargs) - {"query", SIGNED_FOR} or not isinstance(query, Mapping):
+        return {"found": False, "error": "an outcome query takes one keyword argument, query"}
+    bound = kwargs.get(SIGNED_FOR)
+    if runtime.signed and bound != {"id": str(task.request.id), "task": task.name}:
+        return {"found": False, "error": "signedFor does not match the message"}
+    command_id = query.get("commandId")
+    if not isinstance(command_id, str) or not 0 < len(command_id) <= 200:
+        return {"found": False, "error": "query.commandId must be a command id (a string)"}
+    kept = journal.processed_outcome(runtime.engine(), command_id)
+    if kept is None:
+        return {"found": False}
+    return {"found": True, "outcome": kept["outcome"],
+            "processedAt": kept["processedAt"].isoformat()}  # fmt: skip
