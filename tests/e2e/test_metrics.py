@@ -13,7 +13,14 @@ from calls_worker.client import CallsClient
 from calls_worker.entrypoints.metrics import serve_database_metrics
 from calls_worker.wire import RECONCILE_TASK, SWEEP_TASK, SWEEPS_QUEUE
 from tests.db_world import ISSUED, Db
-from tests.e2e.conftest import Process, free_ports, scrape, wait_until, worker_env
+from tests.e2e.conftest import (
+    Process,
+    free_ports,
+    redis_database,
+    scrape,
+    wait_until,
+    worker_env,
+)
 
 TIMEOUT = 30
 
@@ -129,3 +136,19 @@ def test_reconciliation_runs_on_the_sweeps_queue_and_counts_its_repairs(
     for kind in ("missing", "stale"):
         key = ("calls_worker_due_record_repairs_total", (("kind", kind),))
         assert after[key] - before.get(key, 0) == 1, kind
+
+
+def test_the_memory_of_each_redis_is_served_against_its_maximum(
+    engine: Engine, redis_url: str
+) -> None:
+    import redis
+
+    results = redis_database(redis_url, 13)
+    port = free_ports(1)
+    serve_database_metrics(port, engine, redis_url, results)
+    samples = scrape(port)
+    info = redis.Redis.from_url(redis_url).info("memory")
+    for name in ("broker", "results"):
+        assert samples[("calls_worker_redis_used_memory_bytes", (("redis", name),))] > 0
+        maximum = samples[("calls_worker_redis_max_memory_bytes", (("redis", name),))]
+        assert maximum == info["maxmemory"]

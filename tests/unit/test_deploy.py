@@ -33,6 +33,7 @@ DASHBOARD_METRICS = (
     "calls_worker_sweep_duration_seconds_bucket",
     "calls_worker_queue_messages",
     "calls_worker_last_sweep_timestamp_seconds",
+    "calls_worker_redis_used_memory_bytes",
 )
 
 
@@ -173,6 +174,8 @@ def test_alert_rules_pass_promtool_and_their_tests() -> None:
         "CallsWorkerRejectedCommandsRising",
         "CallsWorkerTaskFailureRate",
         "CallsWorkerDueRecordDrift",
+        "CallsWorkerRedisMemoryHigh",
+        "CallsWorkerRedisWithoutMaxMemory",
     }
 
 
@@ -243,3 +246,20 @@ def test_the_dockerfile_installs_what_the_image_test_installs() -> None:
         "RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .",
         "RUN pip install --no-cache-dir --no-index --no-deps /wheels/*.whl && rm -rf /wheels",
     ]
+
+
+def test_compose_keeps_outcomes_out_of_the_broker(compose: dict[str, Any]) -> None:
+    services = compose["services"]
+    worker = services["worker"]["environment"]
+    assert "redis-results" in worker["CALLS_WORKER_RESULT_BACKEND_URL"]
+    assert "redis-results" not in worker["CALLS_WORKER_BROKER_URL"]
+    broker, results = services["redis"]["command"], services["redis-results"]["command"]
+    assert broker[broker.index("--maxmemory-policy") + 1] == "noeviction"
+    assert "--maxmemory" in broker  # or it grows until the kernel kills it
+    assert results[results.index("--maxmemory-policy") + 1] == "volatile-ttl"
+    assert "--maxmemory" in results
+
+
+def test_kubernetes_keeps_outcomes_out_of_the_broker() -> None:
+    secret = manifest("secret.yaml")["stringData"]
+    assert secret["CALLS_WORKER_RESULT_BACKEND_URL"] != secret["CALLS_WORKER_BROKER_URL"]

@@ -5,6 +5,18 @@ from __future__ import annotations
 from calls_worker.wire import COMMANDS_QUEUE, SWEEPS_QUEUE
 
 
+def memory(redis_url: str) -> tuple[int, int]:
+    """(used, maximum) bytes of the Redis at ``redis_url``; maximum 0: none set."""
+    import redis
+
+    connection = redis.Redis.from_url(redis_url, socket_timeout=5)
+    try:
+        info = connection.info("memory")
+        return int(info["used_memory"]), int(info.get("maxmemory", 0))
+    finally:
+        connection.close()
+
+
 def queue_lengths(broker_url: str) -> dict[str, int]:
     """Messages waiting in each queue (Redis lists named after the queues)."""
     import redis

@@ -139,7 +139,8 @@ def create_app(
                 serve_worker_metrics(port)
 
         def serve_beat(**_: Any) -> None:
-            serve_database_metrics(port, runtime_of(app).engine(), broker_url)
+            serve_database_metrics(port, runtime_of(app).engine(), broker_url,
+                                   result_backend_url or broker_url)  # fmt: skip
 
         signals.worker_init.connect(serve_worker, weak=False)
         signals.beat_init.connect(serve_beat, weak=False)

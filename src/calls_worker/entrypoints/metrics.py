@@ -118,9 +118,10 @@ def forget_process(pid: int) -> None:
 class DatabaseCollector:
     """Figures read from the database and the broker at each scrape (served by beat)."""
 
-    def __init__(self, engine: Any, broker_url: str) -> None:
+    def __init__(self, engine: Any, broker_url: str, result_backend_url: str | None = None) -> None:
         self._engine = engine
         self._broker_url = broker_url
+        self._result_backend_url = result_backend_url or broker_url
 
     def describe(self) -> list[Any]:
         return []  # collected live; nothing to register up front
@@ -129,7 +130,7 @@ class DatabaseCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         from calls_worker.adapters.db.journal import operational_figures
-        from calls_worker.adapters.queue import queue_lengths
+        from calls_worker.adapters.queue import memory, queue_lengths
 
         figures = operational_figures(self._engine)
         yield GaugeMetricFamily(
@@ -162,11 +163,33 @@ class DatabaseCollector:
         for queue, length in queue_lengths(self._broker_url).items():
             queues.add_metric([queue], length)
         yield queues
+        used = GaugeMetricFamily(
+            "calls_worker_redis_used_memory_bytes",
+            "Memory the broker's and the result backend's Redis use (one series if they are"
+            " one Redis).",
+            labels=["redis"],
+        )
+        maximum = GaugeMetricFamily(
+            "calls_worker_redis_max_memory_bytes",
+            "Their maxmemory (0: none set: Redis grows until the machine runs out).",
+            labels=["redis"],
+        )
+        servers = {"broker": self._broker_url}
+        if self._result_backend_url != self._broker_url:
+            servers["results"] = self._result_backend_url
+        for name, url in servers.items():
+            in_use, most = memory(url)
+            used.add_metric([name], in_use)
+            maximum.add_metric([name], most)
+        yield used
+        yield maximum
 
 
-def serve_database_metrics(port: int, engine: Any, broker_url: str) -> None:
+def serve_database_metrics(
+    port: int, engine: Any, broker_url: str, result_backend_url: str | None = None
+) -> None:
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
-    registry.register(DatabaseCollector(engine, broker_url))
+    registry.register(DatabaseCollector(engine, broker_url, result_backend_url))
     start_http_server(port, registry=registry)
