@@ -16,6 +16,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
@@ -84,8 +85,8 @@ def main() -> None:
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     url = database_url(server, name)
     engine = build_engine(url, pool_size=1)
-    tmp = Path(f"/tmp/{name}")  # noqa: S108 - a scratch folder of this run
-    tmp.mkdir()
+    scratch = tempfile.TemporaryDirectory(prefix=f"{name}-")
+    tmp = Path(scratch.name)
     try:
         upgrade(engine)
         organization, person = uuid.uuid4(), uuid.uuid4()
@@ -102,6 +103,7 @@ def main() -> None:
         with admin.connect() as connection:
             connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         admin.dispose()
+        scratch.cleanup()
     for label, figures in (("a day", day), ("an hour", hour)):
         print(f"outcomes kept {label}: {figures['outcome_bytes']:.0f} bytes an outcome"
               f" (TTL {figures['ttl']} s), Redis used {figures['used_with_outcomes']:,} bytes"
