@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import Engine, text
 
-from bench.common import Row, database_url, print_table, server_url, write_results
+from bench.common import Row, print_table, write_results
+from bench.fixtures import empty_database
 from calls_worker.adapters.db.engine import build_engine
 from tests.integration.test_adoption import API_SCHEMA
 
@@ -86,6 +87,47 @@ class Writer:
         return [d for s, d in self.samples if start <= s < end]
 
 
+def adopt_while_writing(
+    engine: Engine, url: str, args: argparse.Namespace
+) -> tuple[Writer, float, float]:
+    """Fill the database, start the writer, run migrate beside it; the writer and when
+    migrate started and ended."""
+    started = time.monotonic()
+    with engine.begin() as connection:
+        connection.exec_driver_sql(API_SCHEMA)
+        for statement in FILL.split(";"):
+            if statement.strip():
+                connection.execute(text(statement), {"calls": args.calls})
+    print(f"filled {args.calls:,} calls in {time.monotonic() - started:.0f} s", flush=True)
+
+    writer = Writer(engine)
+    thread = threading.Thread(target=writer.run)
+    thread.start()
+    time.sleep(args.before)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLS_WORKER_")}
+    migrate_started = time.monotonic()
+    done = subprocess.run(
+        [sys.executable, "-m", "calls_worker", "migrate", "--batch-size",
+         str(args.batch_size)],
+        env={**env, "CALLS_WORKER_DATABASE_URL": url}, capture_output=True, text=True,
+        check=False,
+    )  # fmt: skip
+    migrate_ended = time.monotonic()
+    time.sleep(args.after)
+    writer.stop.set()
+    thread.join()
+    if done.returncode != 0:
+        raise SystemExit(f"migrate failed:\n{done.stdout}\n{done.stderr}")
+    with engine.connect() as connection:
+        wrong = connection.execute(
+            text("SELECT count(*) FROM calls c WHERE c.attempt_count <>"
+                 " (SELECT count(*) FROM call_attempts a WHERE a.call_uuid = c.uuid)")
+        ).scalar()  # fmt: skip
+    if wrong:
+        raise SystemExit(f"{wrong} calls counted wrong")
+    return writer, migrate_started, migrate_ended
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1_000_000)
@@ -95,53 +137,15 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="Do not update results.json.")
     args = parser.parse_args()
 
-    server = server_url()
     name = f"calls_worker_bench_adoption_{uuid.uuid4().hex[:8]}"
-    admin = build_engine(server, pool_size=1).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = database_url(server, name)
-    engine = build_engine(url, pool_size=2)
-    try:
-        started = time.monotonic()
-        with engine.begin() as connection:
-            connection.exec_driver_sql(API_SCHEMA)
-            for statement in FILL.split(";"):
-                if statement.strip():
-                    connection.execute(text(statement), {"calls": args.calls})
-        print(f"filled {args.calls:,} calls in {time.monotonic() - started:.0f} s", flush=True)
+    with empty_database(name) as url:
+        engine = build_engine(url, pool_size=2)
+        try:
+            writer, migrate_started, migrate_ended = adopt_while_writing(engine, url, args)
+        finally:
+            engine.dispose()
 
-        writer = Writer(engine)
-        thread = threading.Thread(target=writer.run)
-        thread.start()
-        time.sleep(args.before)
-        env = {k: v for k, v in os.environ.items() if not k.startswith("CALLS_WORKER_")}
-        migrate_started = time.monotonic()
-        done = subprocess.run(
-            [sys.executable, "-m", "calls_worker", "migrate", "--batch-size",
-             str(args.batch_size)],
-            env={**env, "CALLS_WORKER_DATABASE_URL": url}, capture_output=True, text=True,
-            check=False,
-        )  # fmt: skip
-        migrate_ended = time.monotonic()
-        time.sleep(args.after)
-        writer.stop.set()
-        thread.join()
-        if done.returncode != 0:
-            raise SystemExit(f"migrate failed:\n{done.stdout}\n{done.stderr}")
-        with engine.connect() as connection:
-            wrong = connection.execute(
-                text("SELECT count(*) FROM calls c WHERE c.attempt_count <>"
-                     " (SELECT count(*) FROM call_attempts a WHERE a.call_uuid = c.uuid)")
-            ).scalar()  # fmt: skip
-        if wrong:
-            raise SystemExit(f"{wrong} calls counted wrong")
-    finally:
-        engine.dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
+    first = writer.samples[0][0]
     first = writer.samples[0][0]
     before = writer.between(first, migrate_started)
     during = writer.between(migrate_started, migrate_ended)

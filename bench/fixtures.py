@@ -36,15 +36,24 @@ def broker() -> Iterator[str]:
 @contextmanager
 def fresh_database(name: str) -> Iterator[str]:
     """A migrated, empty database of its own; its URL."""
+    with empty_database(name, revision="head") as url:
+        yield url
+
+
+@contextmanager
+def empty_database(name: str, revision: str | None = None) -> Iterator[str]:
+    """A database of its own, migrated to ``revision`` if one is given; its URL. Dropped
+    afterwards."""
     server = server_url()
     admin = build_engine(server, pool_size=1).execution_options(isolation_level="AUTOCOMMIT")
     with admin.connect() as connection:
         connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
         connection.execute(text(f'CREATE DATABASE "{name}"'))
     url = database_url(server, name)
-    engine = build_engine(url, pool_size=1)
-    upgrade(engine)
-    engine.dispose()
+    if revision is not None:
+        engine = build_engine(url, pool_size=1)
+        upgrade(engine, revision)
+        engine.dispose()
     try:
         yield url
     finally:

@@ -3,7 +3,7 @@ memory after N commands with outcomes kept a day (the old retention) and an hour
 one), in the same run.
 
 A database of its own on the benchmark server, a worker process per retention on a Redis
-database of its own (``CALLS_WORKER_BENCH_REDIS_URL``, else redis://127.0.0.1:6379), N
+database of its own (``CALLS_WORKER_BENCH_REDIS_URL``, else an embedded Redis), N
 creates sent and answered; then the worker stopped and N more queued, unanswered.
 
     python -m bench.redis_memory --commands 2000
@@ -22,11 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import redis
-from sqlalchemy import make_url, text
+from sqlalchemy import make_url
 
-from bench.common import database_url, server_url
-from calls_worker.adapters.db.engine import build_engine
-from calls_worker.adapters.db.migrate import upgrade
+from bench.fixtures import broker, fresh_database, seed_person
 from calls_worker.client import CallsClient
 
 
@@ -77,33 +75,17 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commands", type=int, default=2000)
     args = parser.parse_args()
-    redis_url = os.environ.get("CALLS_WORKER_BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-    server = server_url()
     name = f"calls_worker_bench_memory_{uuid.uuid4().hex[:8]}"
-    admin = build_engine(server, pool_size=1).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    url = database_url(server, name)
-    engine = build_engine(url, pool_size=1)
-    scratch = tempfile.TemporaryDirectory(prefix=f"{name}-")
-    tmp = Path(scratch.name)
-    try:
-        upgrade(engine)
-        organization, person = uuid.uuid4(), uuid.uuid4()
-        with engine.begin() as connection:
-            connection.execute(text("INSERT INTO organizations VALUES (:o, 'bench', 5)"),
-                               {"o": organization})  # fmt: skip
-            connection.execute(text("INSERT INTO persons VALUES (:p, :o)"),
-                               {"p": person, "o": organization})  # fmt: skip
+    with (
+        fresh_database(name) as url,
+        broker() as redis_url,
+        tempfile.TemporaryDirectory(prefix=f"{name}-") as scratch,
+    ):
+        organization, person = seed_person(url, 5)
         who = {"personUuid": str(person), "organizationUuid": str(organization)}
+        tmp = Path(scratch)
         day = measure(url, redis_db(redis_url, 14), 86_400, args.commands, who, tmp)
         hour = measure(url, redis_db(redis_url, 15), 3_600, args.commands, who, tmp)
-    finally:
-        engine.dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-        scratch.cleanup()
     for label, figures in (("a day", day), ("an hour", hour)):
         print(f"outcomes kept {label}: {figures['outcome_bytes']:.0f} bytes an outcome"
               f" (TTL {figures['ttl']} s), Redis used {figures['used_with_outcomes']:,} bytes"

@@ -20,9 +20,10 @@ from contextlib import ExitStack, contextmanager
 
 from sqlalchemy import Engine, text
 
-from bench.common import Row, database_url, median, print_table, server_url, timed, write_results
+from bench.common import Row, median, print_table, timed, write_results
+from bench.fixtures import empty_database
 from calls_worker.adapters.db.engine import build_engine
-from calls_worker.adapters.db.migrate import head_revision, upgrade
+from calls_worker.adapters.db.migrate import head_revision
 
 ORGANIZATIONS = 50
 CALLS = 2000
@@ -30,20 +31,13 @@ CALLS = 2000
 
 @contextmanager
 def migrated_to(revision: str) -> Iterator[Engine]:
-    server = server_url()
     name = f"calls_worker_bench_triggers_{revision}_{uuid.uuid4().hex[:8]}"
-    admin = build_engine(server, pool_size=1).execution_options(isolation_level="AUTOCOMMIT")
-    with admin.connect() as connection:
-        connection.execute(text(f'CREATE DATABASE "{name}"'))
-    engine = build_engine(database_url(server, name), pool_size=1)
-    try:
-        upgrade(engine, revision)
-        yield engine
-    finally:
-        engine.dispose()
-        with admin.connect() as connection:
-            connection.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
+    with empty_database(name, revision) as url:
+        engine = build_engine(url, pool_size=1)
+        try:
+            yield engine
+        finally:
+            engine.dispose()
 
 
 def seed(engine: Engine, rng: random.Random) -> list[uuid.UUID]:
