@@ -103,6 +103,11 @@ class Settings(BaseSettings):
     signing_cert_store: str | None = Field(
         default=None, description="Glob of the PEM certificates whose signatures are trusted."
     )
+    require_service_account: bool = Field(
+        default=False,
+        description="Refuse (forbidden) every command and listing that names no service "
+        "account (serviceAccountUuid); docker-compose and the kustomize base set it.",
+    )
     data_dir: Path = Field(
         default=Path(".calls-worker"),
         description="Where the embedded PostgreSQL and Redis keep their data.",

@@ -27,6 +27,8 @@ PRUNE_TASK: Final = "calls.prune"
 # A query, not a command: {"commandId": ...} → the outcome the database keeps for it.
 OUTCOME_TASK: Final = "calls.outcome"
 RECONCILE_TASK: Final = "calls.reconcile"
+# A query, not a command: a page of calls, newest first (docs/wire-format.md).
+LIST_TASK: Final = "calls.list"
 
 # JSON only: pickle (or anything else that can run code when decoded) is refused.
 CONTENT_TYPES: Final = ["json"]

@@ -6,9 +6,10 @@ import copy
 from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Self
+from typing import Any, Self
 from uuid import UUID, uuid4
 
+from calls_worker.domain.access import ServiceAccount
 from calls_worker.domain.errors import CallsWorkerError
 from calls_worker.domain.model import Call, CallAttempt, CallStatus
 from calls_worker.domain.outcome import Outcome
@@ -21,6 +22,7 @@ from calls_worker.service.unit_of_work import (
     MissingReference,
     ProcessedCommands,
     References,
+    ServiceAccounts,
     UnitOfWork,
 )
 
@@ -34,6 +36,9 @@ class FakeState:
     pledge_case_person: dict[UUID, UUID] = field(default_factory=dict)
     calls: dict[UUID, Call] = field(default_factory=dict)
     processed: dict[str, Outcome] = field(default_factory=dict)
+    senders: dict[str, UUID | None] = field(default_factory=dict)
+    """The service account each processed command named."""
+    service_accounts: dict[UUID, ServiceAccount] = field(default_factory=dict)
     violations: list[str] = field(default_factory=list)
     """Uniqueness broken by pending writes; the real database says so at commit."""
 
@@ -47,6 +52,14 @@ class FakeState:
         self.owning_organization[uuid] = owning_organization
         return uuid
 
+    def add_service_account(self, organization: UUID, *scopes: str, **fields: Any) -> UUID:
+        uuid = uuid4()
+        self.service_accounts[uuid] = ServiceAccount(
+            uuid=uuid, name="fake", organization_uuid=organization, scopes=frozenset(scopes),
+            **fields,
+        )  # fmt: skip
+        return uuid
+
     def add_pledge_case(self, person: UUID) -> UUID:
         uuid = uuid4()
         self.pledge_case_person[uuid] = person
@@ -58,7 +71,10 @@ class FakeCallRepository(CallRepository):
         self.state = state
 
     def get_for_update(self, call_uuid: UUID) -> Call | None:
-        return self.state.calls.get(call_uuid)
+        call = self.state.calls.get(call_uuid)
+        if call is not None:
+            call.owning_organization_uuid = self.state.owning_organization.get(call.person_uuid)
+        return call
 
     def add(self, call: Call) -> None:
         if call.uuid in self.state.calls:
@@ -85,14 +101,16 @@ class FakeCallRepository(CallRepository):
     def references(
         self, person_uuid: UUID, organization_uuid: UUID, pledge_case_uuid: UUID | None
     ) -> References:
+        cases = self.state.pledge_case_person
+        pledge_case_person = None if pledge_case_uuid is None else cases.get(pledge_case_uuid)
         return References(
             person_exists=person_uuid in self.state.owning_organization,
             organization_exists=organization_uuid in self.state.max_call_attempts,
-            pledge_case_person_uuid=(
-                None
-                if pledge_case_uuid is None
-                else self.state.pledge_case_person.get(pledge_case_uuid)
-            ),
+            pledge_case_person_uuid=pledge_case_person,
+            person_owning_organization_uuid=self.state.owning_organization.get(person_uuid),
+            pledge_case_owning_organization_uuid=None
+            if pledge_case_person is None
+            else self.state.owning_organization.get(pledge_case_person),
         )
 
     def expire_exhausted(self, now: datetime, limit: int) -> Batch:
@@ -124,11 +142,23 @@ class FakeProcessedCommands(ProcessedCommands):
     def get(self, command_id: str) -> Outcome | None:
         return self.state.processed.get(command_id)
 
-    def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> None:
+    def add(
+        self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome,
+        service_account_uuid: UUID | None = None,
+    ) -> None:  # fmt: skip
         if command_id in self.state.processed:
             self.state.violations.insert(0, "duplicate command")  # its write goes first
             return
         self.state.processed[command_id] = outcome
+        self.state.senders[command_id] = service_account_uuid
+
+
+class FakeServiceAccounts(ServiceAccounts):
+    def __init__(self, state: FakeState) -> None:
+        self.state = state
+
+    def get(self, uuid: UUID) -> ServiceAccount | None:
+        return self.state.service_accounts.get(uuid)
 
 
 _VIOLATIONS: dict[str, type[CallsWorkerError]] = {
@@ -154,6 +184,7 @@ class FakeUnitOfWork(UnitOfWork):
         self._working = working = copy.deepcopy(self.committed)
         self.calls = FakeCallRepository(working)
         self.processed_commands = FakeProcessedCommands(working)
+        self.service_accounts = FakeServiceAccounts(working)
 
     def commit(self) -> None:
         violations = self._working.violations

@@ -92,6 +92,9 @@ class Command(_Model):
     kind: ClassVar[CommandKind]
 
     issued_at: AwareDatetime | None = None
+    service_account_uuid: UUID | None = None
+    """The service account the command is sent for (domain/access.py); optional unless the
+    worker requires one."""
 
     @property
     def call_uuid_or_none(self) -> UUID | None:
@@ -236,6 +239,38 @@ class ExpireCall(_CallCommand):
 COMMANDS: dict[CommandKind, type[Command]] = {
     cls.kind: cls for cls in (CreateCall, AddCallAttempt, CompleteCall, CancelCall, ExpireCall)
 }
+
+
+MAX_PAGE = 100
+DEFAULT_PAGE = 25
+MAX_CURSOR = 1_000
+
+
+class ListCalls(_Model):
+    """The query ``calls.list``: calls newest first (``createdAt``, then ``uuid``), a page at
+    a time; the filters narrow, the service account's reach narrows further."""
+
+    service_account_uuid: UUID | None = None
+    organization_uuid: UUID | None = None
+    person_uuid: UUID | None = None
+    status: CallStatus | None = None
+    type: CallType | None = None
+    limit: int = Field(default=DEFAULT_PAGE, ge=1, le=MAX_PAGE)
+    cursor: str | None = Field(default=None, min_length=1, max_length=MAX_CURSOR)
+
+
+def parse_list_calls(payload: str | bytes | Mapping[str, Any]) -> ListCalls:
+    """Validate a listing query's JSON; raises InvalidCommand listing every bad field."""
+    try:
+        raw = payload if isinstance(payload, str | bytes) else json.dumps(payload)
+        return ListCalls.model_validate_json(raw)
+    except (TypeError, ValueError) as error:
+        if isinstance(error, ValidationError):
+            raise InvalidCommand(
+                f"list query is invalid: {error.error_count()} problem(s)",
+                [_field_error(e) for e in error.errors(include_url=False)],
+            ) from error
+        raise InvalidCommand("list query is not JSON", [FieldError("", str(error))]) from error
 
 
 def parse_command(kind: CommandKind, payload: str | bytes | Mapping[str, Any]) -> Command:

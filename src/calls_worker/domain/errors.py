@@ -6,8 +6,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Literal
 
-# "forbidden" (403) belongs to the wire format for the API's access rules; no rule the
-# worker applies produces it today.
 ErrorCode = Literal["invalid", "not_found", "conflict", "forbidden"]
 
 
@@ -47,6 +45,22 @@ class NotFound(DomainError):
 
     code = "not_found"
     status = 404
+
+
+class Forbidden(DomainError):
+    """The service account may not do this: missing, unknown, disabled, lacking the scope, or
+    not authenticated by the certificate that signed the message (403)."""
+
+    code = "forbidden"
+    status = 403
+    kept: ClassVar[bool] = False
+    """Kept among the rejected commands too, for an operator (a claim that may be forged)."""
+
+
+class UnauthenticatedClaim(Forbidden):
+    """The command names a service account whose certificate did not sign the message."""
+
+    kept = True
 
 
 class Conflict(DomainError):

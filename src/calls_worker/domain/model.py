@@ -64,6 +64,9 @@ class Call:
     completed_at: datetime | None = None
     cancelled_at: datetime | None = None
     expired_at: datetime | None = None
+    owning_organization_uuid: UUID | None = None
+    """The organization owning the called person (its maximum applies; its service accounts
+    reach the call), where it was read with the call; not part of the call's JSON."""
 
     @property
     def is_external(self) -> bool:

@@ -8,6 +8,7 @@ from typing import Any
 from celery import Celery, signals
 
 from calls_worker.config import Settings, signing_of
+from calls_worker.entrypoints import signer
 from calls_worker.entrypoints.logs import LogFormat, use_format
 from calls_worker.entrypoints.metrics import (
     MULTIPROC_ENV,
@@ -115,6 +116,7 @@ def create_app(
     )
     if (signing := signing_of(settings)) is not None:
         enable_signing(app, signing)
+        signer.install(signing)  # tasks learn whose certificate signed their message
     app.calls_runtime = Runtime(database_url=database_url, settings=settings)  # type: ignore[attr-defined]
     register_tasks(app)
 

@@ -474,13 +474,16 @@ def settings_command() -> None:
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write one <kind>.schema.json per command here instead of printing them all.",
+    help="Write one <kind>.schema.json per command (and list.schema.json, the listing query)"
+    " here instead of printing them all.",
 )
 def schema(out: Path | None) -> None:
-    """The JSON Schema of every command, for producers in other languages."""
-    from calls_worker.domain.commands import COMMANDS
+    """The JSON Schema of every command and of the listing query, for producers in other
+    languages."""
+    from calls_worker.domain.commands import COMMANDS, ListCalls
 
-    schemas = {kind: model.model_json_schema(by_alias=True) for kind, model in COMMANDS.items()}
+    models: dict[str, Any] = {**COMMANDS, "list": ListCalls}
+    schemas = {kind: model.model_json_schema(by_alias=True) for kind, model in models.items()}
     if out is None:
         print_json(schemas)
         return

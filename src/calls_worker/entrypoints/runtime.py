@@ -9,7 +9,9 @@ from typing import Any
 from sqlalchemy import Engine
 
 from calls_worker.adapters.db.engine import build_engine
+from calls_worker.adapters.db.listing import SqlCallReader
 from calls_worker.config import Settings, signing_of
+from calls_worker.domain.access import AccessPolicy
 
 
 @dataclass
@@ -25,6 +27,7 @@ class Runtime:
     settings: Settings
     _engine: Engine | None = field(default=None, repr=False)
     _engine_pid: int = 0
+    _reader: SqlCallReader | None = field(default=None, repr=False)
 
     def engine(self) -> Engine:
         """This process's engine (pool of 2: a task and a sweep lock at most)."""
@@ -42,6 +45,20 @@ class Runtime:
     def signed(self) -> bool:
         """Whether messages are signed (then a command must name its id and task)."""
         return signing_of(self.settings) is not None
+
+    @property
+    def access_policy(self) -> AccessPolicy:
+        """What this deployment demands of the service accounts commands name."""
+        return AccessPolicy(
+            require_service_account=self.settings.require_service_account, signed=self.signed
+        )
+
+    def call_reader(self) -> SqlCallReader:
+        """This process's reader for listings (it keeps the cursor key once read)."""
+        engine = self.engine()
+        if self._reader is None or self._reader.engine is not engine:
+            self._reader = SqlCallReader(engine)
+        return self._reader
 
     def unpooled_engine(self) -> Engine:
         """An engine that keeps no connection open, for the rare writes of a pool's parent."""

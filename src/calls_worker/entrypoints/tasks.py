@@ -20,15 +20,18 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from calls_worker.adapters.db import journal
 from calls_worker.adapters.db.repository import SqlUnitOfWork
-from calls_worker.domain.commands import CommandKind, parse_command
-from calls_worker.domain.errors import FieldError, InvalidCommand
+from calls_worker.domain.commands import CommandKind, parse_command, parse_list_calls
+from calls_worker.domain.errors import DomainError, FieldError, InvalidCommand
 from calls_worker.domain.outcome import Outcome, failed
 from calls_worker.entrypoints.metrics import worker_metrics
 from calls_worker.entrypoints.runtime import Runtime, runtime_of
+from calls_worker.entrypoints.signer import SIGNED_BY
 from calls_worker.service.handlers import handle, utc_now
+from calls_worker.service.listing import list_calls
 from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
 from calls_worker.wire import (
     COMMANDS_QUEUE,
+    LIST_TASK,
     OUTCOME_TASK,
     PRUNE_TASK,
     RECONCILE_TASK,
@@ -109,7 +112,7 @@ class CommandTask(Task[Any, Outcome]):
         if isinstance(exc, CommandGaveUp):
             return  # kept already
         worker_metrics().rejection("gave_up")
-        raw_body = journal.dumps([list(args), dict(kwargs), {}])
+        raw_body = _raw_body(args, kwargs)
         reason = f"failed: {exc!r}"
         try:
             journal.record_rejected(
@@ -159,7 +162,7 @@ def give_up(
             runtime.unpooled_engine(),
             task_name=task.name,
             command_id=command_id,
-            raw_body=journal.dumps([list(args), dict(kwargs), {}]),
+            raw_body=_raw_body(args, kwargs),
             reason=reason,
         )
     except Exception as unkept:  # the database is away: the broker keeps the command
@@ -182,9 +185,10 @@ SIGNED_FOR = "signedFor"
 def command_payload(
     args: tuple[Any, ...], kwargs: Mapping[str, Any], *, command_id: str, task_name: str,
     signed: bool,
-) -> Any:  # fmt: skip
+) -> tuple[Any, str | None]:  # fmt: skip
     """The ``command`` keyword argument, the only argument a command task takes, besides
-    ``signedFor`` when messages are signed.
+    ``signedFor`` when messages are signed; and the fingerprint of the certificate that
+    signed the message (``signedBy``, set by the worker's decoding: entrypoints/signer.py).
 
     Celery's signing covers the body only, not the headers that carry the command id and
     the task name: a captured signed message could be sent again under a new id (a second
@@ -192,11 +196,12 @@ def command_payload(
     body therefore names its id and task in ``signedFor: {"id": ..., "task": ...}``,
     which must match the headers; when signing is on, a body without it is refused.
     """
-    expected = {"command", SIGNED_FOR} if SIGNED_FOR in kwargs else {"command"}
-    if args or set(kwargs) != expected:
+    given = set(kwargs) - ({SIGNED_BY} if signed else set())
+    expected = {"command", SIGNED_FOR} if SIGNED_FOR in given else {"command"}
+    if args or given != expected:
         raise InvalidCommand(
             "a command task takes exactly one keyword argument, command",
-            [FieldError("kwargs", f"got {len(args)} positional and keywords {sorted(kwargs)}")],
+            [FieldError("kwargs", f"got {len(args)} positional and keywords {sorted(given)}")],
         )
     bound = kwargs.get(SIGNED_FOR)
     if bound is None and signed:
@@ -209,14 +214,22 @@ def command_payload(
             "signedFor does not match the message: sent again under another id, or as another task",
             [FieldError(SIGNED_FOR, f"names {bound!r}; the message is {task_name} {command_id}")],
         )
-    return kwargs["command"]
+    signer = kwargs.get(SIGNED_BY) if signed else None
+    return kwargs["command"], signer if isinstance(signer, str) else None
+
+
+def _raw_body(args: Any, kwargs: Mapping[str, Any]) -> str:
+    """The message's body as kept among the rejected commands: as the producer sent it
+    (without the ``signedBy`` the worker's decoding added)."""
+    sent = {key: value for key, value in kwargs.items() if key != SIGNED_BY}
+    return journal.dumps([list(args), sent, {}])
 
 
 def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any) -> Outcome:
     runtime = runtime_of(task.app)
     command_id = str(task.request.id)
     try:
-        payload = command_payload(
+        payload, signer = command_payload(
             tuple(args), kwargs, command_id=command_id, task_name=task.name,
             signed=runtime.signed,
         )  # fmt: skip
@@ -226,7 +239,7 @@ def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any)
             runtime.engine(),
             task_name=task.name,
             command_id=command_id,
-            raw_body=journal.dumps([list(args), dict(kwargs), {}]),
+            raw_body=_raw_body(args, kwargs),
             reason=error.message,
             details=error.details,
         )
@@ -241,7 +254,21 @@ def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any)
             extra={"command_id": command_id, "kind": kind, "rejected_id": rejected_id},
         )
         return outcome
-    outcome = handle(command_id, command, SqlUnitOfWork(runtime.engine()))
+
+    def keep(error: DomainError) -> None:
+        rejected_id = journal.record_rejected(
+            runtime.engine(), task_name=task.name, command_id=command_id,
+            raw_body=_raw_body(args, kwargs), reason=error.message, details=error.details,
+        )  # fmt: skip
+        worker_metrics().rejection("forbidden")
+        logger.warning("command %s %s refused and kept as %s: %s", kind, command_id,
+                       rejected_id, error.message,
+                       extra={"command_id": command_id, "rejected_id": rejected_id})  # fmt: skip
+
+    outcome = handle(
+        command_id, command, SqlUnitOfWork(runtime.engine()),
+        policy=runtime.access_policy, signer_sha256=signer, on_kept=keep,
+    )  # fmt: skip
     call_uuid = outcome["call"]["uuid"] if outcome["ok"] else command.call_uuid_or_none
     code = "ok" if outcome["ok"] else outcome["error"]["code"]
     worker_metrics().command(kind, code)
@@ -256,9 +283,29 @@ def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any)
             "kind": kind,
             "call_uuid": str(call_uuid),
             "outcome": code,
+            "service_account_uuid": str(command.service_account_uuid),
         },
     )
     return outcome
+
+
+def run_list(task: Task[Any, Any], args: Any, kwargs: Any) -> Outcome:
+    """The ``calls.list`` query: a page of calls, or an error outcome. Changes nothing."""
+    runtime = runtime_of(task.app)
+    try:
+        payload, signer = command_payload(
+            tuple(args), kwargs, command_id=str(task.request.id), task_name=task.name,
+            signed=runtime.signed,
+        )  # fmt: skip
+        query = parse_list_calls(payload if isinstance(payload, str) else _mapping(payload))
+    except InvalidCommand as error:
+        logger.warning("list query %s refused: %s", task.request.id, error.message,
+                       extra={"command_id": str(task.request.id)})  # fmt: skip
+        return failed(error)
+    return list_calls(
+        runtime.call_reader(), query, policy=runtime.access_policy,
+        signer_sha256=signer,
+    )  # fmt: skip
 
 
 def _mapping(payload: Any) -> Mapping[str, Any]:
@@ -370,6 +417,13 @@ def register_tasks(app: Celery) -> None:
         return run_outcome_query(self, args, kwargs)
 
     app.task(name=OUTCOME_TASK, bind=True, queue=COMMANDS_QUEUE, acks_late=True)(outcome)
+
+    def list_page(self: Task[Any, Any], *args: Any, **kwargs: Any) -> Outcome:
+        """A page of calls, newest first, for ``command: {...}`` (docs/wire-format.md):
+        ``{"ok": true, "calls": [...], "nextCursor": ...}`` or an error outcome."""
+        return run_list(self, args, kwargs)
+
+    app.task(name=LIST_TASK, bind=True, queue=COMMANDS_QUEUE, acks_late=True)(list_page)
 
 
 def run_outcome_query(task: Task[Any, Any], args: Any, kwargs: Any) -> dict[str, Any]:

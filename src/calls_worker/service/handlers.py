@@ -8,10 +8,13 @@ in the same transaction as the effect.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
+from calls_worker.domain import access
+from calls_worker.domain.access import OPEN, AccessPolicy, Caller, ServiceAccount
 from calls_worker.domain.commands import (
     AddCallAttempt,
     CancelCall,
@@ -25,6 +28,7 @@ from calls_worker.domain.errors import (
     CallAlreadyExists,
     DomainError,
     FieldError,
+    Forbidden,
     InvalidCommand,
     NotFound,
 )
@@ -49,6 +53,10 @@ def handle(
     command: Command,
     uow: UnitOfWork,
     clock: Callable[[], datetime] = utc_now,
+    *,
+    policy: AccessPolicy = OPEN,
+    signer_sha256: str | None = None,
+    on_kept: Callable[[DomainError], None] | None = None,
 ) -> Outcome:
     """Apply ``command`` once and return its outcome.
 
@@ -57,38 +65,65 @@ def handle(
     (the second waits for it). The outcome is recorded in the transaction of the effect, so
     a redelivery is found out when that record is written, and its effect is dropped with
     it. Raises nothing for a broken rule: that is an error outcome.
+
+    ``policy`` and ``signer_sha256`` (the fingerprint of the certificate that signed the
+    message) decide what the service account the command names may do (domain/access.py),
+    when the command is applied. ``on_kept`` is told of a refusal an operator must see (a
+    claim the signature does not back), once its outcome is recorded.
     """
+    kept: DomainError | None = None
     with uow:
         now = command.issued_at or clock()
         call_uuid = command.call_uuid_or_none
+        account: ServiceAccount | None = None
         try:
             if absurd := absurd_timestamps(command, clock()):
                 raise InvalidCommand("timestamps in the far future", absurd)
-            call = HANDLERS[type(command)](command, uow, now)
+            account = acting_account(command.service_account_uuid, command.kind, uow,
+                                     policy=policy, signer_sha256=signer_sha256)  # fmt: skip
+            call = HANDLERS[type(command)](command, uow, now, account)
             outcome, call_uuid = succeeded(call), call.uuid
         except DomainError as error:
             uow.rollback()
             outcome = failed(error)
+            kept = error if isinstance(error, Forbidden) and error.kept else None
         try:
-            return _record(command_id, command, call_uuid, outcome, uow)
+            recorded = _record(command_id, command, call_uuid, outcome, uow)
         except CallUuidTaken:
             taken = CallAlreadyExists(
                 f"a call with uuid {call_uuid} exists already",
                 [FieldError("uuid", "exists already")],
             )
-            return _record(command_id, command, call_uuid, failed(taken), uow)
+            recorded = _record(command_id, command, call_uuid, failed(taken), uow)
         except MissingReference:
             assert isinstance(command, CreateCall), "only a new call points at other rows"
-            missing = _not_found(command, _references(command, uow))
+            missing = _not_found(command, _references(command, uow, account))
             uow.rollback()
-            return _record(command_id, command, call_uuid, failed(missing), uow)
+            recorded = _record(command_id, command, call_uuid, failed(missing), uow)
+    if kept is not None and on_kept is not None and recorded is outcome:  # not a redelivery
+        on_kept(kept)
+    return recorded
+
+
+def acting_account(
+    named: UUID | None, kind: str, uow: UnitOfWork, *, policy: AccessPolicy,
+    signer_sha256: str | None,
+) -> ServiceAccount | None:  # fmt: skip
+    """Steps 2 and 3 of the checks, with the account as the store holds it now: the account
+    acting, or None (none named, none required). Raises Forbidden."""
+    if named is None and not policy.require_service_account:
+        return None
+    account = None if named is None else uow.service_accounts.get(named)
+    return access.authorize(policy, Caller(named, signer_sha256), account, access.SCOPE_OF[kind])
 
 
 def _record(
     command_id: str, command: Command, call_uuid: UUID | None, outcome: Outcome, uow: UnitOfWork
 ) -> Outcome:
     """Commit the effect with its outcome; a command id seen before gets its first outcome."""
-    uow.processed_commands.add(command_id, command.kind, call_uuid, outcome)
+    uow.processed_commands.add(
+        command_id, command.kind, call_uuid, outcome, command.service_account_uuid
+    )
     try:
         uow.commit()
     except DuplicateCommand:
@@ -98,19 +133,23 @@ def _record(
     return outcome
 
 
-def create_call(command: CreateCall, uow: UnitOfWork, now: datetime) -> Call:
+def create_call(
+    command: CreateCall, uow: UnitOfWork, now: datetime, account: ServiceAccount | None = None
+) -> Call:
     """Create a call managed here (as requested) or externally (stored as given).
 
     The rows it points at are not read first: their foreign keys find a missing one at
-    commit (MissingReference, see ``handle``). Only a pledge case named for a call managed
-    here is read, since it must be a pledge case of the person called.
+    commit (MissingReference, see ``handle``). They are read when a service account acts
+    (a person it does not reach is missing to it), and a pledge case named for a call
+    managed here is, since it must be a pledge case of the person called.
     """
     call = _external_call(command, now) if command.is_external else _managed_call(command, now)
-    if command.pledge_case_uuid is not None and not call.is_external:
-        refs = _references(command, uow)
+    checks_pledge_case = command.pledge_case_uuid is not None and not call.is_external
+    if account is not None or checks_pledge_case:
+        refs = _references(command, uow, account)
         if (missing := _not_found(command, refs)).details:
             raise missing
-        if refs.pledge_case_person_uuid != command.person_uuid:
+        if checks_pledge_case and refs.pledge_case_person_uuid != command.person_uuid:
             raise InvalidCommand(
                 f"pledge case {command.pledge_case_uuid} belongs to another person",
                 [FieldError("pledgeCaseUuid", "must be a pledge case of the person called")],
@@ -119,9 +158,22 @@ def create_call(command: CreateCall, uow: UnitOfWork, now: datetime) -> Call:
     return call
 
 
-def _references(command: CreateCall, uow: UnitOfWork) -> References:
-    return uow.calls.references(
+def _references(
+    command: CreateCall, uow: UnitOfWork, account: ServiceAccount | None
+) -> References:
+    """The rows a create names, as ``account`` sees them: a person it does not reach, or a
+    pledge case of such a person, is missing to it, exactly as one that does not exist."""
+    refs = uow.calls.references(
         command.person_uuid, command.organization_uuid, command.pledge_case_uuid
+    )
+    if account is None:
+        return refs
+    return replace(
+        refs,
+        person_exists=access.reaches_person(account, refs.person_owning_organization_uuid),
+        pledge_case_person_uuid=refs.pledge_case_person_uuid
+        if access.reaches_person(account, refs.pledge_case_owning_organization_uuid)
+        else None,
     )
 
 
@@ -179,45 +231,57 @@ def _external_call(command: CreateCall, now: datetime) -> Call:
     )
 
 
-def _load(uow: UnitOfWork, call_uuid: UUID) -> Call:
+def _load(uow: UnitOfWork, call_uuid: UUID, account: ServiceAccount | None) -> Call:
+    """The call, locked; NotFound if it does not exist or ``account`` does not reach it
+    (the same error: existence is not revealed)."""
     call = uow.calls.get_for_update(call_uuid)
-    if call is None:
+    if call is None or not access.reaches_call(
+        account, call.organization_uuid, call.owning_organization_uuid
+    ):
         raise NotFound(
             f"call {call_uuid} does not exist", [FieldError("callUuid", "does not exist")]
         )
     return call
 
 
-def add_call_attempt(command: AddCallAttempt, uow: UnitOfWork, now: datetime) -> Call:
-    call = _load(uow, command.call_uuid)
+def add_call_attempt(
+    command: AddCallAttempt, uow: UnitOfWork, now: datetime, account: ServiceAccount | None = None
+) -> Call:
+    call = _load(uow, command.call_uuid, account)
     attempt = CallAttempt(command.user_uuid, command.attempted_at)
     call.add_attempt(attempt, now)
     uow.calls.add_attempt(call, attempt)
     return call
 
 
-def complete_call(command: CompleteCall, uow: UnitOfWork, now: datetime) -> Call:
-    call = _load(uow, command.call_uuid)
+def complete_call(
+    command: CompleteCall, uow: UnitOfWork, now: datetime, account: ServiceAccount | None = None
+) -> Call:
+    call = _load(uow, command.call_uuid, account)
     call.complete(command.user_uuid, command.result, now)
     uow.calls.save_state(call)
     return call
 
 
-def cancel_call(command: CancelCall, uow: UnitOfWork, now: datetime) -> Call:
-    call = _load(uow, command.call_uuid)
+def cancel_call(
+    command: CancelCall, uow: UnitOfWork, now: datetime, account: ServiceAccount | None = None
+) -> Call:
+    call = _load(uow, command.call_uuid, account)
     call.cancel(command.cancelled_at or now, now)
     uow.calls.save_state(call)
     return call
 
 
-def expire_call(command: ExpireCall, uow: UnitOfWork, now: datetime) -> Call:
-    call = _load(uow, command.call_uuid)
+def expire_call(
+    command: ExpireCall, uow: UnitOfWork, now: datetime, account: ServiceAccount | None = None
+) -> Call:
+    call = _load(uow, command.call_uuid, account)
     call.expire(command.expired_at or now, now)
     uow.calls.save_state(call)
     return call
 
 
-Handler = Callable[[Any, UnitOfWork, datetime], Call]
+Handler = Callable[[Any, UnitOfWork, datetime, ServiceAccount | None], Call]
 
 HANDLERS: dict[type[Command], Handler] = {
     CreateCall: create_call,

@@ -13,6 +13,7 @@ from types import TracebackType
 from typing import Self
 from uuid import UUID
 
+from calls_worker.domain.access import ServiceAccount
 from calls_worker.domain.errors import CallsWorkerError
 from calls_worker.domain.model import Call, CallAttempt
 from calls_worker.domain.outcome import Outcome
@@ -26,6 +27,10 @@ class References:
     organization_exists: bool
     pledge_case_person_uuid: UUID | None
     """The person the named pledge case belongs to; None when none was named or it is missing."""
+    person_owning_organization_uuid: UUID | None = None
+    """The organization owning the person (None: no such person)."""
+    pledge_case_owning_organization_uuid: UUID | None = None
+    """The organization owning the pledge case's person (None: none named, or missing)."""
 
 
 @dataclass(frozen=True)
@@ -46,7 +51,8 @@ class CallRepository(abc.ABC):
 
     @abc.abstractmethod
     def get_for_update(self, call_uuid: UUID) -> Call | None:
-        """The call with its attempts, locked until the unit of work ends; None if missing."""
+        """The call with its attempts and its person's owning organization, locked until the
+        unit of work ends; None if missing."""
 
     @abc.abstractmethod
     def add(self, call: Call) -> None:
@@ -84,9 +90,21 @@ class ProcessedCommands(abc.ABC):
         """The outcome first recorded for this command id, if any."""
 
     @abc.abstractmethod
-    def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> None:
-        """Record the outcome at commit, which raises DuplicateCommand if this command id is
-        recorded already (waiting for a concurrent record of it to end first)."""
+    def add(
+        self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome,
+        service_account_uuid: UUID | None = None,
+    ) -> None:  # fmt: skip
+        """Record the outcome (and the service account the command named) at commit, which
+        raises DuplicateCommand if this command id is recorded already (waiting for a
+        concurrent record of it to end first)."""
+
+
+class ServiceAccounts(abc.ABC):
+    """The service accounts commands act for (``worker_service_accounts``)."""
+
+    @abc.abstractmethod
+    def get(self, uuid: UUID) -> ServiceAccount | None:
+        """The account as it is now (read in this unit of work); None if unknown."""
 
 
 class DuplicateCommand(CallsWorkerError):
@@ -112,6 +130,7 @@ class UnitOfWork(abc.ABC):
 
     calls: CallRepository
     processed_commands: ProcessedCommands
+    service_accounts: ServiceAccounts
 
     def __enter__(self) -> Self:
         return self

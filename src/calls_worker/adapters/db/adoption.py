@@ -35,6 +35,7 @@ logger = logging.getLogger("calls_worker")
 ADOPTION_TABLE = "worker_adoption"
 ATTEMPT_COUNTS = "attempt_count"
 DUE_CALLS = "due_calls"
+CALL_REACH = "call_reach"
 ADOPTED = "adopted"
 DEFAULT_BATCH_SIZE = 1000
 
@@ -62,6 +63,8 @@ _REFRESH_DUE = text(
     " WHERE c.uuid = ANY (CAST(:uuids AS uuid[]))"
     " AND c.status = 'requested' AND c.external_metadata IS NULL"
 )
+_FILL_REACH = text("SELECT calls_worker_fill_call_reach(CAST(:uuids AS uuid[]))")
+_WORK = {ATTEMPT_COUNTS: _COUNT, DUE_CALLS: _REFRESH_DUE, CALL_REACH: _FILL_REACH}
 _PROGRESS = text(f"UPDATE {ADOPTION_TABLE} SET last_key = :key WHERE step = :step")
 _FINISHED = text(f"UPDATE {ADOPTION_TABLE} SET finished_at = now() WHERE step = :step")
 
@@ -74,6 +77,15 @@ def start(connection: Connection) -> None:
              " ON CONFLICT (step) DO NOTHING"),
         {"a": ADOPTED, "b": ATTEMPT_COUNTS, "c": DUE_CALLS},
     )  # fmt: skip
+
+
+def owe(connection: Connection, step: str) -> None:
+    """Record that the backfill ``step`` is owed (on any database with calls, adopted or not)."""
+    connection.exec_driver_sql(CREATE_PROGRESS)
+    connection.execute(
+        text(f"INSERT INTO {ADOPTION_TABLE} (step) VALUES (:s) ON CONFLICT (step) DO NOTHING"),
+        {"s": step},
+    )
 
 
 def adopted(connection: Connection) -> bool:
@@ -166,12 +178,13 @@ def _transaction(connection: Connection) -> Iterator[None]:
 
 
 def backfill(connection: Connection, step: str, batch_size: int = DEFAULT_BATCH_SIZE) -> int:
-    """Run the backfill ``step`` (ATTEMPT_COUNTS or DUE_CALLS) from where it stopped, a batch
-    a transaction, on a connection in autocommit mode; how many calls it changed."""
+    """Run the backfill ``step`` (ATTEMPT_COUNTS, DUE_CALLS or CALL_REACH) from where it
+    stopped, a batch a transaction, on a connection in autocommit mode; how many calls (for
+    CALL_REACH: rows) it changed."""
     owed, after = _pending(connection, step)
     if not owed:
         return 0
-    work: Any = _COUNT if step == ATTEMPT_COUNTS else _REFRESH_DUE
+    work: Any = _WORK[step]
     changed = batches = 0
     started = time.monotonic()
     while True:

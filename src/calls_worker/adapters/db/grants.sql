@@ -15,6 +15,9 @@ GRANT SELECT, INSERT ON worker_sweep_runs TO calls_worker_app;
 -- UPDATE: the sweep locks the rows it takes (SELECT … FOR UPDATE).
 GRANT SELECT, UPDATE, DELETE ON worker_due_calls TO calls_worker_app;
 GRANT SELECT ON calls_worker_alembic_version TO calls_worker_app;                -- status
+-- INSERT, UPDATE: `calls-worker service-accounts add/disable` with the worker's URL.
+GRANT SELECT, INSERT, UPDATE ON worker_service_accounts TO calls_worker_app;
+GRANT SELECT ON worker_call_reach, worker_secrets TO calls_worker_app;           -- listing
 GRANT USAGE ON SEQUENCE worker_rejected_commands_id_seq, worker_sweep_runs_id_seq
     TO calls_worker_app;
 -- Beat's periodic check of the due-calls record (SECURITY DEFINER: it repairs as the owner).

@@ -15,7 +15,7 @@ from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import OperationalError
 
 from calls_worker.adapters.db.adoption import DEFAULT_BATCH_SIZE
@@ -154,10 +154,30 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(_config()).get_current_head()
 
 
+def _take_turn(connection: Connection) -> None:
+    """Hold the migration lock (for the session), waiting for another migrate to finish.
+
+    Asked again and again, each time in a transaction of its own, rather than waited for in
+    one: a waiting transaction would hold a snapshot that an index built CONCURRENTLY by
+    the migrate holding the lock must wait for, and the two would deadlock.
+    """
+    while True:
+        taken = connection.execute(
+            text("SELECT pg_try_advisory_lock(:key)"), {"key": _MIGRATION_LOCK}
+        ).scalar()
+        connection.commit()
+        if taken:
+            return
+        time.sleep(_TURN_POLL_SECONDS)
+
+
+_TURN_POLL_SECONDS = 0.2
+
+
 def _run(engine: Engine, action: Callable[[Config], object]) -> None:
     config = _config()
     with engine.connect() as connection:
-        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": _MIGRATION_LOCK})
+        _take_turn(connection)
         connection.execute(text(f"SET lock_timeout = '{LOCK_TIMEOUT}'"))
         connection.commit()
         try:

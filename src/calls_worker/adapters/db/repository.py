@@ -27,6 +27,7 @@ from sqlalchemy import (
     update,
 )
 
+from calls_worker.domain.access import ServiceAccount
 from calls_worker.domain.model import Call, CallAttempt, CallStatus, CallType
 from calls_worker.domain.outcome import Outcome
 from calls_worker.service.unit_of_work import (
@@ -37,6 +38,7 @@ from calls_worker.service.unit_of_work import (
     MissingReference,
     ProcessedCommands,
     References,
+    ServiceAccounts,
     UnitOfWork,
 )
 
@@ -78,7 +80,8 @@ def calls_with_owning_organization() -> Any:
 _LOCK_CALL = (
     "SELECT c.uuid, c.status, c.type, c.person_uuid, c.organization_uuid, c.pledge_case_uuid,"
     " c.requested_by, c.result, c.notes, c.external_metadata, c.completed_by, c.created_at,"
-    " c.updated_at, c.completed_at, c.cancelled_at, c.expired_at"
+    " c.updated_at, c.completed_at, c.cancelled_at, c.expired_at,"
+    " (SELECT p.owning_organization_uuid FROM persons p WHERE p.uuid = c.person_uuid) AS owner"
     " FROM calls c WHERE c.uuid = %(uuid)s FOR UPDATE OF c"
 )
 _LOAD_ATTEMPTS = (
@@ -87,9 +90,17 @@ _LOAD_ATTEMPTS = (
     " FROM call_attempts a WHERE a.call_uuid = %(uuid)s"
 )
 _REFERENCES = (
-    "SELECT EXISTS (SELECT FROM persons WHERE uuid = %(person)s) AS person,"
+    "SELECT (SELECT owning_organization_uuid FROM persons WHERE uuid = %(person)s) AS owner,"
+    " EXISTS (SELECT FROM persons WHERE uuid = %(person)s) AS person,"
     " EXISTS (SELECT FROM organizations WHERE uuid = %(organization)s) AS organization,"
-    " (SELECT person_uuid FROM pledge_cases WHERE uuid = %(pledge_case)s) AS pledge_case_person"
+    " pc.person_uuid AS pledge_case_person, pp.owning_organization_uuid AS pledge_case_owner"
+    " FROM (SELECT) AS one"
+    " LEFT JOIN pledge_cases pc ON pc.uuid = %(pledge_case)s"
+    " LEFT JOIN persons pp ON pp.uuid = pc.person_uuid"
+)
+_SERVICE_ACCOUNT = (
+    "SELECT uuid, name, organization_uuid, scopes, disabled_at, certificate_sha256"
+    " FROM worker_service_accounts WHERE uuid = %(uuid)s"
 )
 _PROCESSED_OUTCOME = "SELECT outcome FROM worker_processed_commands WHERE command_id = %(id)s"
 
@@ -192,7 +203,7 @@ def _drop_if_broken(connection: Connection) -> None:
         connection.invalidate()
 
 
-def _call_from_row(row: Any, attempts_json: list[list[str]]) -> Call:
+def call_from_row(row: Any, attempts_json: list[list[str]]) -> Call:
     return Call(
         uuid=row.uuid,
         status=CallStatus(row.status),
@@ -213,6 +224,7 @@ def _call_from_row(row: Any, attempts_json: list[list[str]]) -> Call:
         completed_at=row.completed_at,
         cancelled_at=row.cancelled_at,
         expired_at=row.expired_at,
+        owning_organization_uuid=row.owner,
     )
 
 
@@ -231,8 +243,9 @@ def _state(call: Call) -> dict[str, Any]:
 
 # The writes of a command, sent together at commit (see SqlUnitOfWork.commit).
 _INSERT_PROCESSED = (
-    "INSERT INTO worker_processed_commands (command_id, kind, call_uuid, outcome)"
-    " VALUES (%(command_id)s, %(kind)s, %(call_uuid)s, %(outcome)s)"
+    "INSERT INTO worker_processed_commands"
+    " (command_id, kind, call_uuid, outcome, service_account_uuid)"
+    " VALUES (%(command_id)s, %(kind)s, %(call_uuid)s, %(outcome)s, %(account)s)"
 )
 _INSERT_CALL = (
     "INSERT INTO calls (uuid, status, type, person_uuid, organization_uuid, pledge_case_uuid,"
@@ -368,7 +381,7 @@ class SqlCallRepository(CallRepository):
         row, attempts = self._transaction.read_each(
             [_LOCK_CALL, _LOAD_ATTEMPTS], {"uuid": call_uuid}
         )
-        return None if row is None else _call_from_row(row, attempts.attempts_json)
+        return None if row is None else call_from_row(row, attempts.attempts_json)
 
     def add(self, call: Call) -> None:
         self._transaction.write(
@@ -419,6 +432,8 @@ class SqlCallRepository(CallRepository):
             person_exists=row.person,
             organization_exists=row.organization,
             pledge_case_person_uuid=row.pledge_case_person,
+            person_owning_organization_uuid=row.owner,
+            pledge_case_owning_organization_uuid=row.pledge_case_owner,
         )
 
     def expire_exhausted(self, now: datetime, limit: int) -> Batch:
@@ -441,13 +456,36 @@ class SqlProcessedCommands(ProcessedCommands):
         row = self._transaction.read(_PROCESSED_OUTCOME, {"id": command_id})
         return None if row is None else dict(row.outcome)
 
-    def add(self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome) -> None:
+    def add(
+        self, command_id: str, kind: str, call_uuid: UUID | None, outcome: Outcome,
+        service_account_uuid: UUID | None = None,
+    ) -> None:  # fmt: skip
         # First among the writes: a redelivery then fails before doing any of its work.
         self._transaction.write_first(
             _INSERT_PROCESSED,
             {"command_id": command_id, "kind": kind, "call_uuid": call_uuid,
-             "outcome": Jsonb(outcome)},
+             "outcome": Jsonb(outcome), "account": service_account_uuid},
         )  # fmt: skip
+
+
+class SqlServiceAccounts(ServiceAccounts):
+    def __init__(self, transaction: _Transaction) -> None:
+        self._transaction = transaction
+
+    def get(self, uuid: UUID) -> ServiceAccount | None:
+        row = self._transaction.read(_SERVICE_ACCOUNT, {"uuid": uuid})
+        return None if row is None else service_account_from_row(row)
+
+
+def service_account_from_row(row: Any) -> ServiceAccount:
+    return ServiceAccount(
+        uuid=row.uuid,
+        name=row.name,
+        organization_uuid=row.organization_uuid,
+        scopes=frozenset(row.scopes),
+        disabled_at=row.disabled_at,
+        certificate_sha256=row.certificate_sha256,
+    )
 
 
 class SqlUnitOfWork(UnitOfWork):
@@ -469,6 +507,7 @@ class SqlUnitOfWork(UnitOfWork):
             raise
         self.calls = SqlCallRepository(self._transaction)
         self.processed_commands = SqlProcessedCommands(self._transaction)
+        self.service_accounts = SqlServiceAccounts(self._transaction)
         return self
 
     def __exit__(

@@ -18,7 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 metadata = MetaData()
 
@@ -87,6 +87,29 @@ processed_commands = Table(
     Column("call_uuid", UUID(as_uuid=True)),
     Column("outcome", JSONB, nullable=False),
     Column("processed_at", DateTime(timezone=True), nullable=False),
+    Column("service_account_uuid", UUID(as_uuid=True)),
+)
+
+service_accounts = Table(
+    "worker_service_accounts",
+    metadata,
+    Column("uuid", UUID(as_uuid=True), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column(
+        "organization_uuid", UUID(as_uuid=True), ForeignKey("organizations.uuid"), nullable=False
+    ),
+    Column("scopes", ARRAY(Text), nullable=False),
+    Column("certificate_sha256", Text),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("disabled_at", DateTime(timezone=True)),
+)
+
+call_reach = Table(
+    "worker_call_reach",
+    metadata,
+    Column("organization_uuid", UUID(as_uuid=True), primary_key=True),
+    Column("created_at", DateTime(timezone=True), primary_key=True),
+    Column("call_uuid", UUID(as_uuid=True), primary_key=True),
 )
 
 rejected_commands = Table(
