@@ -7,6 +7,7 @@ command path, so nothing here is a command with an outcome.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -105,3 +106,44 @@ def show_call(engine: Engine, call: UUID) -> dict[str, Any] | None:
             {"c": call},
         )  # fmt: skip
         return {**row._mapping, "attempts": [dict(a._mapping) for a in attempts]}
+
+
+def add_service_account(
+    engine: Engine,
+    name: str,
+    organization: UUID,
+    scopes: Sequence[str],
+    certificate_sha256: str | None = None,
+) -> UUID:
+    """Raises sqlalchemy's IntegrityError if the organization does not exist."""
+    uuid = uuid4()
+    with engine.begin() as connection:
+        connection.execute(
+            text("INSERT INTO worker_service_accounts"
+                 " (uuid, name, organization_uuid, scopes, certificate_sha256)"
+                 " VALUES (:u, :n, :o, :s, :c)"),
+            {"u": uuid, "n": name, "o": organization, "s": sorted(set(scopes)),
+             "c": certificate_sha256},
+        )  # fmt: skip
+    return uuid
+
+
+def list_service_accounts(engine: Engine) -> list[dict[str, Any]]:
+    return _listed(
+        engine,
+        'SELECT uuid, name, organization_uuid AS "organizationUuid", scopes,'
+        ' certificate_sha256 AS "certificateSha256", created_at AS "createdAt",'
+        ' disabled_at AS "disabledAt" FROM worker_service_accounts ORDER BY name, uuid',
+    )
+
+
+def disable_service_account(engine: Engine, uuid: UUID) -> bool:
+    """Disable the account from now on (commands applied later are forbidden); False if
+    there is no such account. Disabling one disabled already keeps its first time."""
+    with engine.begin() as connection:
+        found = connection.execute(
+            text("UPDATE worker_service_accounts SET disabled_at = coalesce(disabled_at, now())"
+                 " WHERE uuid = :u"),
+            {"u": uuid},
+        )  # fmt: skip
+    return found.rowcount == 1

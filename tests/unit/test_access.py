@@ -1,0 +1,122 @@
+"""The access rules (domain/access.py) against the fakes: the table of tests/access_cases.py,
+the order of the checks, and what the processed record keeps."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID, uuid4
+
+import pytest
+
+from calls_worker.domain.access import AccessPolicy, ServiceAccount
+from calls_worker.domain.commands import CommandKind, parse_command
+from calls_worker.domain.errors import DomainError
+from calls_worker.domain.model import Call, CallStatus, CallType
+from calls_worker.domain.outcome import Outcome
+from calls_worker.service.handlers import handle
+from tests.access_cases import ACCESS_CASES, AccessCase, World, check, run, same_as_missing
+from tests.unit.fakes import FakeUnitOfWork
+
+WHEN = datetime(2026, 2, 1, tzinfo=UTC)
+
+
+class FakeWorld(World):
+    def __init__(self) -> None:
+        self.uow = FakeUnitOfWork()
+        self.kept: list[DomainError] = []
+
+    def organization(self) -> UUID:
+        return self.uow.committed.add_organization(3)
+
+    def person(self, owner: UUID) -> UUID:
+        return self.uow.committed.add_person(owner)
+
+    def call(self, person: UUID, performer: UUID, *, completed: bool) -> UUID:
+        uuid = uuid4()
+        self.uow.committed.calls[uuid] = Call(
+            uuid=uuid, status=CallStatus.COMPLETED if completed else CallStatus.REQUESTED,
+            type=CallType.VERIFICATION, person_uuid=person, organization_uuid=performer,
+            created_at=WHEN, updated_at=WHEN,
+        )  # fmt: skip
+        return uuid
+
+    def account(
+        self, organization: UUID, scopes: list[str], *, disabled: bool, certificate: str | None
+    ) -> UUID:
+        return self.uow.committed.add_service_account(
+            organization, *scopes, disabled_at=WHEN if disabled else None,
+            certificate_sha256=certificate,
+        )  # fmt: skip
+
+    def handle(
+        self, kind: CommandKind, command: dict[str, Any], *, policy: AccessPolicy,
+        signer: str | None,
+    ) -> Outcome:  # fmt: skip
+        return handle(str(uuid4()), parse_command(kind, command), self.uow, policy=policy,
+                      signer_sha256=signer, on_kept=self.kept.append)  # fmt: skip
+
+
+@pytest.mark.parametrize("case", ACCESS_CASES, ids=lambda case: case.name)
+def test_access_case(case: AccessCase) -> None:
+    world = FakeWorld()
+    outcome, _ = run(world, case)
+    check(case, outcome)
+    # Only a claim the signature does not back is kept for an operator.
+    assert bool(world.kept) == (case.account in ("signed by another", "no certificate"))
+
+
+@pytest.mark.parametrize(
+    "case",
+    [c for c in ACCESS_CASES if c.target in ("pB", "B_for_B") and c.expected == "not_found"],
+    ids=lambda case: case.name,
+)
+def test_out_of_reach_answers_as_missing(case: AccessCase) -> None:
+    same_as_missing(FakeWorld(), case)
+
+
+def test_a_refused_command_changes_nothing_and_keeps_its_sender() -> None:
+    world = FakeWorld()
+    a, b = world.organization(), world.organization()
+    call = world.call(world.person(b), b, completed=False)
+    account = world.account(a, ["calls:cancel"], disabled=False, certificate=None)
+    command = {"callUuid": str(call), "serviceAccountUuid": str(account)}
+    outcome = handle("c-1", parse_command("cancel", command), world.uow)
+    assert outcome["error"]["code"] == "not_found"
+    state = world.uow.committed
+    assert state.calls[call].status is CallStatus.REQUESTED
+    assert state.processed["c-1"] == outcome
+    assert state.senders["c-1"] == account
+
+
+def test_an_account_disabled_after_queueing_is_disabled_when_applied() -> None:
+    world = FakeWorld()
+    a = world.organization()
+    account = world.account(a, ["calls:create"], disabled=False, certificate=None)
+    command = parse_command(
+        "create", {"personUuid": str(world.person(a)), "organizationUuid": str(a),
+                   "serviceAccountUuid": str(account)},
+    )  # fmt: skip  (parsed, as when queued)
+    state = world.uow.committed
+    state.service_accounts[account] = ServiceAccount(
+        uuid=account, name="x", organization_uuid=a, scopes=frozenset({"calls:create"}),
+        disabled_at=WHEN,
+    )  # fmt: skip
+    assert handle("c-2", command, world.uow)["error"]["code"] == "forbidden"
+
+
+def test_a_pledge_case_of_a_person_out_of_reach_is_missing_to_the_account() -> None:
+    world = FakeWorld()
+    a, b = world.organization(), world.organization()
+    mine, theirs = world.person(a), world.person(b)
+    their_case = world.uow.committed.add_pledge_case(theirs)
+    account = world.account(a, ["calls:create"], disabled=False, certificate=None)
+    command = {"personUuid": str(mine), "organizationUuid": str(a),
+               "pledgeCaseUuid": str(their_case), "serviceAccountUuid": str(account)}  # fmt: skip
+    outcome = handle("c-3", parse_command("create", command), world.uow)
+    # Without an account the pledge case exists and belongs to another person (invalid);
+    # to the account it does not exist.
+    assert outcome["error"]["code"] == "not_found"
+    assert [d["field"] for d in outcome["error"]["details"]] == ["pledgeCaseUuid"]
+    del command["serviceAccountUuid"]
+    assert handle("c-4", parse_command("create", command), world.uow)["error"]["code"] == "invalid"
