@@ -159,7 +159,7 @@ def run(world: World, case: AccessCase) -> tuple[Outcome, UUID]:
         "missing": uuid4(),
     }
     target = {**people, **calls}[case.target]
-    all_scopes = list(SCOPES)
+    all_scopes: list[str] = list(SCOPES)
     signed = case.account in ("signed by it", "signed by another", "no certificate")
     accounts: dict[str, UUID | None] = {"none": None, "unknown": uuid4()}
     if case.account in ("full", "signed by it", "signed by another"):

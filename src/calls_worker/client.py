@@ -12,19 +12,26 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Self
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from celery import Celery
 from celery.result import AsyncResult
 
-from calls_worker.domain.commands import CommandKind, parse_command
+from calls_worker.domain.access import ACCOUNT_FIELD
+from calls_worker.domain.commands import (
+    DEFAULT_PAGE,
+    CommandKind,
+    parse_command,
+    parse_list_calls,
+)
 from calls_worker.domain.outcome import Outcome
 from calls_worker.wire import (
     COMMANDS_QUEUE,
+    LIST_TASK,
     OUTCOME_TASK,
     TASK_NAMES,
     Signing,
@@ -35,6 +42,10 @@ from calls_worker.wire import (
 
 class CommandFailed(Exception):
     """The worker gave up on the command (it is kept among the rejected commands)."""
+
+
+class ListingRefused(Exception):
+    """The worker refused a listing (the error outcome is ``.args[1]``)."""
 
 
 # The first pause between two questions to the database for an ignored outcome; doubled
@@ -109,9 +120,14 @@ class CallsClient:
         result_backend_url: str | None = None,
         *,
         signing: Signing | None = None,
+        service_account: str | UUID | None = None,
     ) -> None:
         """``signing``: sign commands, for a worker that accepts only signed messages.
-        Celery's signing is set up for the whole process: one signing key per process."""
+        Celery's signing is set up for the whole process: one signing key per process.
+        ``service_account``: the service account every command and listing is sent for
+        (``serviceAccountUuid``), unless one names its own; where messages are signed,
+        ``signing`` must hold that account's certificate."""
+        self._service_account = None if service_account is None else str(service_account)
         self._app = Celery("calls-client", set_as_current=False)
         self._app.conf.update(celery_config(broker_url, result_backend_url or broker_url))
         self._signed = signing is not None
@@ -138,7 +154,7 @@ class CallsClient:
         ``CALLS_WORKER_PROCESSED_RETENTION_HOURS`` (72 h by default). A resend after that is
         applied again.
         """
-        payload = _decoded(kind, command)
+        payload = self._for_account(_decoded(kind, command))
         stamped = stamp(kind, payload, datetime.now(UTC))
         parse_command(kind, stamped)
         command_id = command_id or str(uuid4())
@@ -150,6 +166,60 @@ class CallsClient:
             ignore_result=ignore_result,
         )  # fmt: skip
         return CommandHandle(command_id, stamped, result, self, ignore_result)
+
+    def _for_account(self, command: Mapping[str, Any]) -> Mapping[str, Any]:
+        if self._service_account is None or ACCOUNT_FIELD in command:
+            return command
+        return {**command, ACCOUNT_FIELD: self._service_account}
+
+    def list_calls(
+        self,
+        *,
+        organization_uuid: str | UUID | None = None,
+        person_uuid: str | UUID | None = None,
+        status: str | None = None,
+        type: str | None = None,
+        limit: int = DEFAULT_PAGE,
+        cursor: str | None = None,
+        service_account_uuid: str | UUID | None = None,
+        timeout: float = 30.0,
+    ) -> Outcome:
+        """One page of calls, newest first: ``{"ok": true, "calls": [...], "nextCursor":
+        ...}`` (``nextCursor`` None on the last page), or an error outcome (``forbidden``
+        without the scope ``calls:read``; ``invalid`` for a cursor that does not verify).
+        A service account sees only the calls it reaches. Raises InvalidCommand before
+        sending a query that is not one, TimeoutError if no answer came within ``timeout``."""
+        given = {
+            ACCOUNT_FIELD: service_account_uuid or self._service_account,
+            "organizationUuid": organization_uuid, "personUuid": person_uuid,
+            "status": status, "type": type, "cursor": cursor,
+        }  # fmt: skip
+        query: dict[str, Any] = {k: str(v) for k, v in given.items() if v is not None}
+        query["limit"] = limit
+        parse_list_calls(query)
+        query_id = f"list-{uuid4()}"
+        kwargs: dict[str, Any] = {"command": query}
+        if self._signed:
+            kwargs["signedFor"] = {"id": query_id, "task": LIST_TASK}
+        answer = self._app.send_task(LIST_TASK, kwargs=kwargs, task_id=query_id,
+                                     queue=COMMANDS_QUEUE)  # fmt: skip
+        try:
+            return _from_backend(answer, query_id, timeout)
+        finally:
+            answer.forget()
+
+    def iter_calls(self, **query: Any) -> Iterator[dict[str, Any]]:
+        """Every call of the listing, newest first, page after page (``list_calls``'s
+        arguments); raises ListingRefused for an error outcome."""
+        cursor = None
+        while True:
+            page = self.list_calls(**query, cursor=cursor)
+            if not page["ok"]:
+                raise ListingRefused(page["error"]["message"], page)
+            yield from page["calls"]
+            cursor = page["nextCursor"]
+            if cursor is None:
+                return
 
     def outcome(self, command_id: str, timeout: float = 30.0) -> Outcome:
         """The outcome of a command sent earlier (by this process or another): from the

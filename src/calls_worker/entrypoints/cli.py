@@ -482,7 +482,8 @@ def schema(out: Path | None) -> None:
     languages."""
     from calls_worker.domain.commands import COMMANDS, ListCalls
 
-    models: dict[str, Any] = {**COMMANDS, "list": ListCalls}
+    models: dict[str, Any] = {str(kind): model for kind, model in COMMANDS.items()}
+    models["list"] = ListCalls
     schemas = {kind: model.model_json_schema(by_alias=True) for kind, model in models.items()}
     if out is None:
         print_json(schemas)
