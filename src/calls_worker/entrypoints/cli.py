@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 from typing import Any, get_args
+from uuid import UUID
 
 import click
 
@@ -42,7 +43,7 @@ def _app(servers: Servers, log_format: LogFormat = "text") -> Any:
     )
 
 
-def _client(servers: Servers) -> Any:
+def _client(servers: Servers, service_account: UUID | None = None) -> Any:
     """A producer client on the configured (or embedded, running) broker."""
     from calls_worker.client import CallsClient
 
@@ -50,6 +51,7 @@ def _client(servers: Servers) -> Any:
         servers.broker_url(start=False),
         servers.result_backend_url(start=False),
         signing=signing_of(servers.settings),
+        service_account=service_account,
     )
 
 
@@ -345,7 +347,14 @@ def _read_command(file: Any) -> str:
     help="Send FILE's text as it is, unchecked and unstamped, as a producer's bad message"
     " would arrive (the worker then refuses it and keeps it among the dead letters).",
 )
-def send(kind: str, file: Any, command_id: str | None, timeout: float, no_validate: bool) -> None:
+@click.option(
+    "--as", "account", type=click.UUID, default=None,
+    help="Send it for this service account (fills serviceAccountUuid unless the JSON has it).",
+)  # fmt: skip
+def send(
+    kind: str, file: Any, command_id: str | None, timeout: float, no_validate: bool,
+    account: UUID | None,
+) -> None:  # fmt: skip
     """Queue one command (its JSON from FILE, a path from where you are, or - for stdin)
     and print its outcome.
 
@@ -354,7 +363,7 @@ def send(kind: str, file: Any, command_id: str | None, timeout: float, no_valida
     """
     text = _read_command(file)
     servers = _servers()
-    with _client(servers) as client:
+    with _client(servers, account) as client:
         if no_validate:
             handle = client.send_unchecked(KINDS[kind], text, command_id=command_id)
         else:

@@ -17,6 +17,9 @@ from uuid import UUID
 import click
 
 from calls_worker.config import get_settings
+from calls_worker.domain.access import SCOPES
+from calls_worker.domain.commands import DEFAULT_PAGE, MAX_PAGE
+from calls_worker.domain.model import CallStatus, CallType
 from calls_worker.entrypoints.output import print_json
 from calls_worker.entrypoints.servers import Servers
 
@@ -129,18 +132,140 @@ def calls() -> None:
     """Calls, as stored."""
 
 
+def _acting(engine: Any, account: UUID | None) -> Any:
+    """The service account ``--as`` names, if it may read (else exit 1 saying why)."""
+    from calls_worker.adapters.db.listing import SqlCallReader
+    from calls_worker.domain import access
+    from calls_worker.domain.errors import Forbidden
+
+    if account is None:
+        return None
+    try:
+        return access.authorize(access.OPEN, access.Caller(account), SqlCallReader(engine)
+                                .service_account(account), access.SCOPE_OF["list"])  # fmt: skip
+    except Forbidden as error:
+        click.echo(f"Error: {error.message}", err=True)
+        sys.exit(1)
+
+
+AS_OPTION = click.option(
+    "--as", "account", type=click.UUID, default=None,
+    help="Only what this service account reaches (it needs calls:read).",
+)  # fmt: skip
+
+
 @calls.command(name="show")
 @click.argument("call", type=click.UUID)
-def calls_show(call: UUID) -> None:
+@AS_OPTION
+def calls_show(call: UUID, account: UUID | None) -> None:
     """The call, its attempts, the maximum that applies to it and since when it is due."""
     from calls_worker.adapters.db.directory import show_call
+    from calls_worker.domain.access import reaches_call
 
     with _engine() as engine:
+        acting = _acting(engine, account)
         shown = show_call(engine, call)
-    if shown is None:
+    if shown is None or not reaches_call(
+        acting, shown["organizationUuid"], shown["owningOrganizationUuid"]
+    ):
         click.echo(f"Error: no call {call}", err=True)
         sys.exit(1)
     print_json(shown)
 
 
-COMMANDS = (organizations, persons, pledge_cases, calls)
+_TABLE = (("createdAt", 25), ("uuid", 36), ("status", 9), ("type", 12), ("attemptCount", 8),
+          ("organizationUuid", 36), ("personUuid", 36))  # fmt: skip
+
+
+@calls.command(name="list")
+@click.option("--organization", type=click.UUID, default=None, help="Performed by it.")
+@click.option("--person", type=click.UUID, default=None)
+@click.option("--status", type=click.Choice([s.value for s in CallStatus]), default=None)
+@click.option("--type", "call_type", type=click.Choice([t.value for t in CallType]), default=None)
+@click.option("--limit", type=click.IntRange(1, MAX_PAGE), default=DEFAULT_PAGE, show_default=True)
+@click.option("--cursor", default=None, help="Where the previous page said to go on.")
+@AS_OPTION
+@click.option("--json", "as_json", is_flag=True, help="One JSON object a line, for machines.")
+def calls_list(organization: UUID | None, person: UUID | None, status: str | None,
+               call_type: str | None, limit: int, cursor: str | None, account: UUID | None,
+               as_json: bool) -> None:  # fmt: skip
+    """A page of calls, newest first; the command for the next page goes to standard error."""
+    import json
+
+    from calls_worker.adapters.db.listing import SqlCallReader
+    from calls_worker.domain.access import OPEN
+    from calls_worker.domain.commands import parse_list_calls
+    from calls_worker.domain.errors import InvalidCommand
+    from calls_worker.service.listing import list_calls
+
+    given = {"organizationUuid": organization, "personUuid": person, "status": status,
+             "type": call_type, "cursor": cursor, "serviceAccountUuid": account}  # fmt: skip
+    query: dict[str, Any] = {k: str(v) for k, v in given.items() if v is not None}
+    try:
+        parsed = parse_list_calls({**query, "limit": limit})
+    except InvalidCommand as error:
+        raise click.UsageError(error.message) from None
+    with _engine() as engine:
+        page = list_calls(SqlCallReader(engine), parsed, policy=OPEN, signer_sha256=None)
+    if not page["ok"]:
+        click.echo(f"Error: {page['error']['message']}", err=True)
+        sys.exit(1)
+    if as_json:
+        for call in page["calls"]:
+            click.echo(json.dumps(call, separators=(",", ":")))
+    else:
+        click.echo("  ".join(name.ljust(width) for name, width in _TABLE).rstrip())
+        for call in page["calls"]:
+            click.echo("  ".join(str(call[name]).ljust(width) for name, width in _TABLE).rstrip())
+    if page["nextCursor"]:
+        click.echo(f"next page: --cursor {page['nextCursor']}", err=True)
+
+
+@click.group(name="service-accounts")
+def service_accounts() -> None:
+    """Service accounts: each acts for one organization, with scopes (docs/domain.md)."""
+
+
+@service_accounts.command(name="add")
+@click.option("--name", required=True)
+@click.option("--organization", type=click.UUID, required=True, help="The one it represents.")
+@click.option("--scope", "scopes", multiple=True, required=True,
+              type=click.Choice(list(SCOPES)), help="Repeat for each scope.")  # fmt: skip
+@click.option("--certificate", type=click.File("rb"), default=None,
+              help="PEM certificate it signs with (needed where messages are signed).")  # fmt: skip
+def service_accounts_add(name: str, organization: UUID, scopes: tuple[str, ...],
+                         certificate: Any) -> None:  # fmt: skip
+    """Add a service account; prints its uuid."""
+    from calls_worker.adapters.db.directory import add_service_account
+    from calls_worker.entrypoints.signer import certificate_sha256
+
+    fingerprint = None if certificate is None else certificate_sha256(certificate.read())
+    _add(lambda engine: add_service_account(engine, name, organization, scopes, fingerprint),
+         f"no organization {organization}")  # fmt: skip
+
+
+@service_accounts.command(name="list")
+def service_accounts_list() -> None:
+    """Every service account, as JSON."""
+    from calls_worker.adapters.db.directory import list_service_accounts
+
+    with _engine() as engine:
+        print_json(list_service_accounts(engine))
+
+
+@service_accounts.command(name="disable")
+@click.argument("account", type=click.UUID)
+def service_accounts_disable(account: UUID) -> None:
+    """Disable ACCOUNT: every command it sends from now on, queued already or not, is
+    forbidden."""
+    from calls_worker.adapters.db.directory import disable_service_account
+
+    with _engine() as engine:
+        found = disable_service_account(engine, account)
+    if not found:
+        click.echo(f"Error: no service account {account}", err=True)
+        sys.exit(1)
+    click.echo(f"disabled {account}")
+
+
+COMMANDS = (organizations, persons, pledge_cases, calls, service_accounts)
