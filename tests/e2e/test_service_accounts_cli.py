@@ -39,8 +39,7 @@ def test_calls_list_and_show_as_a_service_account(db: Db, database_url: str) -> 
     mine, theirs = db.organization(3), db.organization(3)
     reached = [db.call(db.person(mine), theirs), db.call(db.person(theirs), mine)]
     hidden = db.call(db.person(theirs), theirs)
-    account = UUID(cli(database_url, "service-accounts", "add", "--name", "reader",
-                       "--organization", str(mine), "--scope", "calls:read").stdout.strip())  # fmt: skip
+    account = _add_account(database_url, "reader", mine, "calls:read")
 
     lines = cli(database_url, "calls", "list", "--as", str(account), "--json", "--limit", "100")
     assert lines.returncode == 0, lines.stderr
@@ -67,8 +66,13 @@ def test_calls_list_and_show_as_a_service_account(db: Db, database_url: str) -> 
     assert out_of_reach.returncode == 1
     assert f"no call {hidden}" in out_of_reach.stderr  # as if it did not exist
 
-    writer = UUID(cli(database_url, "service-accounts", "add", "--name", "writer",
-                      "--organization", str(mine), "--scope", "calls:create").stdout.strip())  # fmt: skip
+    writer = _add_account(database_url, "writer", mine, "calls:create")
     refused = cli(database_url, "calls", "list", "--as", str(writer))
     assert refused.returncode == 1
     assert "calls:read" in refused.stderr
+
+
+def _add_account(database_url: str, name: str, organization: UUID, scope: str) -> UUID:
+    added = cli(database_url, "service-accounts", "add", "--name", name, "--organization",
+                str(organization), "--scope", scope)  # fmt: skip
+    return UUID(added.stdout.strip())

@@ -12,11 +12,12 @@ from calls_worker.wire import Signing
 from tests.e2e.test_signing import key_and_certificate
 
 
-def _signed_as(signing: Signing, store: str, body: object) -> object:
+def _signed_as(signing: Signing, store: str, body: object) -> bytes | str:
     """``body`` signed with ``signing``, decoded as the worker decodes it."""
     signer.install(Signing(signing.key, signing.certificate, store))
     _, _, data = dumps(body, serializer="auth")
-    return data
+    signed: bytes | str = data
+    return signed
 
 
 def test_the_signer_is_named_and_a_claimed_one_overwritten(tmp_path: Path) -> None:
