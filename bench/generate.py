@@ -8,8 +8,9 @@ calls 70% requested and 30% in end states, 5% managed externally, about 2.5 atte
 call, placed so that about 10% of the requested calls managed here are at or over their
 owning organization's limit. Seeded: the same size gives the same data.
 
-Triggers are off during the load (as for any bulk load) and what they keep —
-attempt_count and worker_due_calls — is then computed set-based.
+Calls are created over 59 days, one after the other. Triggers are off during the load (as
+for any bulk load) and what they keep — attempt_count, worker_due_calls and
+worker_call_reach — is then computed set-based.
 """
 
 from __future__ import annotations
@@ -52,7 +53,8 @@ INSERT INTO persons (uuid, owning_organization_uuid)
 SELECT p.person_uuid, o.uuid FROM bench_plan p JOIN bench_org o ON o.n = p.owner_n;
 
 CREATE TEMP TABLE bench_calls AS
-SELECT p.call_uuid,
+SELECT p.i,
+       p.call_uuid,
        p.person_uuid,
        perf.uuid AS organization_uuid,
        CASE WHEN p.r_status < 0.70 THEN 'requested'
@@ -77,7 +79,8 @@ INSERT INTO calls (uuid, status, type, person_uuid, organization_uuid, external_
                    attempt_count, created_at, updated_at, completed_at, cancelled_at, expired_at)
 SELECT call_uuid, status, 'verification', person_uuid, organization_uuid,
        CASE WHEN external THEN '{"source": "bench"}'::jsonb END,
-       attempts, now() - interval '30 days', now() - interval '1 day',
+       attempts, now() - interval '60 days' + i * (interval '59 days' / :calls),
+       now() - interval '1 day',
        CASE WHEN status = 'completed' THEN now() - interval '1 day' END,
        CASE WHEN status = 'cancelled' THEN now() - interval '1 day' END,
        CASE WHEN status = 'expired' THEN now() - interval '1 day' END
@@ -95,6 +98,14 @@ JOIN persons p ON p.uuid = c.person_uuid
 JOIN organizations o ON o.uuid = p.owning_organization_uuid
 WHERE c.status = 'requested' AND c.external_metadata IS NULL
   AND o.max_call_attempts IS NOT NULL AND c.attempt_count >= o.max_call_attempts;
+
+-- Who reaches each call: its performing organization, and its person's owner.
+INSERT INTO worker_call_reach (organization_uuid, created_at, call_uuid)
+SELECT organization_uuid, created_at, uuid FROM calls;
+INSERT INTO worker_call_reach (organization_uuid, created_at, call_uuid)
+SELECT p.owning_organization_uuid, c.created_at, c.uuid
+FROM calls c JOIN persons p ON p.uuid = c.person_uuid
+WHERE p.owning_organization_uuid <> c.organization_uuid;
 
 SET session_replication_role = origin;
 """

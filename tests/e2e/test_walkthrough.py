@@ -17,12 +17,15 @@ from tests.e2e.conftest import Process, free_ports, wait_until
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def walkthrough() -> str:
+def walkthrough(marker: str = "walkthrough", least: int = 2) -> str:
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("<!-- walkthrough:start")[1].split("<!-- walkthrough:end")[0]
+    section = readme.split(f"<!-- {marker}:start")[1].split(f"<!-- {marker}:end")[0]
     blocks = re.findall(r"```sh\n(.*?)```", section, re.DOTALL)
-    assert len(blocks) >= 2, "the walkthrough has lost its shell blocks"
+    assert len(blocks) >= least, f"the {marker} section has lost its shell blocks"
     return "\n".join(blocks)
+
+
+BETWEEN = "=== the service account's part ==="
 
 
 @pytest.mark.slow
@@ -35,15 +38,22 @@ def test_the_readme_walkthrough_expires_a_call(tmp_path: Path) -> None:
     run = Process([], env, tmp_path / "run.log", program=[str(ROOT / "dev"), "run"])
     try:
         wait_until(lambda: "Ctrl-C stops everything" in run.output(), 180, "./dev run")
-        script = walkthrough()
+        script = f"{walkthrough()}\necho '{BETWEEN}'\n{walkthrough('accounts', 1)}"
         done = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=ROOT, env=env,
                               capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
-        shown = done.stdout.rsplit('"uuid"', 1)[-1]  # the last JSON printed: calls show
+        first, accounts = done.stdout.split(BETWEEN)
+        shown = first.rsplit('"uuid"', 1)[-1]  # the last JSON printed: calls show
         assert '"status": "expired"' in shown, done.stdout
         assert '"attemptCount": 2' in shown
         assert '"maxCallAttempts": 2' in shown
         assert "Traceback" not in done.stderr
+        created, refused = accounts.split("refused, exit status 1")[0].split('"ok": false')
+        assert '"ok": true' in created
+        assert '"code": "not_found"' in refused  # another charity's donor
+        listed = accounts.split("refused, exit status 1")[1].strip().splitlines()
+        assert listed[0].split()[:3] == ["createdAt", "uuid", "status"]
+        assert [line.split()[2] for line in listed[1:]] == ["requested", "expired"]
         assert run.stop(signal.SIGINT, timeout=90) == 0, run.output()
     finally:
         run.stop(signal.SIGKILL)

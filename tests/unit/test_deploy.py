@@ -263,3 +263,14 @@ def test_compose_keeps_outcomes_out_of_the_broker(compose: dict[str, Any]) -> No
 def test_kubernetes_keeps_outcomes_out_of_the_broker() -> None:
     secret = manifest("secret.yaml")["stringData"]
     assert secret["CALLS_WORKER_RESULT_BACKEND_URL"] != secret["CALLS_WORKER_BROKER_URL"]
+
+
+def test_compose_and_kubernetes_require_a_service_account(compose: dict[str, Any]) -> None:
+    from calls_worker.config import Settings
+
+    assert Settings.model_fields["require_service_account"].default is False  # embedded run
+    for name in ("worker", "beat"):
+        environment = compose["services"][name]["environment"]
+        assert environment["CALLS_WORKER_REQUIRE_SERVICE_ACCOUNT"] == "true", name
+    settings = yaml.safe_load((KUBERNETES / "configmap.yaml").read_text())["data"]
+    assert settings["CALLS_WORKER_REQUIRE_SERVICE_ACCOUNT"] == "true"

@@ -42,3 +42,12 @@ def test_the_workers_own_retry_keeps_the_producers_signer(tmp_path: Path) -> Non
     unclaimed = _signed_as(worker, store, [[], {"command": {}}, {}])
     own = loads(unclaimed, "application/data", "utf-8", accept=["application/data"])
     assert own[1][SIGNED_BY] == certificate_sha256(worker.certificate.read_bytes())
+
+
+def test_a_task_without_a_command_gets_no_signer(tmp_path: Path) -> None:
+    """The sweep, pruning and the outcome query take no ``signedBy``: theirs stay as sent."""
+    worker = key_and_certificate(tmp_path, "worker")
+    store = str(tmp_path / "*.pem")
+    for body in ([[], {}, {}], [[], {"query": {"commandId": "x"}}, {}]):
+        data = _signed_as(worker, store, body)
+        assert loads(data, "application/data", "utf-8", accept=["application/data"]) == body

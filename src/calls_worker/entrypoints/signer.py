@@ -50,19 +50,26 @@ class SignerAwareSerializer(SecureSerializer):
         return with_signer(body, fingerprint)
 
 
-def _signed_by(body: Any) -> Any:
+def _kwargs_of_command(body: Any) -> dict[str, Any] | None:
+    """The keyword arguments of a protocol-2 task body ``[args, kwargs, embed]`` that carries
+    a ``command`` (a command or a listing); None for any other body (the sweep's, say)."""
     if isinstance(body, list | tuple) and len(body) == 3 and isinstance(body[1], dict):
-        return body[1].get(SIGNED_BY)
+        return body[1] if "command" in body[1] else None
     return None
 
 
+def _signed_by(body: Any) -> Any:
+    kwargs = _kwargs_of_command(body)
+    return None if kwargs is None else kwargs.get(SIGNED_BY)
+
+
 def with_signer(body: Any, fingerprint: str) -> Any:
-    """A protocol-2 task body ``[args, kwargs, embed]`` with ``kwargs[signedBy]`` set; any
-    other body as it is (a command then has no signer, and a claim it makes fails)."""
-    if isinstance(body, list | tuple) and len(body) == 3 and isinstance(body[1], dict):
-        args, kwargs, embed = body
-        return [args, {**kwargs, SIGNED_BY: fingerprint}, embed]
-    return body
+    """A command's body with ``kwargs[signedBy]`` set; any other body as it is (a command
+    in another shape then has no signer, and a claim it makes fails)."""
+    kwargs = _kwargs_of_command(body)
+    if kwargs is None:
+        return body
+    return [body[0], {**kwargs, SIGNED_BY: fingerprint}, body[2]]
 
 
 def install(signing: Signing, digest: str = "sha256") -> None:
