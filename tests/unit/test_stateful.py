@@ -1,38 +1,47 @@
 """Random command sequences against the handlers, checked against a simple model.
 
 Only legal transitions happen, attempt counts are exact, end states are final, and a
-redelivered command returns its first outcome without a second effect.
+redelivered command returns its first outcome without a second effect. Commands are sent
+with or without a service account (of either of two organizations, with any scopes,
+disabled at any moment): each gets what the access rules say, in their order, and a
+refused command changes nothing.
 """
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID, uuid4
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, rule
 
+from calls_worker.domain.access import SCOPE_OF, SCOPES, ServiceAccount
 from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome
 from calls_worker.service.handlers import handle
 from tests.unit.fakes import FakeUnitOfWork
 
 ISSUED = "2026-03-01T09:00:00+00:00"
+NOW = datetime(2026, 3, 2, tzinfo=UTC)
 END = {"complete": "completed", "cancel": "cancelled", "expire": "expired"}
 
 
 class CallsMachine(RuleBasedStateMachine):
     calls = Bundle("calls")
     sent = Bundle("sent")
+    accounts = Bundle("accounts")
 
     def __init__(self) -> None:
         super().__init__()
         self.uow = FakeUnitOfWork()
         state = self.uow.committed
-        self.organization = state.add_organization(3)
-        self.person = state.add_person(self.organization)
-        self.model: dict[UUID, dict[str, Any]] = {}  # uuid -> {"status", "attempts", "external"}
+        self.organizations = [state.add_organization(3), state.add_organization(3)]
+        self.persons = [state.add_person(org) for org in self.organizations]
+        self.organization, self.person = self.organizations[0], self.persons[0]
+        self.owner = dict(zip(self.persons, self.organizations, strict=True))
+        self.model: dict[UUID, dict[str, Any]] = {}  # uuid -> {"status", "attempts", ...}
         self.outcomes: dict[str, Outcome] = {}
 
     def send(self, kind: CommandKind, payload: dict[str, Any], command_id: str) -> Outcome:
@@ -42,28 +51,67 @@ class CallsMachine(RuleBasedStateMachine):
         self.outcomes.setdefault(command_id, outcome)
         return outcome
 
-    @rule(target=calls, external=st.booleans())
-    def create(self, external: bool) -> UUID:
+    def refusal(self, account: UUID | None, kind: str, *reaching: UUID) -> str | None:
+        """What the access rules answer before the domain rules: forbidden, not_found, or
+        None (go on). ``reaching``: the organizations whose accounts reach the row."""
+        if account is None:
+            return None
+        held = self.uow.committed.service_accounts[account]
+        if held.disabled or SCOPE_OF[kind] not in held.scopes:
+            return "forbidden"
+        return None if held.organization_uuid in reaching else "not_found"
+
+    @rule(target=accounts, which=st.integers(0, 1), scopes=st.sets(st.sampled_from(SCOPES)))
+    def add_account(self, which: int, scopes: set[str]) -> UUID:
+        return self.uow.committed.add_service_account(self.organizations[which], *scopes)
+
+    @rule(account=accounts)
+    def disable(self, account: UUID) -> None:
+        held = self.uow.committed.service_accounts[account]
+        self.uow.committed.service_accounts[account] = ServiceAccount(
+            held.uuid, held.name, held.organization_uuid, held.scopes, disabled_at=NOW
+        )
+
+    @rule(target=calls, external=st.booleans(), person=st.integers(0, 1),
+          performer=st.integers(0, 1), account=st.none() | accounts)  # fmt: skip
+    def create(self, external: bool, person: int, performer: int, account: UUID | None) -> Any:
         uuid = uuid4()
-        payload: dict[str, Any] = {"uuid": str(uuid), "personUuid": str(self.person),
-                                   "organizationUuid": str(self.organization)}  # fmt: skip
+        called, performing = self.persons[person], self.organizations[performer]
+        payload: dict[str, Any] = {"uuid": str(uuid), "personUuid": str(called),
+                                   "organizationUuid": str(performing)}  # fmt: skip
         if external:
             payload["externalMetadata"] = {"source": "test"}
+        if account is not None:
+            payload["serviceAccountUuid"] = str(account)
         outcome = self.send("create", payload, f"create-{uuid}")
+        refused = self.refusal(account, "create", self.owner[called])
+        if refused is not None:
+            assert outcome["error"]["code"] == refused, outcome
+            return multiple()
         assert outcome["ok"], outcome
-        self.model[uuid] = {"status": "requested", "attempts": 0, "external": external}
+        self.model[uuid] = {"status": "requested", "attempts": 0, "external": external,
+                            "reaching": {performing, self.owner[called]}}  # fmt: skip
         return uuid
 
-    @rule(target=sent, call=calls, kind=st.sampled_from(["add_attempt", *END]))
-    def act(self, call: UUID, kind: CommandKind) -> tuple[CommandKind, dict[str, Any], str]:
+    @rule(target=sent, call=calls, kind=st.sampled_from(["add_attempt", *END]),
+          account=st.none() | accounts)  # fmt: skip
+    def act(
+        self, call: UUID, kind: CommandKind, account: UUID | None
+    ) -> tuple[CommandKind, dict[str, Any], str]:
         payload: dict[str, Any] = {"callUuid": str(call)}
         if kind == "add_attempt":
             payload |= {"userUuid": str(uuid4()), "attemptedAt": ISSUED}
         if kind == "complete":
             payload |= {"userUuid": str(uuid4()), "result": "done"}
+        if account is not None:
+            payload["serviceAccountUuid"] = str(account)
         command_id = str(uuid4())
         outcome = self.send(kind, payload, command_id)
         expected = self.model[call]
+        refused = self.refusal(account, kind, *expected["reaching"])
+        if refused is not None:
+            assert outcome["error"]["code"] == refused, (kind, expected, outcome)
+            return kind, payload, command_id
         legal = expected["status"] == "requested" and not expected["external"]
         assert outcome["ok"] is legal, (kind, expected, outcome)
         if not legal:
@@ -80,7 +128,7 @@ class CallsMachine(RuleBasedStateMachine):
 
     @rule()
     def sweep(self) -> None:
-        from datetime import UTC, datetime
+
 
         from calls_worker.service.sweep import expire_exhausted_calls
 
