@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import commands, lag, memory, sweep
+from bench import commands, lag, listing, memory, sweep
 from bench.common import print_table, write_results
 
 
@@ -21,11 +21,13 @@ def main() -> None:
         rows += commands.run(1_000, rounds=1)
         rows += memory.run(2_000)
         rows += lag.run(interval=2, calls=30, seconds=6)
+        rows += listing.run(100_000, inserts=200)
     else:
         rows = sweep.run(1_000_000, [1_000_000, 5_000_000])
         rows += commands.run(5_000, rounds=5)
         rows += memory.run(100_000)
         rows += lag.run(interval=5, calls=300, seconds=60)
+        rows += listing.run(5_000_000, inserts=2_000)
     print()
     print_table(rows)
     write_results(rows)

@@ -25,7 +25,7 @@ def walkthrough(marker: str = "walkthrough", least: int = 2) -> str:
     return "\n".join(blocks)
 
 
-BETWEEN = "=== the service account's part ==="
+BETWEEN = "=== accounts ==="
 
 
 @pytest.mark.slow
