@@ -48,6 +48,7 @@ def test_a_task_without_a_command_gets_no_signer(tmp_path: Path) -> None:
     """The sweep, pruning and the outcome query take no ``signedBy``: theirs stay as sent."""
     worker = key_and_certificate(tmp_path, "worker")
     store = str(tmp_path / "*.pem")
-    for body in ([[], {}, {}], [[], {"query": {"commandId": "x"}}, {}]):
+    bodies: list[list[object]] = [[[], {}, {}], [[], {"query": {"commandId": "x"}}, {}]]
+    for body in bodies:
         data = _signed_as(worker, store, body)
         assert loads(data, "application/data", "utf-8", accept=["application/data"]) == body
