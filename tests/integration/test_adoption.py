@@ -288,7 +288,7 @@ def test_the_api_keeps_writing_while_migrate_adopts_and_every_count_is_exact(
     transactions of its own, all through the adoption; afterwards every attempt_count is
     the number of its attempts and the due record is the rule's."""
     stop = threading.Event()
-    written = {"calls": 0, "attempts": 0}
+    written = {"calls": 0, "attempts": 0, "moves": 0}
     errors: list[BaseException] = []
     with api.connect() as connection:
         people = list(connection.exec_driver_sql("SELECT uuid FROM persons LIMIT 50").scalars())
@@ -318,6 +318,13 @@ def test_the_api_keeps_writing_while_migrate_adopts_and_every_count_is_exact(
                     with engine.begin() as connection:
                         complete = "UPDATE calls SET status = 'completed' WHERE uuid = :c"
                         connection.execute(text(complete), {"c": call})
+                if n % 7 == 0:  # a donor moves to another owning organization
+                    with engine.begin() as connection:
+                        connection.execute(text(
+                            "UPDATE persons SET owning_organization_uuid = (SELECT uuid FROM"
+                            " organizations ORDER BY random() LIMIT 1) WHERE uuid = :p"),
+                            {"p": people[(n * 13) % len(people)]})  # fmt: skip
+                        written["moves"] += 1
         except BaseException as error:  # reported below
             errors.append(error)
         finally:
@@ -334,8 +341,24 @@ def test_the_api_keeps_writing_while_migrate_adopts_and_every_count_is_exact(
         writer.join(60)
     assert not errors, errors
     assert written["attempts"] > 20  # the writer did write during the migration
+    assert written["moves"] > 2
     assert exact_counts(api) == 0
     assert due_by_table(Db(api)) == due_by_policy(api)
+    assert reach_by_table(api) == reach_by_rule(api)
+
+
+def reach_by_rule(engine: Engine) -> set[tuple[Any, ...]]:
+    with engine.connect() as connection:
+        return set(map(tuple, connection.exec_driver_sql(
+            "SELECT c.organization_uuid, c.created_at, c.uuid FROM calls c UNION"
+            " SELECT p.owning_organization_uuid, c.created_at, c.uuid FROM calls c"
+            " JOIN persons p ON p.uuid = c.person_uuid").all()))  # fmt: skip
+
+
+def reach_by_table(engine: Engine) -> set[tuple[Any, ...]]:
+    with engine.connect() as connection:
+        return set(map(tuple, connection.exec_driver_sql(
+            "SELECT organization_uuid, created_at, call_uuid FROM worker_call_reach").all()))
 
 
 def test_a_migrate_killed_mid_backfill_is_resumed_by_the_next(

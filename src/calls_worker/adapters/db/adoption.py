@@ -28,7 +28,9 @@ from contextlib import contextmanager
 from typing import Any
 from uuid import UUID
 
+import psycopg
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import OperationalError
 
 logger = logging.getLogger("calls_worker")
 
@@ -185,21 +187,30 @@ def backfill(connection: Connection, step: str, batch_size: int = DEFAULT_BATCH_
     if not owed:
         return 0
     work: Any = _WORK[step]
-    changed = batches = 0
+    changed = batches = deadlocks = 0
     started = time.monotonic()
     while True:
-        with _transaction(connection):
-            uuids = list(
-                connection.execute(_NEXT_BATCH, {"after": after, "size": batch_size}).scalars()
-            )
-            if not uuids:
-                connection.execute(_FINISHED, {"step": step})
-                break
-            result = connection.execute(work, {"uuids": uuids})
-            changed += result.rowcount if step == ATTEMPT_COUNTS else int(result.scalar() or 0)
-            after = uuids[-1]
-            connection.execute(_PROGRESS, {"key": after, "step": step})
-        batches += 1
+        try:
+            with _transaction(connection):
+                uuids = list(
+                    connection.execute(_NEXT_BATCH, {"after": after, "size": batch_size}).scalars()
+                )
+                if not uuids:
+                    connection.execute(_FINISHED, {"step": step})
+                    break
+                result = connection.execute(work, {"uuids": uuids})
+                done = result.rowcount if step == ATTEMPT_COUNTS else int(result.scalar() or 0)
+                connection.execute(_PROGRESS, {"key": uuids[-1], "step": step})
+        except OperationalError as error:
+            # A batch takes the owners' locks of many calls; a writer moving a person takes
+            # two exclusively. PostgreSQL breaks a rare cycle by failing one of the two: if
+            # that is the batch, it is done again (it was rolled back whole).
+            if not isinstance(error.orig, psycopg.errors.DeadlockDetected) or deadlocks >= 100:
+                raise
+            deadlocks += 1
+            logger.warning("backfill %s: a batch was chosen to break a deadlock; redoing it", step)
+            continue
+        changed, after, batches = changed + done, uuids[-1], batches + 1
     logger.info("backfill %s: %d calls changed in %d batches, %.1fs", step, changed, batches,
                 time.monotonic() - started)  # fmt: skip
     return changed

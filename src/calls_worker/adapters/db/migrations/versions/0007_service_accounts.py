@@ -164,9 +164,13 @@ LANGUAGE plpgsql AS $$
 DECLARE
     added integer;
 BEGIN
+    -- In the owners' lock order (as calls_worker_lock_organizations takes them), so that
+    -- a batch and a person moving to another owner rarely wait for each other in a cycle.
     PERFORM public.calls_worker_locked_maximum(people.person)
-    FROM (SELECT DISTINCT c.person_uuid AS person FROM public.calls c
-          WHERE c.uuid = ANY (targets)) AS people;
+    FROM (SELECT c.person_uuid AS person,
+                 pg_catalog.hashtext(p.owning_organization_uuid::text) AS key
+          FROM public.calls c JOIN public.persons p ON p.uuid = c.person_uuid
+          WHERE c.uuid = ANY (targets) GROUP BY 1, 2 ORDER BY 2) AS people;
     INSERT INTO public.worker_call_reach (organization_uuid, created_at, call_uuid)
     SELECT DISTINCT o.org, c.created_at, c.uuid
     FROM public.calls c
