@@ -140,9 +140,9 @@ def _acting(engine: Any, account: UUID | None) -> Any:
 
     if account is None:
         return None
+    stored = SqlCallReader(engine).service_account(account)
     try:
-        return access.authorize(access.OPEN, access.Caller(account), SqlCallReader(engine)
-                                .service_account(account), access.SCOPE_OF["list"])  # fmt: skip
+        return access.authorize(access.OPEN, access.Caller(account), stored, "calls:read")
     except Forbidden as error:
         click.echo(f"Error: {error.message}", err=True)
         sys.exit(1)
