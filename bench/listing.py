@@ -50,15 +50,15 @@ SELECT gen_random_uuid() AS uuid, n, (SELECT uuid FROM others ORDER BY uuid
 INSERT INTO persons (uuid, owning_organization_uuid) SELECT uuid, owner FROM foreign_people;
 INSERT INTO calls (uuid, status, type, person_uuid, organization_uuid, created_at, updated_at)
 SELECT gen_random_uuid(), 'requested', 'verification', o.uuid, f.owner,
-       now() - random() * interval '59 days', now()
+       now() - interval '1 day' - random() * interval '59 days', now()
 FROM owned o JOIN foreign_people f USING (n);
 INSERT INTO calls (uuid, status, type, person_uuid, organization_uuid, created_at, updated_at)
 SELECT gen_random_uuid(), 'requested', 'happy_call', f.uuid, :big,
-       now() - random() * interval '59 days', now()
+       now() - interval '1 day' - random() * interval '59 days', now()
 FROM foreign_people f;
 INSERT INTO calls (uuid, status, type, person_uuid, organization_uuid, created_at, updated_at)
 SELECT gen_random_uuid(), 'requested', 'winback', :person, :big,
-       now() - random() * interval '59 days', now()
+       now() - interval '1 day' - random() * interval '59 days', now()
 FROM generate_series(1, 10100)
 """
 
