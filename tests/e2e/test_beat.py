@@ -2,15 +2,27 @@
 
 from __future__ import annotations
 
+import re
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import UUID
 
 import pytest
 
+from calls_worker.adapters.db.journal import SWEEP_LOCK
 from tests.db_world import Db
 from tests.e2e.conftest import Process, wait_until, worker_env
 from tests.reliability import Reliability
+
+SENT = re.compile(r"^(\S+ \S+) INFO MainProcess celery.beat: Scheduler: Sending due task "
+                  r"expire-exhausted-calls", re.MULTILINE)  # fmt: skip
+
+
+def sends(beat: Process) -> list[datetime]:
+    """When ``beat`` sent a sweep, from its log."""
+    return [datetime.strptime(t, "%Y-%m-%d %H:%M:%S,%f").replace(tzinfo=UTC)
+            for t in SENT.findall(beat.output())]
 
 
 @pytest.mark.slow
@@ -39,12 +51,22 @@ def test_two_beats_expire_each_call_once(
         for n in (1, 2)
     ]
     try:
-        for _ in range(3):  # more calls reach their limit while both beats run
-            time.sleep(1)
-            fresh = [db.call(person, organization) for _ in range(10)]
-            for call in fresh:
-                db.plain_attempt(call)
-            calls += fresh
+        wait_until(lambda: all(len(sends(beat)) >= 2 for beat in beats), 60,
+                   "both beats to send sweeps")  # fmt: skip
+        # While something else holds the sweep lock, every sweep either beat sends is
+        # skipped; more calls reach their limit meanwhile.
+        with db.engine.connect() as holder:
+            holder.exec_driver_sql("SELECT pg_advisory_lock(%s)", (SWEEP_LOCK,))
+            for _ in range(3):
+                time.sleep(1)
+                fresh = [db.call(person, organization) for _ in range(10)]
+                for call in fresh:
+                    db.plain_attempt(call)
+                calls += fresh
+            wait_until(lambda: db.sql("SELECT count(*) FROM worker_sweep_runs WHERE skipped")
+                       .scalar(), 30, "a sweep to find another sweeping")  # fmt: skip
+            holder.exec_driver_sql("SELECT pg_advisory_unlock(%s)", (SWEEP_LOCK,))
+            holder.commit()
 
         def all_expired() -> bool:
             expired = db.sql("SELECT count(*) FROM calls WHERE status = 'expired'").scalar()
@@ -55,14 +77,17 @@ def test_two_beats_expire_each_call_once(
             return bool(runs is not None and runs >= 4)
 
         wait_until(all_expired, 30, "every exhausted call to expire")
-        wait_until(lambda: all("Sending due task" in beat.output() for beat in beats), 30,
-                   "both beats to send sweeps")  # fmt: skip
         # A slow start can fold the first rounds into one sweep; wait for more rounds.
         wait_until(swept_often, 30, "four sweeps to be journaled")
     finally:
         for beat in beats:
             beat.stop()
     runs = db.sql("SELECT expired, skipped, duration_seconds FROM worker_sweep_runs").all()
+    first, second = (sends(beat) for beat in beats)
+    # The two beats ran at the same time: each sent sweeps within a second of the other's.
+    close = [t for t in first if any(abs((t - u).total_seconds()) < 1 for u in second)]
+    assert len(close) >= 3, (first, second)
+    assert any(run.skipped for run in runs)
     expired = db.sql("SELECT count(*) FROM calls WHERE status = 'expired'").scalar()
     reliability.record(
         "two-beats",

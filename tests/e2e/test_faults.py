@@ -15,6 +15,7 @@ from uuid import UUID, uuid4
 
 import psutil
 import pytest
+import redis
 from celery import Celery
 
 from calls_worker.client import CallsClient
@@ -125,12 +126,27 @@ def test_warm_shutdown_finishes_or_returns_every_command(
     db: Db, worker: Process, client: CallsClient, control_app: Celery, database_url: str,
     redis_url: str, tmp_path: Path, reliability: Reliability,
 ) -> None:  # fmt: skip
+    """SIGTERM while some commands are handled, one is running (held on a lock) and most
+    wait in the queue, each of the three shown at that moment: the running one finishes,
+    the waiting ones go back to the queue, nothing is lost or doubled."""
     calls = [new_call(db, client) for _ in range(40)]
+    held = calls[3]  # the victim handles three, then runs into the lock on the fourth
     with session_worker_paused(control_app):
         victim = own_worker(database_url, redis_url, control_app, tmp_path, "victim3")
-        handles = [client.send("add_attempt", attempt(call)) for call in calls]
-        time.sleep(0.3)  # some handled, some running, most waiting
+        with db.engine.connect() as holder:
+            holder.exec_driver_sql("SELECT 1 FROM calls WHERE uuid = %s FOR UPDATE", (held,))
+            handles = [client.send("add_attempt", attempt(call)) for call in calls]
+            wait_until(lambda: _waiting_on_lock(db), TIMEOUT, "the fourth command to run")
+            handled = sum(db.attempt_rows(UUID(c)) for c in calls)
+            waiting = redis.Redis.from_url(redis_url).llen("calls.commands")
+            victim.popen.send_signal(signal.SIGTERM)
+            time.sleep(1)  # the warm shutdown waits for the running command...
+            assert victim.popen.poll() is None, "the victim left its running command"
+            holder.rollback()  # ... which can now finish
         assert victim.stop(signal.SIGTERM, timeout=TIMEOUT) == 0
+    assert handled == 3, "some handled"
+    assert waiting >= len(calls) // 2, "most waiting"
+    assert db.attempt_rows(UUID(held)) == 1, "the running one finished before the worker left"
     outcomes = [h.outcome(TIMEOUT) for h in handles]  # the rest, by the session's worker
     applied = [db.attempt_rows(UUID(c)) for c in calls]
     reliability.record("warm-shutdown", commands=len(calls), **_counts(applied, 1))

@@ -132,7 +132,12 @@ def test_only_commands_signed_by_a_trusted_key_are_handled(
     assert calls == 3
     assert db.attempt_rows(UUID(call)) == 1  # the replays added nothing
     assert db.row(UUID(call))["status"] == "requested"  # the cancel did not become an expire
-    assert forged.command_id  # it was sent, and never applied
+    # The forged command was kept under its own id, and never applied nor answered.
+    kept_ids = db.sql("SELECT command_id FROM worker_rejected_commands").scalars().all()
+    assert forged.command_id in kept_ids
+    processed = db.sql("SELECT count(*) FROM worker_processed_commands WHERE command_id = :c",
+                       c=forged.command_id).scalar()  # fmt: skip
+    assert processed == 0
     assert any("application/json" in r for r in reasons), reasons
     assert sum("signedFor does not match" in r for r in reasons) == 3, reasons
     assert len(reasons) == 6

@@ -11,10 +11,31 @@ from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.migrate import downgrade, upgrade
 from calls_worker.adapters.db.repository import calls_with_owning_organization, exhausted
 from calls_worker.adapters.db.tables import calls
+from calls_worker.domain.model import CallStatus
+from calls_worker.domain.policy import is_exhausted
 from tests.db_world import Db
 
 
 def due_by_policy(engine: Engine) -> set[UUID]:
+    """The calls ``domain.policy.is_exhausted`` says are due, from the raw rows: attempts
+    counted row by row (not from ``attempt_count``), the maximum of the person's owner."""
+    with engine.connect() as connection:
+        rows = connection.exec_driver_sql(
+            "SELECT c.uuid, c.status, c.external_metadata IS NOT NULL AS external,"
+            " (SELECT count(*) FROM call_attempts a WHERE a.call_uuid = c.uuid) AS attempts,"
+            " o.max_call_attempts FROM calls c JOIN persons p ON p.uuid = c.person_uuid"
+            " JOIN organizations o ON o.uuid = p.owning_organization_uuid"
+        ).all()
+    return {
+        row.uuid
+        for row in rows
+        if is_exhausted(status=CallStatus(row.status), is_external=row.external,
+                        attempt_count=row.attempts, max_call_attempts=row.max_call_attempts)
+    }  # fmt: skip
+
+
+def due_by_sql_twin(engine: Engine) -> set[UUID]:
+    """The same, by the sweep's SQL condition (``repository.exhausted``)."""
     with engine.connect() as connection:
         query = (
             select(calls.c.uuid).select_from(calls_with_owning_organization()).where(exhausted())
@@ -59,6 +80,13 @@ def test_the_due_table_follows_every_kind_of_change(db: Db, engine: Engine) -> N
         db.sql("UPDATE persons SET owning_organization_uuid = :o WHERE uuid = :p",
                p=rng.choice(persons), o=rng.choice(organizations))  # fmt: skip
 
+    def move_attempt() -> None:
+        db.sql("UPDATE call_attempts SET call_uuid = :c WHERE uuid = (SELECT uuid FROM"
+               " call_attempts ORDER BY random() LIMIT 1)", c=rng.choice(call_ids))  # fmt: skip
+
+    def truncate_attempts() -> None:
+        db.sql("TRUNCATE call_attempts")
+
     def move_call() -> None:
         db.sql("UPDATE calls SET person_uuid = :p WHERE uuid = :c",
                c=rng.choice(call_ids), p=rng.choice(persons))  # fmt: skip
@@ -72,12 +100,21 @@ def test_the_due_table_follows_every_kind_of_change(db: Db, engine: Engine) -> N
         rename_organization,
         move_person,
         move_call,
+        move_attempt,
+        truncate_attempts,
     ]
+    done: set[str] = set()
+    reached_due = 0
     for step in range(400):
         change = rng.choice(changes)
         change()
-        assert due_by_table(db) == due_by_policy(engine), f"after step {step}: {change.__name__}"
-    assert due_by_policy(engine)  # the walk did reach due calls
+        done.add(change.__name__)
+        by_policy = due_by_policy(engine)
+        assert due_by_table(db) == by_policy, f"after step {step}: {change.__name__}"
+        assert due_by_sql_twin(engine) == by_policy
+        reached_due += bool(by_policy)
+    assert reached_due > 100  # the walk spent time among due calls
+    assert done == {change.__name__ for change in changes}  # and took every kind of step
 
 
 def test_upgrading_records_what_is_due_already(empty_database_url: str) -> None:

@@ -7,8 +7,10 @@ the other run; the loops let real threads collide at random, many times.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any
@@ -88,8 +90,7 @@ def test_complete_waits_for_a_sweep_then_conflicts(db: Db, engine: Engine) -> No
         sweeping = in_thread(pool, lambda: sweep(engine, uow=held))
         assert held.at_commit.wait(WAIT)
         completing = in_thread(pool, lambda: complete(engine, call))
-        with pytest.raises(TimeoutError):
-            completing.result(0.3)  # blocked on the sweep's row lock
+        blocked_on_lock(db, completing)  # on the sweep's row lock
         held.release.set()
         assert sweeping.result(WAIT).expired == 1
         outcome = completing.result(WAIT)
@@ -99,17 +100,46 @@ def test_complete_waits_for_a_sweep_then_conflicts(db: Db, engine: Engine) -> No
     assert (row["status"], row["completed_at"]) == ("expired", None)
 
 
-def collide(*works: Callable[[], Any]) -> list[Any]:
-    """Run the works in threads that all start at the same moment; their results."""
+@dataclass
+class Collision:
+    results: list[Any]
+    overlapped: bool
+    """Every work started before any other ended: they ran at the same time."""
+
+
+def collide(*works: Callable[[], Any]) -> Collision:
+    """Run the works in threads that all start at the same moment; their results, and
+    whether they did run at the same time."""
     start = threading.Barrier(len(works))
+    spans: list[tuple[float, float]] = []
 
     def run(work: Callable[[], Any]) -> Any:
         start.wait()
-        return work()
+        began = time.monotonic()
+        try:
+            return work()
+        finally:
+            spans.append((began, time.monotonic()))
 
     with ThreadPoolExecutor(len(works)) as pool:
         futures = [pool.submit(run, work) for work in works]
-        return [future.result(60) for future in futures]
+        results = [future.result(60) for future in futures]
+    overlapped = max(b for b, _ in spans) < min(e for _, e in spans)
+    return Collision(results, overlapped)
+
+
+def blocked_on_lock(db: Db, waiting: Future[Any]) -> None:
+    """``waiting`` is running and waits on a lock in the database (not merely unstarted)."""
+    def waits() -> bool:
+        return bool(db.sql(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+            " AND datname = current_database()").scalar())  # fmt: skip
+
+    deadline = time.monotonic() + WAIT
+    while not waits():
+        assert time.monotonic() < deadline, "nothing waited on a lock"
+        time.sleep(0.02)
+    assert not waiting.done()
 
 
 def command_all(engine: Engine, calls: list[UUID]) -> list[tuple[str, Outcome]]:
@@ -133,9 +163,12 @@ def test_sweep_and_commands_collide_many_times(
 ) -> None:
     """Rounds of a batched sweep against completes, expires and attempts on the same calls,
     all at their limit: each call ends in one end state, reached once."""
+    overlapped = swept_first = commands_first = 0
     for _ in range(10):
         calls = exhausted_calls(db, 30)
-        result, commands = collide(partial(sweep, engine, 3), partial(command_all, engine, calls))
+        collision = collide(partial(sweep, engine, 3), partial(command_all, engine, calls))
+        result, commands = collision.results
+        overlapped += collision.overlapped
         # A call an attempt held while the sweep passed is left for the next sweep.
         next_sweep = sweep(engine)
         rows = [db.row(call) for call in calls]
@@ -163,15 +196,24 @@ def test_sweep_and_commands_collide_many_times(
             else:
                 assert outcome["error"]["code"] == "conflict"
                 assert row["status"] == "expired"  # the sweep came first
+                swept_first += 1
+            commands_first += kind != "add_attempt" and outcome["ok"]
         assert swept + expired_by_commands == expired
+    # The two sides met: they ran at the same time, and each came first on some calls.
+    assert overlapped >= 5
+    assert swept_first > 0
+    assert commands_first > 0
 
 
 def test_two_sweeps_expire_each_call_once(db: Db, engine: Engine) -> None:
+    both_expired = 0
     for _ in range(5):
         calls = exhausted_calls(db, 40)
-        results = collide(partial(sweep, engine, 4), partial(sweep, engine, 4))
-        assert sum(r.expired for r in results) == len(calls)
+        collision = collide(partial(sweep, engine, 4), partial(sweep, engine, 4))
+        assert sum(r.expired for r in collision.results) == len(calls)
         assert {db.row(call)["status"] for call in calls} == {"expired"}
+        both_expired += collision.overlapped and all(r.expired for r in collision.results)
+    assert both_expired > 0  # the two sweeps did share the calls between them at least once
 
 
 def test_a_second_sweep_does_not_wait_for_the_first(db: Db, engine: Engine) -> None:
@@ -202,8 +244,7 @@ def test_two_creates_of_one_uuid_at_once(db: Db, engine: Engine, same_command: b
         first = in_thread(pool, lambda: handle(ids[0], command, held))
         assert held.at_commit.wait(WAIT)
         second = in_thread(pool, lambda: handle(ids[1], command, SqlUnitOfWork(engine)))
-        with pytest.raises(TimeoutError):
-            second.result(0.3)  # waits on the first's uncommitted row
+        blocked_on_lock(db, second)  # on the first's uncommitted row
         held.release.set()
         outcomes = first.result(WAIT), second.result(WAIT)
     assert outcomes[0]["ok"] is True
@@ -215,15 +256,18 @@ def test_two_creates_of_one_uuid_at_once(db: Db, engine: Engine, same_command: b
 
 
 def test_two_creates_collide_many_times(db: Db, engine: Engine) -> None:
+    overlapped = 0
     for _ in range(20):
         uuid = str(uuid4())
         command = parse_command("create", create_payload(db, uuid))
-        outcomes = collide(
+        collision = collide(
             partial(handle, "a" + uuid, command, SqlUnitOfWork(engine)),
             partial(handle, "b" + uuid, command, SqlUnitOfWork(engine)),
         )
-        assert sorted(o["ok"] for o in outcomes) == [False, True]
+        overlapped += collision.overlapped
+        assert sorted(o["ok"] for o in collision.results) == [False, True]
         assert db.sql("SELECT count(*) FROM calls WHERE uuid = :u", u=uuid).scalar() == 1
+    assert overlapped >= 10  # most rounds, the two creates ran at the same time
 
 
 @pytest.mark.parametrize("by", ["api", "worker"])
@@ -248,8 +292,7 @@ def test_an_outcome_counts_the_attempt_it_waited_for(db: Db, engine: Engine, by:
                              " VALUES (:c, :u, now())"), {"c": call, "u": uuid4()})  # fmt: skip
         command = parse_command("add_attempt", attempt)
         second = in_thread(pool, lambda: handle(str(uuid4()), command, SqlUnitOfWork(engine)))
-        with pytest.raises(TimeoutError):
-            second.result(0.3)  # waits on the first's lock of the call
+        blocked_on_lock(db, second)  # on the first's lock of the call
         if by == "worker":
             held.release.set()
             assert first.result(WAIT)["ok"] is True

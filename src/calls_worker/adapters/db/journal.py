@@ -25,7 +25,7 @@ from .tables import (
 )
 
 # Any constant will do: one sweep at a time across every worker and beat.
-_SWEEP_LOCK = 7_304_118_002
+SWEEP_LOCK = 7_304_118_002
 
 
 @dataclass(frozen=True)
@@ -136,7 +136,7 @@ def exclusive_sweep(engine: Engine) -> Iterator[bool]:
     with engine.connect() as connection:
         locked = bool(
             connection.execute(
-                text("SELECT pg_try_advisory_lock(:key)"), {"key": _SWEEP_LOCK}
+                text("SELECT pg_try_advisory_lock(:key)"), {"key": SWEEP_LOCK}
             ).scalar()
         )
         connection.commit()
@@ -144,7 +144,7 @@ def exclusive_sweep(engine: Engine) -> Iterator[bool]:
             yield locked
         finally:
             if locked:
-                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _SWEEP_LOCK})
+                connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": SWEEP_LOCK})
                 connection.commit()
 
 
