@@ -24,6 +24,7 @@ from uuid import UUID, uuid4
 import pytest
 from sqlalchemy import Engine, text
 
+from calls_worker.adapters.db import adoption
 from calls_worker.adapters.db.engine import build_engine, sqlalchemy_url
 from calls_worker.adapters.db.migrate import (
     VERSION_TABLE,
@@ -318,7 +319,7 @@ def test_the_api_keeps_writing_while_migrate_adopts_and_every_count_is_exact(
                     with engine.begin() as connection:
                         complete = "UPDATE calls SET status = 'completed' WHERE uuid = :c"
                         connection.execute(text(complete), {"c": call})
-                if n % 7 == 0:  # a donor moves to another owning organization
+                if n % 2 == 0:  # a donor moves to another owning organization
                     with engine.begin() as connection:
                         connection.execute(text(
                             "UPDATE persons SET owning_organization_uuid = (SELECT uuid FROM"
@@ -516,3 +517,14 @@ def test_adopting_as_a_member_of_the_role_that_owns_the_api_tables(
             for role in (*names.values(), api_owner):
                 connection.execute(text(f'DROP ROLE IF EXISTS "{role}"'))
         server.dispose()
+
+
+def test_the_backfill_locks_owners_under_the_triggers_lock_class() -> None:
+    """adoption.py takes the owners' locks itself: under the same key as migration 0005."""
+    path = Path(adoption.__file__).parent / "migrations/versions/0005_hardened_triggers.py"
+    spec = importlib.util.spec_from_file_location("migration_0005", path)
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert adoption.OWNER_LOCK_CLASS == module.LOCK_CLASS

@@ -8,7 +8,8 @@ worker adds its own objects without stopping the API's writes for more than a mo
   a long transaction of the API's (``migrate`` then tries again);
 - indexes are built ``CONCURRENTLY``;
 - ``attempt_count`` and the due-calls record are backfilled in batches of calls, each its
-  own short transaction, in key order. A batch first locks its calls (so an attempt being
+  own short transaction, in key order. A batch first takes its calls' owners' advisory
+  locks (shared, in the order writers take them), then locks its calls (so an attempt being
   added to one of them finishes first, and none can start), then counts in a statement of
   its own, which sees every attempt committed: the count is exact, and the counting
   trigger, live before the backfill starts, keeps it so afterwards.
@@ -51,7 +52,25 @@ CREATE TABLE IF NOT EXISTS {ADOPTION_TABLE} (
 
 _NEXT_BATCH = text(
     "SELECT uuid FROM calls WHERE (CAST(:after AS uuid) IS NULL OR uuid > :after)"
-    " ORDER BY uuid LIMIT :size FOR UPDATE"
+    " ORDER BY uuid LIMIT :size"
+)
+# The owners of a batch's calls, locked (shared) in the order in which a change of an owner
+# or a maximum takes them (exclusively: calls_worker_lock_organizations, migration 0005),
+# before the calls themselves: a batch never holds a call while it waits for an owner that a
+# writer holds while it waits for that call.
+OWNER_LOCK_CLASS = 730_411  # migration 0005's LOCK_CLASS
+_LOCK_OWNERS = text(
+    f"SELECT count(pg_advisory_xact_lock_shared({OWNER_LOCK_CLASS}, key)) FROM ("
+    " SELECT DISTINCT hashtext(p.owning_organization_uuid::text) AS key FROM calls c"
+    " JOIN persons p ON p.uuid = c.person_uuid WHERE c.uuid = ANY (CAST(:uuids AS uuid[]))"
+    " ORDER BY 1) AS keys"
+)
+# FOR NO KEY UPDATE, not FOR UPDATE: it stops an attempt being counted (its trigger updates
+# the call) but not a writer that only checks a foreign key to the call (KEY SHARE), as a
+# change of a person's owner does when it rechecks their calls.
+_LOCK_BATCH = text(
+    "SELECT uuid FROM calls WHERE uuid = ANY (CAST(:uuids AS uuid[])) ORDER BY uuid"
+    " FOR NO KEY UPDATE"
 )
 _COUNT = text(
     "UPDATE calls c SET attempt_count = n.count"
@@ -198,7 +217,10 @@ def backfill(connection: Connection, step: str, batch_size: int = DEFAULT_BATCH_
                 if not uuids:
                     connection.execute(_FINISHED, {"step": step})
                     break
-                result = connection.execute(work, {"uuids": uuids})
+                connection.execute(_LOCK_OWNERS, {"uuids": uuids})
+                # A call deleted meanwhile drops out; the next batch starts after the last key.
+                locked = list(connection.execute(_LOCK_BATCH, {"uuids": uuids}).scalars())
+                result = connection.execute(work, {"uuids": locked})
                 done = result.rowcount if step == ATTEMPT_COUNTS else int(result.scalar() or 0)
                 connection.execute(_PROGRESS, {"key": uuids[-1], "step": step})
         except OperationalError as error:
