@@ -16,6 +16,7 @@ from celery import Celery
 
 from calls_worker.client import CallsClient, CommandFailed
 from calls_worker.domain.commands import FUTURE_TOLERANCE, CommandKind
+from calls_worker.domain.errors import InvalidCommand
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import Process, redis_database, wait_for_worker, worker_env
 
@@ -107,12 +108,15 @@ def test_fields_given_as_null_and_requested_by(
     external = client.send("create", {**person, "externalMetadata": {}, "status": None,
                                       "requestedBy": requester}).outcome(TIMEOUT)  # fmt: skip
     managed = client.send("create", {**person, "type": None}).outcome(TIMEOUT)
-    managed_typed = client.send("create", {**person, "type": None, "status": None}).outcome(TIMEOUT)
+    with_status = {**person, "type": None, "status": None}
+    with pytest.raises(InvalidCommand):
+        client.send("create", with_status)  # the client refuses it before sending...
+    managed_typed = client.send_unchecked("create", json.dumps(with_status)).outcome(TIMEOUT)
     assert external["call"]["status"] == "requested"  # status null: as if not given
     assert external["call"]["requestedBy"] == requester
     assert db.row(UUID(external["call"]["uuid"]))["requested_by"] == UUID(requester)
     assert managed["call"]["type"] == "verification"  # type null: the default
-    # status is forbidden on a call managed here, even as null.
+    # ... and the worker too: status is forbidden on a call managed here, even as null.
     assert managed_typed["error"]["code"] == "invalid"
     assert [d["field"] for d in managed_typed["error"]["details"]] == ["status"]
 
