@@ -1,13 +1,13 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
 import pytest
 from freezegun import freeze_time
 
-from calls_worker.domain.commands import CommandKind, parse_command
+from calls_worker.domain.commands import FUTURE_TOLERANCE, CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome
 from calls_worker.service.handlers import handle
 from tests.reliability import Reliability, counted
@@ -298,3 +298,32 @@ def test_absurd_timestamps_inside_attempts_are_named(world: World) -> None:
             {"userUuid": str(uuid4()), "attemptedAt": "3026-02-01T09:00:00Z"},
         ])  # fmt: skip
     assert [d["field"] for d in outcome["error"]["details"]] == ["attempts.1.attemptedAt"]
+
+
+@pytest.mark.parametrize("field", ["issuedAt", "createdAt", "completedAt", "cancelledAt"])
+def test_the_future_tolerance_holds_to_the_microsecond(world: World, field: str) -> None:
+    """A create's timestamp exactly FUTURE_TOLERANCE ahead of the worker's clock is taken;
+    a microsecond later it is refused, naming the field."""
+    now = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    status = {"completedAt": "completed", "cancelledAt": "cancelled"}.get(field)
+    extra: dict[str, Any] = {"externalMetadata": {}, "status": status} if status else {}
+    outcomes = {}
+    over = FUTURE_TOLERANCE + timedelta(microseconds=1)
+    for name, ahead in (("at", FUTURE_TOLERANCE), ("over", over)):
+        stamp = (now + ahead).isoformat()
+        with freeze_time(now):
+            outcomes[name] = world.create(**extra, **{field: stamp})
+    assert outcomes["at"]["ok"] is True, outcomes["at"]
+    assert [d["field"] for d in outcomes["over"]["error"]["details"]] == [field]
+
+
+@pytest.mark.parametrize("kind", ["cancel", "expire"])
+def test_the_future_tolerance_of_ending_a_call(world: World, kind: CommandKind) -> None:
+    now = datetime(2026, 3, 1, 9, 0, tzinfo=UTC)
+    field = {"cancel": "cancelledAt", "expire": "expiredAt"}[kind]
+    over = FUTURE_TOLERANCE + timedelta(microseconds=1)
+    for ahead, ok in ((FUTURE_TOLERANCE, True), (over, False)):
+        call = world.new_call()
+        with freeze_time(now):
+            outcome = world.send(kind, {"callUuid": call, field: (now + ahead).isoformat()})
+        assert outcome["ok"] is ok, outcome
