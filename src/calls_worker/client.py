@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Self
 from uuid import UUID, uuid4
@@ -63,17 +63,48 @@ class CommandHandle:
     _client: CallsClient | None = None
     ignored: bool = False
     """Sent with ``ignore_result``: no outcome in the result backend, only in the database."""
+    kind: CommandKind | None = None
+    resent: list[float] = field(default_factory=list)
+    """When (monotonic seconds) ``outcome`` sent the command again."""
 
-    def outcome(self, timeout: float = 30.0) -> Outcome:
+    def outcome(self, timeout: float = 30.0, *, resend_after: float | None = None) -> Outcome:
         """Wait for the outcome: from the result backend, or, when it is not there (sent with
         ``ignore_result``, or kept there shorter than you waited), from the database, which
         keeps it for CALLS_WORKER_PROCESSED_RETENTION_HOURS. Raises TimeoutError, or
-        CommandFailed if the worker gave up."""
+        CommandFailed if the worker gave up.
+
+        ``resend_after``: each time this many seconds pass without an outcome, send the
+        command again, as it was and under its command id (applied once all the same). With
+        Redis as the broker a message can be lost after the broker handed it out: a worker
+        process killed between taking it off the queue and recording it as unacknowledged
+        (two steps in kombu's Redis transport). A producer that must not lose a command
+        resends it so (docs/wire-format.md, "Delivery")."""
+        deadline = time.monotonic() + timeout
+        while True:
+            wait = deadline - time.monotonic()
+            if resend_after is not None:
+                wait = min(wait, resend_after)
+            try:
+                return self._wait(max(wait, 0.1))
+            except TimeoutError:
+                if resend_after is None or time.monotonic() >= deadline:
+                    raise
+                self._resend()
+
+    def _wait(self, timeout: float) -> Outcome:
         if self._client is None:
             return _from_backend(self._result, self.command_id, timeout)
         return self._client._await_outcome(
             self.command_id, None if self.ignored else self._result, timeout, late=False
         )
+
+    def _resend(self) -> None:
+        if self._client is None or self.kind is None:
+            raise TimeoutError(f"no outcome for command {self.command_id}, and it cannot be"
+                               " sent again from this handle")  # fmt: skip
+        self._client.send(self.kind, self.command, command_id=self.command_id,
+                          ignore_result=self.ignored)  # fmt: skip
+        self.resent.append(time.monotonic())
 
 
 def _from_backend(result: AsyncResult[Any], command_id: str, timeout: float) -> Outcome:
@@ -165,7 +196,7 @@ class CallsClient:
             TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE,
             ignore_result=ignore_result,
         )  # fmt: skip
-        return CommandHandle(command_id, stamped, result, self, ignore_result)
+        return CommandHandle(command_id, stamped, result, self, ignore_result, kind)
 
     def _for_account(self, command: Mapping[str, Any]) -> Mapping[str, Any]:
         if self._service_account is None or ACCOUNT_FIELD in command:

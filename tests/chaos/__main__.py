@@ -1,0 +1,59 @@
+"""The full soak, as one command; its report becomes docs/reliability.md.
+
+    python -m tests.chaos                       # every fault, 10 iterations of 1,000 commands
+    python -m tests.chaos --fault pool-kill --seed 123 --iterations 1   # replay one
+
+The report is written only by a complete run (every fault, at least 10 iterations of at
+least 1,000 commands each) that found nothing wrong; a partial run prints its figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from tests.chaos.report import REPORT, markdown
+from tests.chaos.soak import FAULTS, dumps, failures, soak
+
+FULL_ITERATIONS = 10
+FULL_COMMANDS = 1_000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--fault", action="append", choices=FAULTS)
+    parser.add_argument("--iterations", type=int, default=FULL_ITERATIONS)
+    parser.add_argument("--commands", type=int, default=FULL_COMMANDS)
+    parser.add_argument("--seed", type=int, default=None, help="the soak's seed (default: random)")
+    parser.add_argument("--json", type=Path, default=None, help="also write every result here")
+    arguments = parser.parse_args()
+    faults = tuple(arguments.fault or FAULTS)
+    now = dt.datetime.now(dt.UTC)
+    seed = arguments.seed if arguments.seed is not None else int(now.timestamp())
+    print(f"soak: seed {seed}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="calls-worker-soak-") as root:
+        results = soak(Path(root), faults, arguments.iterations, arguments.commands, seed,
+                       log=lambda line: print(line, flush=True))  # fmt: skip
+    if arguments.json:
+        arguments.json.write_text(dumps(results))
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
+                            text=True, check=False).stdout.strip()  # fmt: skip
+    report = markdown(results, seed=seed, commit=commit, date=now.date().isoformat())
+    print(report)
+    found = failures(results)
+    complete = (set(faults) == set(FAULTS) and arguments.iterations >= FULL_ITERATIONS
+                and arguments.commands >= FULL_COMMANDS)  # fmt: skip
+    if complete and not found:
+        REPORT.write_text(report)
+        print(f"written to {REPORT}")
+    for line in found:
+        print(f"FAIL {line}", file=sys.stderr)
+    sys.exit(1 if found else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,23 @@
+"""The reduced soak that CI runs: every fault, 5 iterations of 300 commands (the full soak,
+10 × 1,000, is `python -m tests.chaos`). It fails on any loss, double or other problem the
+checker finds, and when a fault hit work in flight in fewer than half its iterations."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.chaos.soak import FAULTS, failures, soak, summary
+
+ITERATIONS = int(os.environ.get("CALLS_WORKER_SOAK_ITERATIONS", "5"))
+COMMANDS = int(os.environ.get("CALLS_WORKER_SOAK_COMMANDS", "300"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", FAULTS)
+def test_reduced_soak(fault: str, tmp_path: Path) -> None:
+    results = soak(tmp_path, (fault,), ITERATIONS, COMMANDS)
+    print(summary(results))
+    assert failures(results) == []
