@@ -64,6 +64,8 @@ class CommandHandle:
     ignored: bool = False
     """Sent with ``ignore_result``: no outcome in the result backend, only in the database."""
     kind: CommandKind | None = None
+    raw: str | None = None
+    """The text sent by ``send_unchecked`` (sent again as it was)."""
     resent: list[float] = field(default_factory=list)
     """When (monotonic seconds) ``outcome`` sent the command again."""
 
@@ -102,8 +104,11 @@ class CommandHandle:
         if self._client is None or self.kind is None:
             raise TimeoutError(f"no outcome for command {self.command_id}, and it cannot be"
                                " sent again from this handle")  # fmt: skip
-        self._client.send(self.kind, self.command, command_id=self.command_id,
-                          ignore_result=self.ignored)  # fmt: skip
+        if self.raw is not None:
+            self._client.send_unchecked(self.kind, self.raw, command_id=self.command_id)
+        else:
+            self._client.send(self.kind, self.command, command_id=self.command_id,
+                              ignore_result=self.ignored)  # fmt: skip
         self.resent.append(time.monotonic())
 
 
@@ -281,6 +286,14 @@ class CallsClient:
                 if kept is None:
                     raise
                 return kept
+            except CommandFailed:
+                # A failure the backend holds may be the worker's, not the command's: its
+                # result could not be stored (the broker's Redis restarting, say) after the
+                # command was applied. The database's outcome, if there is one, is the answer.
+                kept = self._ask_database(command_id, 10.0)
+                if kept is None:
+                    raise
+                return kept
         pause = _POLL_SECONDS
         while True:
             kept = self._ask_database(command_id, max(0.1, min(deadline - time.monotonic(), 10)))
@@ -326,7 +339,7 @@ class CallsClient:
         result = self._app.send_task(
             TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE
         )
-        return CommandHandle(command_id, {}, result, self)
+        return CommandHandle(command_id, {}, result, self, kind=kind, raw=command)
 
     def close(self) -> None:
         self._app.close()

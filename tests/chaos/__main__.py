@@ -1,7 +1,7 @@
 """The full soak, as one command; its report becomes docs/reliability.md.
 
     python -m tests.chaos                       # every fault, 10 iterations of 1,000 commands
-    python -m tests.chaos --fault pool-kill --seed 123 --iterations 1   # replay one
+    python -m tests.chaos --fault pool-kill --replay 123   # replay the iteration of seed 123
 
 The report is written only by a complete run (every fault, at least 10 iterations of at
 least 1,000 commands each) that found nothing wrong; a partial run prints its figures.
@@ -30,14 +30,21 @@ def main() -> None:
     parser.add_argument("--commands", type=int, default=FULL_COMMANDS)
     parser.add_argument("--seed", type=int, default=None, help="the soak's seed (default: random)")
     parser.add_argument("--json", type=Path, default=None, help="also write every result here")
+    parser.add_argument("--replay", type=int, default=None, metavar="ITERATION_SEED",
+                        help="run the one iteration of this seed (as a soak logged it)")
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="keep the servers' data and the processes' logs in this folder")
     arguments = parser.parse_args()
     faults = tuple(arguments.fault or FAULTS)
     now = dt.datetime.now(dt.UTC)
     seed = arguments.seed if arguments.seed is not None else int(now.timestamp())
     print(f"soak: seed {seed}", flush=True)
-    with tempfile.TemporaryDirectory(prefix="calls-worker-soak-") as root:
-        results = soak(Path(root), faults, arguments.iterations, arguments.commands, seed,
-                       log=lambda line: print(line, flush=True))  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="calls-worker-soak-") as scratch:
+        root = arguments.keep or Path(scratch)
+        root.mkdir(parents=True, exist_ok=True)
+        results = soak(root, faults, arguments.iterations, arguments.commands, seed,
+                       log=lambda line: print(line, flush=True),
+                       replay=arguments.replay)  # fmt: skip
     if arguments.json:
         arguments.json.write_text(dumps(results))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -45,7 +52,8 @@ def main() -> None:
     report = markdown(results, seed=seed, commit=commit, date=now.date().isoformat())
     print(report)
     found = failures(results)
-    complete = (set(faults) == set(FAULTS) and arguments.iterations >= FULL_ITERATIONS
+    complete = (set(faults) == set(FAULTS) and arguments.replay is None
+                and arguments.iterations >= FULL_ITERATIONS
                 and arguments.commands >= FULL_COMMANDS)  # fmt: skip
     if complete and not found:
         REPORT.write_text(report)

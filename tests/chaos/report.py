@@ -43,6 +43,6 @@ def markdown(results: list[Result], *, seed: int, commit: str, date: str) -> str
         lines.append(f"| {fault} | {HOW[fault]} | {row['iterations']} | {row['commands']:,} |"
                      f" {row['hits']} | {row['lost']} | {row['doubled']} |")  # fmt: skip
     seeds = ", ".join(f"{r.fault} {r.seed}" for r in results)
-    lines += ["", f"Iteration seeds (replay one: `python -m tests.chaos --fault F --seed S"
-              f" --iterations 1` draws the same first seed): {seeds}.", ""]  # fmt: skip
+    lines += ["", f"Iteration seeds (replay one: `python -m tests.chaos --fault F --replay S`):"
+              f" {seeds}.", ""]  # fmt: skip
     return "\n".join(lines)

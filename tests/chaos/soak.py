@@ -271,7 +271,8 @@ def processed_count(scene: Scene) -> int:
 @dataclass
 class Injection:
     hit_in_flight: bool = False
-    note: str = ""
+    lost_task_reported_by: Process | None = None
+    """The worker whose log says whether the process killed was running a task."""
 
 
 def inject(fault: str, scene: Scene, the_plan: Plan, producer: Producer,
@@ -289,13 +290,13 @@ def inject(fault: str, scene: Scene, the_plan: Plan, producer: Producer,
     if fault == "pool-kill":
         children = psutil.Process(worker.popen.pid).children()
         assert children, "the worker has no pool process"
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not _a_command_running(scene):
-            time.sleep(0.002)
+            time.sleep(0.001)
         rng.choice(children).kill()
-        time.sleep(1)
-        # Celery says so when the process it lost was running a task.
-        in_flight = "WorkerLostError" in worker.output()
+        # Celery says so when the process it lost was running a task (read once the
+        # iteration is over: the worker may take a moment to notice).
+        return Injection(lost_task_reported_by=worker)
     elif fault == "main-kill":
         with suppress(ProcessLookupError):
             os.killpg(worker.popen.pid, signal.SIGKILL)
@@ -372,6 +373,8 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
     time.sleep(2.5)  # a last sweep or two, for the calls the stream took to their limit
     client.close()
     scene.stop_all()
+    if injection.lost_task_reported_by is not None:
+        injection.hit_in_flight = "WorkerLostError" in injection.lost_task_reported_by.output()
     lost, doubled, found = check(scene, producer.sent, jumps.get(fault))
     resent = sum(bool(item.handle.resent) for item in producer.sent)
     return Result(fault, the_plan.seed, len(producer.sent), injection.hit_in_flight, lost,
@@ -495,14 +498,16 @@ def scene_for(root: Path) -> Iterator[Scene]:
 
 
 def soak(root: Path, faults: tuple[str, ...], iterations: int, commands: int,
-         seed: int | None = None, log: Callable[[str], None] = print) -> list[Result]:  # fmt: skip
-    """Run the soak; every iteration's result (seeds logged as they are drawn)."""
+         seed: int | None = None, log: Callable[[str], None] = print,
+         replay: int | None = None) -> list[Result]:  # fmt: skip
+    """Run the soak; every iteration's result (seeds logged as they are drawn). ``replay``:
+    run the iteration of this seed (once per fault given) instead of drawing seeds."""
     master = random.Random(seed)
     results = []
     with scene_for(root) as scene:
         for fault in faults:
-            for _ in range(iterations):
-                iteration_seed = master.randrange(2**32)
+            for _ in range(1 if replay is not None else iterations):
+                iteration_seed = replay if replay is not None else master.randrange(2**32)
                 log(f"soak: {fault} seed={iteration_seed} commands={commands}")
                 result = run_iteration(scene, fault, plan(iteration_seed, commands))
                 log(f"soak: {fault} seed={iteration_seed} -> in flight={result.hit_in_flight}"
