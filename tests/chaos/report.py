@@ -34,14 +34,17 @@ def markdown(results: list[Result], *, seed: int, commit: str, date: str) -> str
         "kept; one end state a call; the sweep expired exactly the calls at their maximum;",
         "no session idle in a transaction). *In flight*: iterations whose fault landed while",
         "commands were sent and not yet done, the worker busy (for the pool kill: Celery",
-        "reported the task of the killed process lost).",
+        "reported the task of the killed process lost). *Resent*: commands the producer sent",
+        "again, under their id, after 20 s without an outcome (docs/wire-format.md, Delivery:",
+        "Redis can lose a message a killed worker had taken; a slow redelivery is resent too).",
         "",
-        "| fault | how | iterations | commands | hit work in flight | lost | doubled |",
-        "|---|---|---|---|---|---|---|",
+        "| fault | how | iterations | commands | hit work in flight | resent | lost | doubled |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for fault, row in table.items():
         lines.append(f"| {fault} | {HOW[fault]} | {row['iterations']} | {row['commands']:,} |"
-                     f" {row['hits']} | {row['lost']} | {row['doubled']} |")  # fmt: skip
+                     f" {row['hits']} | {row['resent']} | {row['lost']} |"
+                     f" {row['doubled']} |")  # fmt: skip
     seeds = ", ".join(f"{r.fault} {r.seed}" for r in results)
     lines += ["", f"Iteration seeds (replay one: `python -m tests.chaos --fault F --replay S`):"
               f" {seeds}.", ""]  # fmt: skip
