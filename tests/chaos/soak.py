@@ -23,6 +23,7 @@ at that moment, while the worker was processing (a kill between commands proves 
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import random
@@ -371,12 +372,16 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
     if idle:
         problems.append(f"{idle} worker sessions idle in transaction after the fault")
     time.sleep(2.5)  # a last sweep or two, for the calls the stream took to their limit
+    resent = sum(bool(item.handle.resent) for item in producer.sent)
+    # Celery's results unsubscribe from their backend when collected: while it is there.
+    for item in producer.sent:
+        item.handle = None
+    gc.collect()
     client.close()
     scene.stop_all()
     if injection.lost_task_reported_by is not None:
         injection.hit_in_flight = "WorkerLostError" in injection.lost_task_reported_by.output()
     lost, doubled, found = check(scene, producer.sent, jumps.get(fault))
-    resent = sum(bool(item.handle.resent) for item in producer.sent)
     return Result(fault, the_plan.seed, len(producer.sent), injection.hit_in_flight, lost,
                   doubled, problems + found, resent)  # fmt: skip
 
@@ -493,6 +498,7 @@ def scene_for(root: Path) -> Iterator[Scene]:
     finally:
         scene.stop_all()
         scene.engine.dispose()
+        gc.collect()  # whatever still holds a result, before its backend goes
         scene.broker.stop()
         database.stop()
 
