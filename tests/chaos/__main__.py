@@ -14,6 +14,7 @@ import datetime as dt
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from tests.chaos.report import REPORT, markdown
@@ -39,6 +40,7 @@ def main() -> None:
     now = dt.datetime.now(dt.UTC)
     seed = arguments.seed if arguments.seed is not None else int(now.timestamp())
     print(f"soak: seed {seed}", flush=True)
+    started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="calls-worker-soak-") as scratch:
         root = arguments.keep or Path(scratch)
         root.mkdir(parents=True, exist_ok=True)
@@ -49,7 +51,8 @@ def main() -> None:
         arguments.json.write_text(dumps(results))
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                             text=True, check=False).stdout.strip()  # fmt: skip
-    report = markdown(results, seed=seed, commit=commit, date=now.date().isoformat())
+    report = markdown(results, seed=seed, commit=commit, date=now.date().isoformat(),
+                      minutes=(time.monotonic() - started) / 60)
     print(report)
     found = failures(results)
     complete = (set(faults) == set(FAULTS) and arguments.replay is None
