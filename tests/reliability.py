@@ -102,7 +102,8 @@ class Reliability:
             "|---|---|---|---|---|---|---|",
         ]
         for key, (name, how, must) in SCENARIOS.items():
-            r = self.records[key]
+            if (r := self.records.get(key)) is None:
+                continue  # not run in this session (a selection, or stopped early)
             lines.append(
                 f"| {name} | {how} | {must} | {r.runs} | {r.commands} | {r.lost} | {r.doubled} |"
             )

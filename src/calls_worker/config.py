@@ -66,6 +66,21 @@ class Settings(BaseSettings):
         description="Longest pause between two retries of a command (exponential backoff "
         "with jitter, from 1 s).",
     )
+    command_batch_size: int = Field(
+        default=32,
+        ge=1,
+        le=64,
+        description="Group commit: a worker process applies up to this many queued commands "
+        "in one transaction, each with its own outcome, in the order they arrived. 1 applies "
+        "each command on its own. At most 64.",
+    )
+    command_batch_wait_ms: int = Field(
+        default=10,
+        ge=0,
+        le=50,
+        description="Longest a command waits for its batch to fill before the batch is applied"
+        " anyway (a lone command is never held longer). At most 50.",
+    )
     max_message_bytes: PositiveInt = Field(
         default=1_048_576,
         description="A message larger than this is refused before it is decoded, and kept "

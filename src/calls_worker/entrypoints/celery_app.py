@@ -87,6 +87,8 @@ def create_app(
             settings.task_time_limit_seconds,
             settings.result_retention_seconds,
         ),
+        # Group commit: a batch fills only from messages the worker holds unacknowledged.
+        worker_prefetch_multiplier=settings.command_batch_size,
         task_routes={
             task: {"queue": SWEEPS_QUEUE} for task in (SWEEP_TASK, PRUNE_TASK, RECONCILE_TASK)
         },

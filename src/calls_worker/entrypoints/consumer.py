@@ -28,8 +28,10 @@ from kombu import serialization
 from vine import promise
 
 from calls_worker.adapters.db import journal
+from calls_worker.entrypoints.batching import CommandBatcher
 from calls_worker.entrypoints.metrics import worker_metrics
 from calls_worker.entrypoints.runtime import runtime_of
+from calls_worker.wire import TASK_NAMES
 
 logger = logging.getLogger("calls_worker")
 
@@ -39,7 +41,35 @@ LOGGED_PREFIX = 512
 REQUEUE_PAUSE_SECONDS = 2.0
 
 
+# The tasks whose messages are applied in batches (group commit: entrypoints/batching.py).
+BATCHED_TASKS = frozenset(TASK_NAMES.values())
+
+
 class RecordingConsumer(Consumer):
+    def __init__(self, on_task_request: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(on_task_request, *args, **kwargs)
+        settings = runtime_of(self.app).settings
+        self.batcher: CommandBatcher | None = None
+        if settings.command_batch_size > 1:
+            self.batcher = CommandBatcher(
+                self, on_task_request, settings.command_batch_size,
+                settings.command_batch_wait_ms / 1000,
+            )  # fmt: skip
+            batcher, process = self.batcher, on_task_request
+
+            def route(request: Any) -> Any:
+                if request.type in BATCHED_TASKS:
+                    return batcher.add(request)
+                return process(request)
+
+            # Celery's strategies (and its ETA timer) hand every request to this.
+            self.on_task_request = route
+
+    def on_close(self) -> None:
+        super().on_close()
+        if self.batcher is not None:
+            self.batcher.forget()
+
     def create_task_handler(self, promise: Any = promise) -> Any:
         handle = super().create_task_handler(promise)
         accepted: set[str] = (

@@ -43,6 +43,16 @@ class WorkerMetrics:
     sweep_duration: Any
     sweep_expired: Any
     repairs: Any
+    batch_sizes: Any
+    batch_durations: Any
+    batches_failed: Any
+
+    def batch(self, *, size: int, duration: float, result: str) -> None:
+        self.batch_sizes.labels(result=result).observe(size)
+        self.batch_durations.labels(result=result).observe(duration)
+
+    def batch_failed(self, reason: str) -> None:
+        self.batches_failed.labels(reason=reason).inc()
 
     def command(self, kind: CommandKind, outcome: str) -> None:
         self.commands.labels(kind=kind, outcome=outcome).inc()
@@ -95,6 +105,26 @@ def worker_metrics() -> WorkerMetrics:
             "Differences between the due-calls record and the expiry rule that reconciliation"
             " repaired: missing (due, not listed) or stale (listed, not due). Should stay 0.",
             ["kind"],
+        ),
+        batch_sizes=Histogram(
+            "calls_worker_command_batch_size",
+            "Commands in each batch applied (group commit), by result: done, or stopped"
+            " (the database went away or a time limit struck: the rest was retried).",
+            ["result"],
+            buckets=(1, 2, 4, 8, 16, 32, 48, 64),
+        ),
+        batch_durations=Histogram(
+            "calls_worker_command_batch_duration_seconds",
+            "How long a batch of commands took in its pool process, from parsing to the"
+            " outcomes stored, by result.",
+            ["result"],
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        ),
+        batches_failed=Counter(
+            "calls_worker_command_batches_failed_total",
+            "Batches whose pool process died (worker_lost: their messages were requeued) or"
+            " that raised (raised: requeued after a pause). Should stay 0.",
+            ["reason"],
         ),
     )
 

@@ -20,7 +20,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from calls_worker.adapters.db import journal
 from calls_worker.adapters.db.repository import SqlUnitOfWork
-from calls_worker.domain.commands import CommandKind, parse_command, parse_list_calls
+from calls_worker.domain.commands import Command, CommandKind, parse_command, parse_list_calls
 from calls_worker.domain.errors import DomainError, FieldError, InvalidCommand
 from calls_worker.domain.outcome import Outcome, failed
 from calls_worker.entrypoints.metrics import worker_metrics
@@ -41,6 +41,8 @@ from calls_worker.wire import (
 )
 
 logger = logging.getLogger("calls_worker")
+
+KIND_BY_TASK: dict[str, CommandKind] = {name: kind for kind, name in TASK_NAMES.items()}
 
 # Errors worth another try: the database or the network was away for a moment, a deadlock
 # or serialization failure was resolved by rolling us back. A broken rule is never retried.
@@ -233,42 +235,63 @@ def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any)
             tuple(args), kwargs, command_id=command_id, task_name=task.name,
             signed=runtime.signed,
         )  # fmt: skip
-        command = parse_command(kind, payload if isinstance(payload, str) else _mapping(payload))
+        command = parse_command(kind, payload if isinstance(payload, str) else mapping_of(payload))
     except InvalidCommand as error:
-        rejected_id = journal.record_rejected(
-            runtime.engine(),
-            task_name=task.name,
-            command_id=command_id,
-            raw_body=_raw_body(args, kwargs),
-            reason=error.message,
-            details=error.details,
-        )
-        outcome = failed(error)
-        worker_metrics().rejection("task")
-        logger.warning(
-            "command %s %s rejected as %s: %s",
-            kind,
-            command_id,
-            rejected_id,
-            error.message,
-            extra={"command_id": command_id, "kind": kind, "rejected_id": rejected_id},
-        )
-        return outcome
+        return reject_invalid(runtime, task.name, command_id, kind, args, kwargs, error)
 
     def keep(error: DomainError) -> None:
-        rejected_id = journal.record_rejected(
-            runtime.engine(), task_name=task.name, command_id=command_id,
-            raw_body=_raw_body(args, kwargs), reason=error.message, details=error.details,
-        )  # fmt: skip
-        worker_metrics().rejection("forbidden")
-        logger.warning("command %s %s refused and kept as %s: %s", kind, command_id,
-                       rejected_id, error.message,
-                       extra={"command_id": command_id, "rejected_id": rejected_id})  # fmt: skip
+        keep_refused(runtime, task.name, command_id, args, kwargs, error)
 
     outcome = handle(
         command_id, command, SqlUnitOfWork(runtime.engine()),
         policy=runtime.access_policy, signer_sha256=signer, on_kept=keep,
     )  # fmt: skip
+    log_outcome(kind, command_id, command, outcome)
+    return outcome
+
+
+def reject_invalid(
+    runtime: Runtime, task_name: str, command_id: str, kind: CommandKind, args: Any,
+    kwargs: Any, error: InvalidCommand,
+) -> Outcome:  # fmt: skip
+    """A command that cannot be parsed: kept among the rejected ones; its error outcome."""
+    rejected_id = journal.record_rejected(
+        runtime.engine(),
+        task_name=task_name,
+        command_id=command_id,
+        raw_body=_raw_body(args, kwargs),
+        reason=error.message,
+        details=error.details,
+    )
+    worker_metrics().rejection("task")
+    logger.warning(
+        "command %s %s rejected as %s: %s",
+        kind,
+        command_id,
+        rejected_id,
+        error.message,
+        extra={"command_id": command_id, "kind": kind, "rejected_id": rejected_id},
+    )
+    return failed(error)
+
+
+def keep_refused(
+    runtime: Runtime, task_name: str, command_id: str, args: Any, kwargs: Any,
+    error: DomainError,
+) -> None:  # fmt: skip
+    """A refusal an operator must see (a claim the signature does not back), kept."""
+    rejected_id = journal.record_rejected(
+        runtime.engine(), task_name=task_name, command_id=command_id,
+        raw_body=_raw_body(args, kwargs), reason=error.message, details=error.details,
+    )  # fmt: skip
+    worker_metrics().rejection("forbidden")
+    logger.warning("command %s %s refused and kept as %s: %s", KIND_BY_TASK.get(task_name),
+                   command_id, rejected_id, error.message,
+                   extra={"command_id": command_id, "rejected_id": rejected_id})  # fmt: skip
+
+
+def log_outcome(kind: CommandKind, command_id: str, command: Command, outcome: Outcome) -> None:
+    """The one log line and the counter of a command's outcome."""
     call_uuid = outcome["call"]["uuid"] if outcome["ok"] else command.call_uuid_or_none
     code = "ok" if outcome["ok"] else outcome["error"]["code"]
     worker_metrics().command(kind, code)
@@ -286,7 +309,6 @@ def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any)
             "service_account_uuid": str(command.service_account_uuid),
         },
     )
-    return outcome
 
 
 def run_list(task: Task[Any, Any], args: Any, kwargs: Any) -> Outcome:
@@ -297,7 +319,7 @@ def run_list(task: Task[Any, Any], args: Any, kwargs: Any) -> Outcome:
             tuple(args), kwargs, command_id=str(task.request.id), task_name=task.name,
             signed=runtime.signed,
         )  # fmt: skip
-        query = parse_list_calls(payload if isinstance(payload, str) else _mapping(payload))
+        query = parse_list_calls(payload if isinstance(payload, str) else mapping_of(payload))
     except InvalidCommand as error:
         logger.warning("list query %s refused: %s", task.request.id, error.message,
                        extra={"command_id": str(task.request.id)})  # fmt: skip
@@ -308,7 +330,7 @@ def run_list(task: Task[Any, Any], args: Any, kwargs: Any) -> Outcome:
     )  # fmt: skip
 
 
-def _mapping(payload: Any) -> Mapping[str, Any]:
+def mapping_of(payload: Any) -> Mapping[str, Any]:
     if not isinstance(payload, Mapping):
         raise InvalidCommand(
             "command must be a JSON object",

@@ -119,6 +119,17 @@ class MissingReference(CallsWorkerError):
     """A row a new call points at does not exist: nothing of this transaction was kept."""
 
 
+class CommandRefused(CallsWorkerError):
+    """While a batch was applied, the database refused a statement written by one of
+    ``tags`` (the commands whose writes the refused message carried): a unique or foreign
+    key violation, a value it cannot take. The transaction is rolled back."""
+
+    def __init__(self, tags: set[object], cause: BaseException) -> None:
+        super().__init__(f"refused a write of one of {len(tags)} commands: {cause}")
+        self.tags = tags
+        self.cause = cause
+
+
 class UnitOfWork(abc.ABC):
     """One transaction over the repositories; rolled back on exit unless committed.
 
@@ -152,3 +163,25 @@ class UnitOfWork(abc.ABC):
     @abc.abstractmethod
     def rollback(self) -> None:
         """Undo everything since the last commit; the unit of work stays usable."""
+
+    # What applying a batch of commands in one transaction needs (service/batch.py).
+    # Until ``commit`` or ``rollback``, a statement the database refuses raises
+    # CommandRefused naming the commands whose writes it carried.
+
+    def begin_batch(self, command_ids: list[str], call_uuids: list[UUID]) -> dict[str, Outcome]:
+        """Open the batch's transaction: the outcomes recorded already for any of
+        ``command_ids``, by command id; the calls ``call_uuids`` locked until it ends."""
+        raise NotImplementedError(f"{type(self).__name__} does not apply batches")
+
+    def start_command(self, tag: object) -> None:
+        """The writes that follow are those of the command ``tag``."""
+        raise NotImplementedError(f"{type(self).__name__} does not apply batches")
+
+    def discard_command(self, tag: object) -> None:
+        """Forget the writes of ``tag`` (those not sent yet: a broken rule raises before
+        its command writes anything)."""
+        raise NotImplementedError(f"{type(self).__name__} does not apply batches")
+
+    def flush(self) -> None:
+        """Send the writes now, without committing."""
+        raise NotImplementedError(f"{type(self).__name__} does not flush")

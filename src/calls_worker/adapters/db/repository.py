@@ -34,6 +34,7 @@ from calls_worker.service.unit_of_work import (
     Batch,
     CallRepository,
     CallUuidTaken,
+    CommandRefused,
     DuplicateCommand,
     MissingReference,
     ProcessedCommands,
@@ -103,6 +104,17 @@ _SERVICE_ACCOUNT = (
     " FROM worker_service_accounts WHERE uuid = %(uuid)s"
 )
 _PROCESSED_OUTCOME = "SELECT outcome FROM worker_processed_commands WHERE command_id = %(id)s"
+# The first statements of a batch: the outcomes its command ids have already (redeliveries),
+# and the calls it names, locked in uuid order, so that two batches naming the same calls in
+# another order wait for each other instead of deadlocking.
+_PROCESSED_OUTCOMES = (
+    "SELECT coalesce(json_object_agg(command_id, outcome), '{}'::json) AS outcomes"
+    " FROM worker_processed_commands WHERE command_id = ANY(%(ids)s)"
+)
+_LOCK_CALLS = (
+    "SELECT count(*) AS locked FROM (SELECT uuid FROM calls WHERE uuid = ANY(%(calls)s)"
+    " ORDER BY uuid FOR UPDATE) AS locked"
+)
 
 
 def _expire_batch(now: datetime, limit: int) -> Any:
@@ -293,14 +305,26 @@ class _Transaction:
         self.driver = _driver(connection)
         self.driver.autocommit = True
         self.cursor = psycopg.ClientCursor(self.driver, row_factory=namedtuple_row)
-        self.writes: list[str] = []
-        """Statements kept for commit, their values bound already."""
+        self.writes: list[tuple[object, str]] = []
+        """Statements not sent yet, their values bound already, each with the tag of the
+        command that wrote it (see ``tag``)."""
+        self.tag: object = None
+        """The command whose writes follow (a batch applies several in one transaction)."""
+        self.batch = False
+        """Whether a batch is applied: then refused statements raise CommandRefused."""
 
     def write(self, sql: str, params: dict[str, Any]) -> None:
-        self.writes.append(self.cursor.mogrify(sql, params))
+        self.writes.append((self.tag, self.cursor.mogrify(sql, params)))
 
     def write_first(self, sql: str, params: dict[str, Any]) -> None:
-        self.writes.insert(0, self.cursor.mogrify(sql, params))
+        """Before the other writes of the current command that are not sent yet."""
+        at = next((i for i, (tag, _) in enumerate(self.writes) if tag == self.tag), None)
+        self.writes.insert(len(self.writes) if at is None else at,
+                           (self.tag, self.cursor.mogrify(sql, params)))  # fmt: skip
+
+    def discard(self, tag: object) -> None:
+        """Drop the writes of ``tag`` not sent yet."""
+        self.writes = [(t, sql) for t, sql in self.writes if t != tag]
 
     def read(self, sql: str, params: dict[str, Any]) -> Any:
         """One row (or None); opens the transaction with it if none is open."""
@@ -308,10 +332,18 @@ class _Transaction:
 
     def read_each(self, sqls: list[str], params: dict[str, Any]) -> list[Any]:
         """The first row (or None) of each statement, sent in one message; each statement
-        reads with a snapshot of its own (READ COMMITTED), taken when it starts."""
-        began = self._send([self.cursor.mogrify(sql, params) for sql in sqls])
-        if began:
-            self.cursor.nextset()  # past the BEGIN's result, to the queries'
+        reads with a snapshot of its own (READ COMMITTED), taken when it starts.
+
+        The writes not sent yet go first in the same message: a batch reads what its
+        earlier commands wrote, and pays no round trip of its own for their writes.
+        """
+        pending, self.writes = self.writes, []
+        began = self._send(
+            [sql for _, sql in pending] + [self.cursor.mogrify(sql, params) for sql in sqls],
+            tags={tag for tag, _ in pending} or {self.tag},
+        )
+        for _ in range(len(pending) + (1 if began else 0)):
+            self.cursor.nextset()  # past the results of the BEGIN and the writes
         rows = [self.cursor.fetchone()]
         while self.cursor.nextset():
             rows.append(self.cursor.fetchone())
@@ -322,18 +354,24 @@ class _Transaction:
         self._send([])
 
     def flush(self, *, commit: bool) -> None:
-        statements, self.writes = self.writes, []
+        pending, self.writes = self.writes, []
+        statements = [sql for _, sql in pending]
         if commit and (statements or self.open):
             statements.append("COMMIT")
         if statements:
-            self._send(statements)
+            self._send(statements, tags={tag for tag, _ in pending})
 
     @property
     def open(self) -> bool:
         return self.driver.info.transaction_status != psycopg.pq.TransactionStatus.IDLE
 
-    def _send(self, statements: list[str]) -> bool:
-        """Send ``statements`` (with a BEGIN first if no transaction is open: True then)."""
+    def _send(self, statements: list[str], tags: set[object] | None = None) -> bool:
+        """Send ``statements`` (with a BEGIN first if no transaction is open: True then).
+
+        ``tags``: the commands whose writes the statements are. A statement PostgreSQL
+        refuses for what it says (a value, a constraint, not the connection or another
+        transaction) raises CommandRefused naming them, when a batch is being applied.
+        """
         began = not self.open
         if began:
             statements = ["BEGIN", *statements]
@@ -343,7 +381,11 @@ class _Transaction:
         except psycopg.OperationalError:
             _drop_if_broken(self.connection)
             raise
-        except psycopg.Error:
+        except psycopg.InterfaceError:
+            raise
+        except psycopg.Error as error:
+            if self.batch:
+                raise CommandRefused(tags or {self.tag}, error) from error
             raise
         except BaseException:
             # Interrupted while the server runs the statements (Celery's soft time limit
@@ -532,9 +574,27 @@ class SqlUnitOfWork(UnitOfWork):
         """Write what is pending without committing (its row locks are then held)."""
         self._send(commit=False)
 
+    def begin_batch(self, command_ids: list[str], call_uuids: list[UUID]) -> dict[str, Outcome]:
+        # One message: BEGIN, the outcomes recorded already, the calls locked in uuid order.
+        self._transaction.batch = True
+        outcomes, _ = self._transaction.read_each(
+            [_PROCESSED_OUTCOMES, _LOCK_CALLS],
+            {"ids": command_ids, "calls": sorted(set(call_uuids))},
+        )
+        return {command_id: dict(outcome) for command_id, outcome in outcomes.outcomes.items()}
+
+    def start_command(self, tag: object) -> None:
+        self._transaction.tag = tag
+
+    def discard_command(self, tag: object) -> None:
+        self._transaction.discard(tag)
+
     def _send(self, *, commit: bool) -> None:
         try:
             self._transaction.flush(commit=commit)
+        except CommandRefused:
+            self.rollback()
+            raise
         except psycopg.errors.UniqueViolation as error:
             self.rollback()
             constraint = error.diag.constraint_name
@@ -560,3 +620,4 @@ class SqlUnitOfWork(UnitOfWork):
 
     def rollback(self) -> None:
         self._transaction.rollback()
+        self._transaction.batch = False

@@ -1,0 +1,351 @@
+"""Group commit on Celery: command messages are buffered and applied a batch at a time.
+
+A producer still sends one command per message (docs/wire-format.md); nothing it sees
+changes. In the worker's main process, Celery's own strategy receives each message as
+always (decoding, signature, ETA of a retry, revocation, the task-received event) and
+hands the request to ``on_task_request``, which ``RecordingConsumer`` points here for
+command tasks: the request joins a buffer, whatever its command kind, in the order the
+messages arrived. The buffer goes to a pool process as one job when it holds
+``CALLS_WORKER_COMMAND_BATCH_SIZE`` requests, or ``CALLS_WORKER_COMMAND_BATCH_WAIT_MS``
+after its first request came, whichever is first.
+
+In the pool process (``apply_batch``) the commands are parsed, applied in one transaction
+(service/batch.py), their outcomes stored in the result backend in one pipeline, logged
+and counted; the job returns what became of each message. Only then does the main
+process settle each message: acknowledged when its outcome is committed and stored (or it
+was given up and kept, or republished for a retry, exactly as a lone command would be),
+put back when it was not applied. So the order is commit, store, acknowledge; a worker
+that dies in between has its messages redelivered, and a redelivery gets its first
+outcome from the processed-command record.
+
+Failure paths, each settled per message with Celery's own request handling:
+- the pool process dies (SIGKILL, out of memory): every message of the batch goes back
+  to the queue (``task_reject_on_worker_lost``), unless its outcome was stored already;
+- the batch job raises (a defect): every message goes back to the queue after a pause;
+- the soft time limit: the command it interrupted is given up (kept among the rejected
+  commands) and the others go back to the queue; the hard limit: each message is
+  handled as Celery handles a lone task past it (kept, acknowledged);
+- the broker connection is lost: the buffer is dropped (the broker redelivers its
+  messages; they can no longer be acknowledged on the new channel) and the flush timer
+  with it, so nothing waits on a timer of the old connection.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import WorkerLostError
+from celery import Task
+from celery.exceptions import Retry, SoftTimeLimitExceeded
+from celery.worker.state import task_ready
+
+from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.domain.commands import parse_command
+from calls_worker.domain.errors import InvalidCommand
+from calls_worker.domain.outcome import Outcome
+from calls_worker.entrypoints import tasks
+from calls_worker.entrypoints.metrics import worker_metrics
+from calls_worker.entrypoints.runtime import runtime_of
+from calls_worker.service.batch import BatchEntry, handle_batch
+
+logger = logging.getLogger("calls_worker")
+
+# How long the messages of a batch that raised wait before they go back to the queue.
+REQUEUE_PAUSE_SECONDS = 2.0
+
+# What became of a message, as the pool process tells the main process.
+DONE, RETRIED, GAVE_UP, REQUEUE = "done", "retried", "gave_up", "requeue"
+# Put back, to be applied alone when it comes again: its batch ran past the soft time limit
+# waiting for the locks of the calls it names, and which command waited is not known.
+REQUEUE_ALONE = "requeue_alone"
+
+
+def apply_batch(task: Task[Any, Any], items: list[tuple[str, str, dict[str, Any], Any, Any]]
+                ) -> list[tuple[str, str]]:  # fmt: skip
+    """In a pool process: apply a batch of command messages ``(task name, id, request,
+    args, kwargs)``; for each, what became of it and a short description (the outcome's
+    repr, or the error)."""
+    app = task.app
+    runtime = runtime_of(app)
+    started = time.perf_counter()
+    settled: list[tuple[str, str] | None] = [None] * len(items)
+    stored: dict[int, Outcome] = {}
+    entries: list[BatchEntry] = []
+    at: list[int] = []  # the item of each entry
+    for n, (name, task_id, _request, args, kwargs) in enumerate(items):
+        kind = tasks.KIND_BY_TASK[name]
+        try:
+            payload, signer = tasks.command_payload(
+                tuple(args), kwargs, command_id=task_id, task_name=name, signed=runtime.signed
+            )
+            command = parse_command(kind, payload if isinstance(payload, str)
+                                    else tasks.mapping_of(payload))  # fmt: skip
+        except InvalidCommand as error:
+            try:
+                stored[n] = tasks.reject_invalid(runtime, name, task_id, kind, args, kwargs, error)
+            except tasks.TRANSIENT_ERRORS as away:
+                settled[n] = _retry(app, items[n], away)
+                continue
+            settled[n] = (DONE, _repr(app, name, stored[n]))
+            continue
+        entries.append(BatchEntry(task_id, command, signer))
+        at.append(n)
+
+    result = handle_batch(
+        entries, lambda: SqlUnitOfWork(runtime.engine()), policy=runtime.access_policy,
+        stop_on=(*tasks.TRANSIENT_ERRORS, SoftTimeLimitExceeded),
+    )  # fmt: skip
+    for e, outcome in enumerate(result.outcomes):
+        n = at[e]
+        name, task_id = items[n][0], items[n][1]
+        if outcome is not None:
+            stored[n] = outcome
+            kept = result.kept.get(e)
+            if kept is not None:
+                tasks.keep_refused(runtime, name, task_id, items[n][3], items[n][4], kept)
+            tasks.log_outcome(tasks.KIND_BY_TASK[name], task_id, entries[e].command, outcome)
+            settled[n] = (DONE, _repr(app, name, outcome))
+        elif e in result.failed:
+            settled[n] = _give_up(app, items[n], result.failed[e], f"failed: {result.failed[e]!r}")
+        elif isinstance(result.stopped_by, SoftTimeLimitExceeded):
+            # The command it interrupted, or the only one, would only hang again: it is
+            # given up, as a lone command is. The others go back to the queue.
+            if e == result.stopped_at or len(entries) == 1:
+                reason = f"ran past its soft time limit: {result.stopped_by!r}"
+                settled[n] = _give_up(app, items[n], result.stopped_by, reason)
+            elif result.stopped_at is None:
+                settled[n] = (REQUEUE_ALONE, "its batch ran past the soft time limit")
+            else:
+                settled[n] = (REQUEUE, "its batch ran past the soft time limit")
+        else:
+            assert isinstance(result.stopped_by, Exception)
+            settled[n] = _retry(app, items[n], result.stopped_by)
+
+    _store(app, items, stored)
+    duration = time.perf_counter() - started
+    metrics = worker_metrics()
+    metrics.batch(size=len(items), duration=duration,
+                  result="stopped" if result.stopped_by is not None else "done")  # fmt: skip
+    logger.info(
+        "batch of %d commands applied in %.1f ms: %d transaction(s)%s",
+        len(items), duration * 1000, result.commits,
+        f", {result.redone} part(s) applied again after a refused write" if result.redone else "",
+        extra={"batch_size": len(items), "batch_ms": round(duration * 1000, 3),
+               "commits": result.commits, "redone": result.redone},
+    )  # fmt: skip
+    return [s if s is not None else (REQUEUE, "not reached") for s in settled]
+
+
+def _repr(app: Any, name: str, outcome: Outcome) -> str:
+    from celery.utils.saferepr import saferepr
+
+    return saferepr(outcome, app.tasks[name].resultrepr_maxsize)
+
+
+def _context(app: Any, item: tuple[str, str, dict[str, Any], Any, Any]) -> Any:
+    from celery.app.task import Context
+
+    _name, _task_id, request, args, kwargs = item
+    return Context(request, args=args, kwargs=kwargs, called_directly=False, is_eager=False)
+
+
+def _retry(app: Any, item: tuple[str, str, dict[str, Any], Any, Any],
+           error: Exception) -> tuple[str, str]:  # fmt: skip
+    """A lone command's retry: republished with a backoff (or given up past its budget)."""
+    name, task_id, _request, args, kwargs = item
+    task = app.tasks[name]
+    task.request_stack.push(_context(app, item))
+    try:
+        gave_up = tasks.retry_or_give_up(task, error, args, kwargs)
+    except Retry as retry:
+        task.on_retry(error, task_id, args, kwargs, None)
+        return RETRIED, repr(retry)
+    finally:
+        task.request_stack.pop()
+    task.backend.mark_as_failure(task_id, gave_up, request=_context(app, item))
+    return GAVE_UP, repr(gave_up)
+
+
+def _give_up(app: Any, item: tuple[str, str, dict[str, Any], Any, Any],
+             error: BaseException, reason: str) -> tuple[str, str]:  # fmt: skip
+    name, task_id, _request, args, kwargs = item
+    task = app.tasks[name]
+    task.request_stack.push(_context(app, item))
+    try:
+        gave_up = tasks.give_up(task, error if isinstance(error, Exception)
+                                else Exception(repr(error)), args, kwargs, reason)  # fmt: skip
+    except Retry as retry:  # the database cannot keep it: retried instead
+        task.on_retry(Exception(reason), task_id, args, kwargs, None)
+        return RETRIED, repr(retry)
+    finally:
+        task.request_stack.pop()
+    task.backend.mark_as_failure(task_id, gave_up, request=_context(app, item))
+    return GAVE_UP, repr(gave_up)
+
+
+def _store(app: Any, items: list[tuple[str, str, dict[str, Any], Any, Any]],
+           outcomes: dict[int, Outcome]) -> None:  # fmt: skip
+    """The outcomes in the result backend: one pipeline for the batch when it is Redis.
+    A producer that sent a command with ``ignore_result`` gets none stored."""
+    outcomes = {n: o for n, o in outcomes.items() if not items[n][2].get("ignore_result")}
+    if not outcomes:
+        return
+    backend = app.backend
+    client = getattr(backend, "client", None)
+    if client is None or not hasattr(client, "pipeline"):
+        for n, outcome in outcomes.items():
+            backend.mark_as_done(items[n][1], outcome, request=_context(app, items[n]))
+        return
+    from celery import states
+
+    with client.pipeline(transaction=False) as pipe:
+        for n, outcome in outcomes.items():
+            task_id = items[n][1]
+            request = _context(app, items[n])
+            meta = backend._get_result_meta(
+                result=outcome, state=states.SUCCESS, traceback=None, request=request
+            )
+            meta["task_id"] = task_id
+            key = backend.get_key_for_task(task_id)
+            value = backend.encode(meta)
+            if backend.expires:
+                pipe.setex(key, backend.expires, value)
+            else:
+                pipe.set(key, value)
+            pipe.publish(key, value)  # a producer waiting on the result is told at once
+        pipe.execute()
+
+
+class BatchRequest:
+    """A batch of command requests, sent to the pool as one job (duck-types the one
+    method of a Celery request the worker calls: ``execute_using_pool``)."""
+
+    def __init__(self, requests: list[Any], task: Task[Any, Any],
+                 later: Callable[[float, Callable[[], None]], Any],
+                 alone: set[str] | None = None) -> None:  # fmt: skip
+        self.requests = requests
+        self.task = task
+        self.later = later
+        self.alone = alone if alone is not None else set()
+        self.id = requests[0].id
+
+    def execute_using_pool(self, pool: Any, **_: Any) -> Any:
+        time_limit = self.task.time_limit or self.task.app.conf.task_time_limit
+        soft_limit = self.task.soft_time_limit or self.task.app.conf.task_soft_time_limit
+        items = [(r.type, r.id, r.request_dict, r.args, r.kwargs) for r in self.requests]
+        return pool.apply_async(
+            apply_batch,
+            args=(self.task, items),
+            accept_callback=self.on_accepted,
+            timeout_callback=self.on_timeout,
+            callback=self.on_return,
+            error_callback=self.on_error,
+            soft_timeout=soft_limit,
+            timeout=time_limit,
+            correlation_id=self.id,
+        )
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        for request in self.requests:
+            request.on_accepted(pid, time_accepted)
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        for request in self.requests:
+            request.on_timeout(soft, timeout)
+
+    def on_return(self, settled: list[tuple[str, str]]) -> None:
+        started = min((getattr(r, "time_start", None) or time.time()) for r in self.requests)
+        runtime = time.time() - started
+        for request, (what, detail) in zip(self.requests, settled, strict=True):
+            if what == DONE:
+                request.on_success((False, detail, runtime))
+                continue
+            task_ready(request)
+            if what in (REQUEUE, REQUEUE_ALONE):
+                if what == REQUEUE_ALONE:
+                    self.alone.add(request.id)
+                request.reject(requeue=True)
+                continue
+            request.acknowledge()
+            event = "task-retried" if what == RETRIED else "task-failed"
+            request.send_event(event, exception=detail, traceback="")
+
+    def on_error(self, exc_info: ExceptionInfo) -> None:
+        error = exc_info.exception
+        error = getattr(error, "exc", error)
+        if isinstance(error, WorkerLostError | SystemExit | KeyboardInterrupt):
+            # Celery's own path: requeued (task_reject_on_worker_lost), or acknowledged
+            # when the pool process had stored the outcome before it died.
+            worker_metrics().batch_failed("worker_lost")
+            for request in self.requests:
+                request.on_failure(exc_info)
+            return
+        worker_metrics().batch_failed("raised")
+        size = len(self.requests)
+        logger.error("a batch of %d commands raised, they go back to the queue: %r\n%s", size,
+                     error, exc_info.traceback, extra={"batch_size": size})  # fmt: skip
+
+        def requeue() -> None:
+            for request in self.requests:
+                task_ready(request)
+                request.reject(requeue=True)
+
+        self.later(REQUEUE_PAUSE_SECONDS, requeue)
+
+
+class CommandBatcher:
+    """The main process's buffer of command requests (see the module's docstring)."""
+
+    def __init__(self, consumer: Any, process: Callable[[Any], Any], size: int,
+                 wait_seconds: float) -> None:  # fmt: skip
+        self.consumer = consumer
+        self.process = process
+        self.size = size
+        self.wait_seconds = wait_seconds
+        self.buffer: list[Any] = []
+        self.generation = 0
+        """Bumped whenever the buffer is emptied: a flush timer of an older one does nothing."""
+        self.timer_set = False
+        self.alone: set[str] = set()
+        """Commands to apply in a batch of their own when they come again (REQUEUE_ALONE)."""
+
+    def add(self, request: Any) -> None:
+        if self.alone and request.id in self.alone:
+            self.alone.discard(request.id)
+            self.process(BatchRequest([request], request.task, self.consumer.timer.call_after,
+                                      self.alone))  # fmt: skip
+            return
+        self.buffer.append(request)
+        if len(self.buffer) >= self.size:
+            self.flush()
+        elif not self.timer_set:
+            self.timer_set = True
+            generation = self.generation
+            self.consumer.timer.call_after(self.wait_seconds, lambda: self._due(generation))
+
+    def _due(self, generation: int) -> None:
+        if generation == self.generation:
+            self.flush()
+
+    def flush(self) -> None:
+        batch, self.buffer = self.buffer, []
+        self.generation += 1
+        self.timer_set = False
+        if not batch:
+            return
+        task = batch[0].task
+        self.process(BatchRequest(batch, task, self.consumer.timer.call_after, self.alone))
+
+    def forget(self) -> None:
+        """The connection is lost: its messages come back from the broker, not from here."""
+        dropped = len(self.buffer)
+        self.buffer = []
+        self.generation += 1
+        self.timer_set = False
+        if dropped:
+            logger.warning("connection lost with %d commands buffered: the broker redelivers "
+                           "them", dropped)  # fmt: skip
