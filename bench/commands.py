@@ -1,15 +1,22 @@
-"""Command throughput through the real worker, beside a no-op Celery task, same run.
+"""Command throughput through the real worker, beside no-op Celery tasks, same run.
 
-    python -m bench.commands [--commands 5000] [--rounds 5]
+    python -m bench.commands [--commands 5000] [--rounds 5] [--batch 32] [--batch-wait-ms 10]
 
-Both workers run with the production settings (Redis broker and result backend, JSON,
-late acks, prefetch 1, a prefork pool of 2, task events) side by side, each on its own
-queue, and are measured in turns: each round sends a burst of no-op tasks, then a burst
-of creates, then one add-attempt for each call created. A burst is timed from the first
-publish to the last outcome stored, and compared with the no-op burst of its round; the
-round with the median ratio is the figure (the machine's speed drifts between rounds,
-so rates are only compared within one). Goal:
-create and add-attempt commands each reach ≥ 75% of the no-op task's throughput.
+Four workers run with the production settings (Redis broker and result backend, JSON,
+late acks, a prefork pool of 2, task events) side by side, each on its own queue, and are
+measured in turns. Each round sends a burst of no-op tasks to the plain no-op worker
+(prefetch 1, one task at a time: Celery's cost per task), a burst to the batched no-op
+(batched exactly as commands are: the ceiling of group commit), then creates and one
+add-attempt for each call created, to the worker with group commit and to one with
+``CALLS_WORKER_COMMAND_BATCH_SIZE=1`` (each command on its own, as before group commit).
+A burst is timed from the first publish to the last outcome stored, and compared with
+the no-op bursts of its round; the round with the median ratio is the figure (the
+machine's speed drifts between rounds, so rates are only compared within one). Goals:
+both commands ≥ 1.0× the no-op task (moonshot 1.5×), and ≥ 0.8× the batched no-op.
+
+Then the latency: creates sent at a steady 10% of the measured peak, each timed from its
+publish to its outcome's arrival (the result backend's publish); goal p99 ≤ batch wait +
+50 ms.
 
 Also reported, per command: the CPU time of the worker's main process, its pool
 processes, PostgreSQL, Redis and the producer (all on the same machine), which is where
@@ -35,14 +42,17 @@ from celery import Celery
 
 from bench.common import Row, print_table, write_results
 from bench.fixtures import broker, fresh_database, seed_person
-from bench.noop_worker import NOOP_QUEUE, NOOP_TASK
+from bench.noop_worker import BATCHED_NOOP_QUEUE, NOOP_QUEUE, NOOP_TASK
 from bench.workers import bench_env, process, wait_for_ping
+from calls_worker.config import Settings
 from calls_worker.wire import COMMANDS_QUEUE, TASK_NAMES, celery_config
 
 Message = tuple[str, str, dict[str, Any]]
 """A task name, its queue and its keyword arguments."""
 
 CONCURRENCY = "2"
+SINGLE_QUEUE = "bench.commands.single"
+"""The queue of the worker that applies each command on its own (batch size 1)."""
 PARTS = ("main", "pool", "postgres", "redis", "producer")
 
 
@@ -102,75 +112,177 @@ class CpuMeter:
         return seconds, {part: after[part] - before[part] for part in PARTS}
 
 
-def run(count: int, rounds: int) -> list[Row]:
+DEFAULT_BATCH: int = Settings.model_fields["command_batch_size"].default
+DEFAULT_BATCH_WAIT_MS: int = Settings.model_fields["command_batch_wait_ms"].default
+
+
+def run(count: int, rounds: int, batch: int = DEFAULT_BATCH,
+        batch_wait_ms: int = DEFAULT_BATCH_WAIT_MS) -> list[Row]:  # fmt: skip
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
-    rates: dict[str, list[float]] = {"noop": [], "create": [], "add_attempt": []}
+    kinds = ("noop", "noop_batched", "create", "add_attempt", "create_single",
+             "add_attempt_single")  # fmt: skip
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
     cpu: dict[str, list[dict[str, float]]] = {kind: [] for kind in rates}
     with fresh_database("calls_worker_bench_commands") as url, broker() as broker_url:
         organization, person = seed_person(url, None)
         app = Celery("bench-producer", set_as_current=False)
         app.conf.update(celery_config(broker_url, broker_url))
-        env = bench_env(url, broker_url)
+        env = bench_env(url, broker_url, CALLS_WORKER_COMMAND_BATCH_SIZE=str(batch),
+                        CALLS_WORKER_COMMAND_BATCH_WAIT_MS=str(batch_wait_ms))  # fmt: skip
+        single_env = {**env, "CALLS_WORKER_COMMAND_BATCH_SIZE": "1"}
         noop_argv = ["-m", "bench.noop_worker", broker_url, "--concurrency", CONCURRENCY]
+        batched_argv = [*noop_argv, "--queue", BATCHED_NOOP_QUEUE, "--batch", str(batch),
+                        "--batch-wait-ms", str(batch_wait_ms), "--name", "noopbatched"]  # fmt: skip
         worker_argv = ["-m", "calls_worker", "worker", "-Q", COMMANDS_QUEUE, "-c", CONCURRENCY,
                        "-n", "bench@%h"]  # fmt: skip
+        single_argv = ["-m", "calls_worker", "worker", "-Q", SINGLE_QUEUE, "-c", CONCURRENCY,
+                       "-n", "single@%h"]  # fmt: skip
         try:
             with (
                 process(noop_argv, env, logs / "noop.log") as noop,
+                process(batched_argv, env, logs / "noop-batched.log") as noop_batched,
                 process(worker_argv, env, logs / "worker.log") as worker,
+                process(single_argv, single_env, logs / "single.log") as single,
             ):
-                wait_for_ping(broker_url, "noop@")
-                wait_for_ping(broker_url, "bench@")
-                meters = {"noop": CpuMeter(noop.pid), "worker": CpuMeter(worker.pid)}
+                for name in ("noop@", "noopbatched@", "bench@", "single@"):
+                    wait_for_ping(broker_url, name)
+                meters = {
+                    "noop": CpuMeter(noop.pid), "noop_batched": CpuMeter(noop_batched.pid),
+                    "worker": CpuMeter(worker.pid), "single": CpuMeter(single.pid),
+                }  # fmt: skip
                 for _ in range(rounds):
                     for kind, messages in _round(count, organization, person).items():
-                        meter = meters["noop" if kind == "noop" else "worker"]
+                        meter = meters[_worker_of(kind)]
                         seconds, spent = meter.measure(
                             partial(publish_and_wait, app, broker_url, messages)
                         )
                         rates[kind].append(count / seconds)
                         cpu[kind].append({part: 1000 * s / count for part, s in spent.items()})
+                peak = statistics.median(rates["create"])
+                latencies = send_to_outcome(app, broker_url, organization, person, peak * 0.1)
         finally:
             app.close()
+    return _rows(count, rounds, batch, batch_wait_ms, rates, cpu, latencies, peak)
+
+
+def _rows(count: int, rounds: int, batch: int, batch_wait_ms: int,
+          rates: dict[str, list[float]], cpu: dict[str, list[dict[str, float]]],
+          latencies: list[float], peak: float) -> list[Row]:  # fmt: skip
     rows = []
     for kind in ("create", "add_attempt"):
-        # Each round's burst is compared with the no-op burst sent just before it; the
+        # Each round's burst is compared with the no-op bursts sent just before it; the
         # round with the median ratio is the figure (the lower middle one for an even count).
-        ratios = [rate / noop for rate, noop in zip(rates[kind], rates["noop"], strict=True)]
-        middle = sorted(range(rounds), key=ratios.__getitem__)[(rounds - 1) // 2]
-        rate, noop_rate = rates[kind][middle], rates["noop"][middle]
-        details = {
-            "commands": count,
-            "rounds": rounds,
-            "statistic": "the round with the median ratio",
-            "concurrency": int(CONCURRENCY),
-            "rates": [round(r, 1) for r in rates[kind]],
-            "noop_rates": [round(r, 1) for r in rates["noop"]],
-            "ratios": [round(r, 3) for r in ratios],
-            "cpu_ms_per_command": _median_parts(cpu[kind]),
-            "noop_cpu_ms_per_task": _median_parts(cpu["noop"]),
-        }
-        rows.append(
-            Row("commands", f"{kind} commands/s ({count:,})", rate, "/s", "no-op Celery task /s",
-                noop_rate, "≥ 0.75× baseline", rate >= 0.75 * noop_rate, details)
-        )  # fmt: skip
+        for baseline, goal_ratio, goal in (
+            ("noop", 1.0, "≥ 1.0× baseline (moonshot 1.5×)"),
+            ("noop_batched", 0.8, "≥ 0.8× baseline"),
+            ("single", None, "(before group commit, for comparison)"),
+        ):
+            base_rates = rates[f"{kind}_single" if baseline == "single" else baseline]
+            ratios = [rate / base for rate, base in zip(rates[kind], base_rates, strict=True)]
+            middle = sorted(range(rounds), key=ratios.__getitem__)[(rounds - 1) // 2]
+            rate, base_rate = rates[kind][middle], base_rates[middle]
+            base_cpu = cpu[f"{kind}_single" if baseline == "single" else baseline]
+            details = {
+                "commands": count,
+                "rounds": rounds,
+                "batch_size": batch,
+                "batch_wait_ms": batch_wait_ms,
+                "statistic": "the round with the median ratio",
+                "concurrency": int(CONCURRENCY),
+                "rates": [round(r, 1) for r in rates[kind]],
+                "baseline_rates": [round(r, 1) for r in base_rates],
+                "ratios": [round(r, 3) for r in ratios],
+                "cpu_ms_per_command": _median_parts(cpu[kind]),
+                "baseline_cpu_ms_per_task": _median_parts(base_cpu),
+            }
+            label = {"noop": "no-op Celery task /s",
+                     "noop_batched": "no-op batched the same way /s",
+                     "single": f"{kind} with batch size 1 /s"}[baseline]  # fmt: skip
+            met = True if goal_ratio is None else rate >= goal_ratio * base_rate
+            rows.append(Row("commands", f"{kind} commands/s ({count:,}), batches of ≤ {batch}",
+                            rate, "/s", label, base_rate, goal, met, details))  # fmt: skip
+    p99 = _percentile(latencies, 99) * 1000
+    rows.append(Row(
+        "commands", f"p99 send → outcome at 10% of peak ({peak * 0.1:.0f} creates/s)", p99, "ms",
+        "batch wait + 50 ms", batch_wait_ms + 50.0, "≤ baseline", p99 <= batch_wait_ms + 50,
+        {"sent": len(latencies), "p50_ms": round(_percentile(latencies, 50) * 1000, 2),
+         "p90_ms": round(_percentile(latencies, 90) * 1000, 2),
+         "max_ms": round(max(latencies) * 1000, 2), "peak_creates_per_s": round(peak, 1)},
+    ))  # fmt: skip
     return rows
+
+
+def _worker_of(kind: str) -> str:
+    if kind.startswith("noop"):
+        return kind
+    return "single" if kind.endswith("_single") else "worker"
+
+
+def _percentile(values: list[float], percent: int) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(percent / 100 * (len(ordered) - 1)))]
+
+
+def send_to_outcome(app: Celery, broker: str, organization: UUID, person: UUID, rate: float,
+                    seconds: float = 20.0) -> list[float]:  # fmt: skip
+    """Creates sent at ``rate`` a second for ``seconds``; for each, the time from its publish
+    to the result backend's announcement of its outcome (what a waiting producer hears)."""
+    connection = redis.Redis.from_url(broker)
+    listener = connection.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+    listener.psubscribe("celery-task-meta-*")
+    listener.get_message(timeout=1.0)
+    sent: dict[str, float] = {}
+    heard: dict[str, float] = {}
+
+    def listen(until: float) -> None:
+        while time.perf_counter() < until:
+            left = until - time.perf_counter()
+            message = listener.get_message(timeout=max(0.0, min(0.005, left)))
+            if message is not None:
+                heard[message["channel"].decode().removeprefix("celery-task-meta-")] = (
+                    time.perf_counter()
+                )
+
+    count = max(1, int(rate * seconds))
+    interval = 1 / rate
+    started = time.perf_counter()
+    with app.producer_or_acquire() as producer:
+        for n in range(count):
+            listen(started + n * interval)
+            task_id = str(uuid4())
+            command = {"personUuid": str(person), "organizationUuid": str(organization),
+                       "issuedAt": datetime.now(UTC).isoformat()}  # fmt: skip
+            sent[task_id] = time.perf_counter()
+            app.send_task(TASK_NAMES["create"], kwargs={"command": command}, task_id=task_id,
+                          queue=COMMANDS_QUEUE, producer=producer)  # fmt: skip
+    deadline = time.perf_counter() + 30
+    while len(heard.keys() & sent.keys()) < len(sent) and time.perf_counter() < deadline:
+        listen(time.perf_counter() + 0.1)
+    listener.close()
+    connection.close()
+    missing = len(sent) - len(heard.keys() & sent.keys())
+    if missing:
+        raise RuntimeError(f"{missing} of {len(sent)} outcomes were not announced within 30 s")
+    return [heard[task_id] - at for task_id, at in sent.items()]
 
 
 def _round(count: int, organization: UUID, person: UUID) -> dict[str, list[Message]]:
     """One round's bursts, in the order they are sent: fresh calls each round."""
     now = datetime.now(UTC).isoformat()
-    calls = [str(uuid4()) for _ in range(count)]
     create, add_attempt = TASK_NAMES["create"], TASK_NAMES["add_attempt"]
-    return {
+    bursts: dict[str, list[Message]] = {
         "noop": [(NOOP_TASK, NOOP_QUEUE, {"command": {}}) for _ in range(count)],
-        "create": [(create, COMMANDS_QUEUE, {"command": {
+        "noop_batched": [(NOOP_TASK, BATCHED_NOOP_QUEUE, {"command": {}}) for _ in range(count)],
+    }
+    for suffix, queue in (("", COMMANDS_QUEUE), ("_single", SINGLE_QUEUE)):
+        calls = [str(uuid4()) for _ in range(count)]
+        bursts[f"create{suffix}"] = [(create, queue, {"command": {
             "uuid": call, "personUuid": str(person), "organizationUuid": str(organization),
-            "issuedAt": now}}) for call in calls],
-        "add_attempt": [(add_attempt, COMMANDS_QUEUE, {"command": {
+            "issuedAt": now}}) for call in calls]  # fmt: skip
+        bursts[f"add_attempt{suffix}"] = [(add_attempt, queue, {"command": {
             "callUuid": call, "userUuid": str(person), "attemptedAt": now,
-            "issuedAt": now}}) for call in calls],
-    }  # fmt: skip
+            "issuedAt": now}}) for call in calls]  # fmt: skip
+    return bursts
 
 
 def _median_parts(samples: list[dict[str, float]]) -> dict[str, float]:
@@ -181,14 +293,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--commands", type=int, default=5_000)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=DEFAULT_BATCH)
+    parser.add_argument("--batch-wait-ms", type=int, default=DEFAULT_BATCH_WAIT_MS)
     arguments = parser.parse_args()
-    rows = run(arguments.commands, arguments.rounds)
+    rows = run(arguments.commands, arguments.rounds, arguments.batch, arguments.batch_wait_ms)
     print_table(rows)
     for row in rows:
-        print(f"  {row.figure}: rounds {row.details['rates']}, no-op {row.details['noop_rates']},"
-              f" ratios {row.details['ratios']}")  # fmt: skip
+        if "rates" not in row.details:
+            print(f"  {row.figure}: {row.details}")
+            continue
+        print(f"  {row.figure} vs {row.baseline}: rounds {row.details['rates']},"
+              f" baseline {row.details['baseline_rates']}, ratios {row.details['ratios']}")
         print(f"    CPU ms per command {row.details['cpu_ms_per_command']}")
-        print(f"    CPU ms per no-op   {row.details['noop_cpu_ms_per_task']}")
+        print(f"    CPU ms per baseline {row.details['baseline_cpu_ms_per_task']}")
     write_results(rows)
 
 

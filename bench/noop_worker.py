@@ -1,11 +1,16 @@
-"""The baseline worker: a Celery task that does nothing, with the production settings.
+"""The baseline workers: a Celery task that does nothing, with the production settings.
 
-    python -m bench.noop_worker BROKER_URL [--queue QUEUE] [--concurrency N]
+    python -m bench.noop_worker BROKER_URL [--queue QUEUE] [--concurrency N] [--batch N]
 
 The very settings of calls-worker's worker (``celery_app.worker_config``: broker,
 serializer, result backend, late acks, re-queue on worker loss, prefetch 1, time limits,
 task events) and the same pool; only the task body differs. It consumes a queue of its
 own, so it can run beside the real worker and the two be measured in turns.
+
+With ``--batch N`` the no-op is batched exactly as the worker batches commands
+(entrypoints/batching.py: the same buffer, wait, prefetch, pool job, result pipeline and
+acknowledgements), and the job does nothing but store ``{"ok": true}`` for each message:
+the ceiling of group commit on this machine.
 """
 
 from __future__ import annotations
@@ -14,16 +19,48 @@ import argparse
 from typing import Any
 
 from celery import Celery
+from celery.worker.consumer import Consumer
 
+from calls_worker.entrypoints.batching import DONE, CommandBatcher, store_outcomes
 from calls_worker.entrypoints.celery_app import worker_config
 
 NOOP_TASK = "bench.noop"
 NOOP_QUEUE = "bench.noop"
+BATCHED_NOOP_QUEUE = "bench.noop.batched"
+# The worker's defaults (config.Settings), unless --batch and --batch-wait-ms say otherwise.
+BATCH_WAIT_MS = 10
 
 
-def create_noop_app(broker_url: str) -> Celery:
+def noop_batch(task: Any, items: list[Any]) -> list[tuple[str, str]]:
+    """The batched no-op's pool job: each message's outcome stored, in one pipeline."""
+    store_outcomes(task.app, items, {key: {"ok": True} for key in range(len(items))})
+    return [(DONE, "{'ok': True}")] * len(items)
+
+
+class BatchingConsumer(Consumer):
+    """Celery's consumer with the no-op task batched as the worker batches commands."""
+
+    batch_size = 32
+    batch_wait_ms = BATCH_WAIT_MS
+
+    def __init__(self, on_task_request: Any, *args: Any, **kwargs: Any) -> None:
+        super().__init__(on_task_request, *args, **kwargs)
+        self.batcher = CommandBatcher(self, on_task_request, self.batch_size,
+                                      self.batch_wait_ms / 1000, job=noop_batch)  # fmt: skip
+        self.on_task_request = self.batcher.route(frozenset({NOOP_TASK}))
+
+    def on_close(self) -> None:
+        super().on_close()
+        self.batcher.forget()
+
+
+def create_noop_app(broker_url: str, batch: int = 1, batch_wait_ms: int = BATCH_WAIT_MS) -> Celery:
     app = Celery("bench-noop", set_as_current=False)
     app.conf.update(worker_config(broker_url, broker_url))
+    if batch > 1:
+        consumer = type("Batching", (BatchingConsumer,),
+                        {"batch_size": batch, "batch_wait_ms": batch_wait_ms})  # fmt: skip
+        app.conf.update(worker_prefetch_multiplier=batch, worker_consumer=consumer)
 
     @app.task(name=NOOP_TASK, queue=NOOP_QUEUE)
     def noop(command: Any = None) -> dict[str, Any]:
@@ -37,10 +74,13 @@ def main() -> None:
     parser.add_argument("broker_url")
     parser.add_argument("--queue", default=NOOP_QUEUE)
     parser.add_argument("--concurrency", default="2")
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--batch-wait-ms", type=int, default=BATCH_WAIT_MS)
+    parser.add_argument("--name", default="noop")
     arguments = parser.parse_args()
-    create_noop_app(arguments.broker_url).worker_main(
+    create_noop_app(arguments.broker_url, arguments.batch, arguments.batch_wait_ms).worker_main(
         ["worker", "--loglevel", "WARNING", "-Q", arguments.queue, "-c", arguments.concurrency,
-         "-n", "noop@%h", "--without-mingle"]
+         "-n", f"{arguments.name}@%h", "--without-mingle"]
     )  # fmt: skip
 
 

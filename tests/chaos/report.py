@@ -17,6 +17,15 @@ HOW = {
     " sends again, with the same command id, what it could not hand over",
     "two-beats": "a second beat starts, both sweeping every second",
     "clock-jump": "the producer's clock jumps by +3 h, −5 h or +30 h",
+    "batch-main-kill": "group commit: commands sent in bursts of 40; SIGKILL of the main"
+    " process (and its pool) while it holds ≥ 4 messages unacknowledged (a full buffer or a"
+    " batch running); a new worker starts",
+    "batch-pool-kill": "group commit: bursts of 40; SIGKILL of the pool process while a batch"
+    " runs and ≥ 4 messages are held",
+    "batch-postgres-stop": "group commit: bursts of 40; PostgreSQL stopped for 1.5–4 s while"
+    " ≥ 4 messages are held (a batch running or buffered), then started",
+    "batch-broker-restart": "group commit: bursts of 40; Redis shut down for 1.5–4 s while"
+    " batches are buffered (≥ 4 messages held), then started",
 }
 
 
@@ -37,7 +46,9 @@ def markdown(results: list[Result], *, seed: int, commit: str, date: str,
         "kept; one end state a call; the sweep expired exactly the calls at their maximum;",
         "no session idle in a transaction). *In flight*: iterations whose fault landed while",
         "commands were sent and not yet done, the worker busy (for the pool kill: Celery",
-        "reported the task of the killed process lost). *Resent*: commands the producer sent",
+        "reported the task of the killed process lost; for the batch faults: also ≥ 4",
+        "messages held by the worker at that moment). Every worker applies commands in",
+        "batches (group commit, the default). *Resent*: commands the producer sent",
         "again, under their id, after 20 s without an outcome (docs/wire-format.md, Delivery:",
         "Redis can lose a message a killed worker had taken; a slow redelivery is resent too).",
         "",

@@ -54,7 +54,13 @@ from tests.e2e.conftest import Process, free_ports, wait_for_worker, worker_env
 FAULTS = (
     "pool-kill", "main-kill", "sigterm", "postgres-restart", "broker-restart", "two-beats",
     "clock-jump",
+    # Group commit's own: the producer sends in bursts, so the worker holds batches, and the
+    # fault strikes while it holds at least BATCHED_AT_LEAST messages unacknowledged.
+    "batch-main-kill", "batch-pool-kill", "batch-postgres-stop", "batch-broker-restart",
 )  # fmt: skip
+# The batch faults' producer sends this many commands back to back, then pauses (same pace).
+BURST = 40
+BATCHED_AT_LEAST = 4
 BROKER_AWAY = (OperationalError, redis.exceptions.ConnectionError, ConnectionError)
 OUTCOME_WAIT = 180.0
 MAXIMUM = 3  # the owning organizations' maximum of the calls that have one
@@ -223,9 +229,9 @@ class Producer(threading.Thread):
     """Sends the stream at a steady pace; a send the broker refuses is sent again, with the
     same command id, until it is accepted."""
 
-    def __init__(self, client: CallsClient, items: Iterator[Sent]) -> None:
+    def __init__(self, client: CallsClient, items: Iterator[Sent], burst: int = 1) -> None:
         super().__init__(daemon=True)
-        self.client, self.items = client, items
+        self.client, self.items, self.burst = client, items, burst
         self.sent: list[Sent] = []
         self.resent = 0
         self.error: BaseException | None = None
@@ -242,6 +248,8 @@ class Producer(threading.Thread):
                         self.resent += 1
                         time.sleep(0.2)
                 self.sent.append(item)
+                if len(self.sent) % self.burst:
+                    continue  # within a burst: no pause
                 pause = started + len(self.sent) / SENDS_PER_SECOND - time.monotonic()
                 if pause > 0:
                     time.sleep(pause)
@@ -269,6 +277,18 @@ def processed_count(scene: Scene) -> int:
                + scene.sql("SELECT count(*) FROM worker_rejected_commands").scalar())  # fmt: skip
 
 
+def _held(scene: Scene) -> int:
+    """Messages the worker took from the queue and has not acknowledged (kombu's record)."""
+    try:
+        connection = redis.Redis.from_url(scene.broker.url)
+        try:
+            return int(connection.hlen("unacked"))
+        finally:
+            connection.close()
+    except redis.exceptions.ConnectionError:
+        return 0
+
+
 @dataclass
 class Injection:
     hit_in_flight: bool = False
@@ -288,6 +308,22 @@ def inject(fault: str, scene: Scene, the_plan: Plan, producer: Producer,
     at = processed_count(scene) - baseline
     in_flight = len(producer.sent) > at > before  # sent, not done, and the worker busy
     worker = scene.workers[-1]
+    if fault.startswith("batch-"):
+        # At a moment the worker holds batches: messages delivered and not acknowledged
+        # (buffered in its main process, or in the batch a pool process applies).
+        deadline = time.monotonic() + 10
+        held = _held(scene)
+        while time.monotonic() < deadline and held < BATCHED_AT_LEAST:
+            time.sleep(0.002)
+            held = _held(scene)
+        in_flight = held >= BATCHED_AT_LEAST
+        fault = fault.removeprefix("batch-").replace("postgres-stop", "postgres-restart")
+        if fault == "pool-kill":
+            while time.monotonic() < deadline + 5 and not _a_command_running(scene):
+                time.sleep(0.001)
+            for child in psutil.Process(worker.popen.pid).children():
+                child.kill()
+            return Injection(hit_in_flight=in_flight, lost_task_reported_by=worker)
     if fault == "pool-kill":
         children = psutil.Process(worker.popen.pid).children()
         assert children, "the worker has no pool process"
@@ -346,7 +382,8 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
     scene.start_beat()
     baseline = processed_count(scene)
     client = CallsClient(scene.broker.url)
-    producer = Producer(client, stream(rng, the_plan.commands, people, clock))
+    producer = Producer(client, stream(rng, the_plan.commands, people, clock),
+                        burst=BURST if fault.startswith("batch-") else 1)  # fmt: skip
     producer.start()
     if fault == "clock-jump":
         time.sleep(the_plan.fault_at)
@@ -383,7 +420,9 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
     client.close()
     scene.stop_all()
     if injection.lost_task_reported_by is not None:
-        injection.hit_in_flight = "WorkerLostError" in injection.lost_task_reported_by.output()
+        lost_a_task = "WorkerLostError" in injection.lost_task_reported_by.output()
+        injection.hit_in_flight = lost_a_task and (injection.hit_in_flight
+                                                   or not fault.startswith("batch-"))  # fmt: skip
     lost, doubled, found = check(scene, producer.sent, jumps.get(fault))
     return Result(fault, the_plan.seed, len(producer.sent), injection.hit_in_flight, lost,
                   doubled, problems + found, resent)  # fmt: skip

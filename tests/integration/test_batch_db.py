@@ -62,7 +62,8 @@ def test_create_attempts_and_complete_of_one_call_in_one_transaction(
         ("done", "complete", on(call, userUuid=str(uuid4()), result="reached")),
     ]
     result = batch(db, sent)
-    assert result.commits == 1 and result.redone == 0
+    assert result.commits == 1
+    assert result.redone == 0
     outcomes = result.outcomes
     assert all(o is not None and o["ok"] for o in outcomes), outcomes
     assert outcomes[2]["call"]["attemptCount"] == 2  # type: ignore[index]
@@ -118,7 +119,8 @@ def test_a_unique_violation_between_good_commands_fails_none_of_them(
     result = batch(db, sent)
     codes = [o["ok"] if o and o["ok"] else o and o["error"]["code"] for o in result.outcomes]
     assert codes == [True, "conflict", True, True]
-    assert result.redone >= 1 and not result.failed
+    assert result.redone >= 1
+    assert not result.failed
     assert db.row(UUID(taken))["notes"] == "first"
     assert db.attempt_rows(UUID(before)) == 1
     assert db.sql("SELECT count(*) FROM calls").scalar() == 3
@@ -127,7 +129,6 @@ def test_a_unique_violation_between_good_commands_fails_none_of_them(
 def test_a_missing_row_and_a_refused_value_fail_only_their_command(
     db: Db, world: tuple[UUID, UUID]
 ) -> None:
-    organization, _ = world
     good = [str(uuid4()) for _ in range(3)]
     sent: list[Sent] = [
         ("g0", "create", create(world, good[0])),
@@ -144,7 +145,8 @@ def test_a_missing_row_and_a_refused_value_fail_only_their_command(
         db.sql("ALTER TABLE calls DROP CONSTRAINT api_notes_short")
     assert [o is not None and o["ok"] for o in result.outcomes] == [True, False, True, False, True]
     assert result.outcomes[1]["error"]["code"] == "not_found"  # type: ignore[index]
-    assert result.outcomes[3] is None and isinstance(result.failed[3], psycopg.errors.CheckViolation)
+    assert result.outcomes[3] is None
+    assert isinstance(result.failed[3], psycopg.errors.CheckViolation)
     assert sorted(str(u) for u in db.sql("SELECT uuid FROM calls").scalars()) == sorted(good)
     ids = set(db.sql("SELECT command_id FROM worker_processed_commands").scalars())
     assert ids == {"g0", "fk", "g1", "g2"}
@@ -198,7 +200,8 @@ def test_a_batch_answers_as_the_commands_one_after_the_other(
 
     alone = one_by_one(db, stream)
     together = batch(db, [(f"b{cid}", kind, rename(p)) for cid, kind, p in stream])
-    assert not together.failed and together.stopped_by is None
+    assert not together.failed
+    assert together.stopped_by is None
     assert together.outcomes == [rename(o) for o in alone]
     for old, new in renamed.items():
         assert db.attempt_rows(UUID(new)) == db.attempt_rows(UUID(old))

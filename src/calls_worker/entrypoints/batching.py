@@ -57,6 +57,11 @@ logger = logging.getLogger("calls_worker")
 # How long the messages of a batch that raised wait before they go back to the queue.
 REQUEUE_PAUSE_SECONDS = 2.0
 
+Item = tuple[str, str, dict[str, Any], Any, Any]
+"""A message of a batch, as the pool process gets it: task name, id, request, args, kwargs."""
+Job = Callable[[Any, list[Item]], list[tuple[str, str]]]
+"""What a pool process runs for a batch (``apply_batch``; the benchmark's no-op batch)."""
+
 # What became of a message, as the pool process tells the main process.
 DONE, RETRIED, GAVE_UP, REQUEUE = "done", "retried", "gave_up", "requeue"
 # Put back, to be applied alone when it comes again: its batch ran past the soft time limit
@@ -64,7 +69,7 @@ DONE, RETRIED, GAVE_UP, REQUEUE = "done", "retried", "gave_up", "requeue"
 REQUEUE_ALONE = "requeue_alone"
 
 
-def apply_batch(task: Task[Any, Any], items: list[tuple[str, str, dict[str, Any], Any, Any]]
+def apply_batch(task: Task[Any, Any], items: list[Item]
                 ) -> list[tuple[str, str]]:  # fmt: skip
     """In a pool process: apply a batch of command messages ``(task name, id, request,
     args, kwargs)``; for each, what became of it and a short description (the outcome's
@@ -125,7 +130,7 @@ def apply_batch(task: Task[Any, Any], items: list[tuple[str, str, dict[str, Any]
             assert isinstance(result.stopped_by, Exception)
             settled[n] = _retry(app, items[n], result.stopped_by)
 
-    _store(app, items, stored)
+    store_outcomes(app, items, stored)
     duration = time.perf_counter() - started
     metrics = worker_metrics()
     metrics.batch(size=len(items), duration=duration,
@@ -146,14 +151,14 @@ def _repr(app: Any, name: str, outcome: Outcome) -> str:
     return saferepr(outcome, app.tasks[name].resultrepr_maxsize)
 
 
-def _context(app: Any, item: tuple[str, str, dict[str, Any], Any, Any]) -> Any:
+def _context(app: Any, item: Item) -> Any:
     from celery.app.task import Context
 
     _name, _task_id, request, args, kwargs = item
     return Context(request, args=args, kwargs=kwargs, called_directly=False, is_eager=False)
 
 
-def _retry(app: Any, item: tuple[str, str, dict[str, Any], Any, Any],
+def _retry(app: Any, item: Item,
            error: Exception) -> tuple[str, str]:  # fmt: skip
     """A lone command's retry: republished with a backoff (or given up past its budget)."""
     name, task_id, _request, args, kwargs = item
@@ -170,7 +175,7 @@ def _retry(app: Any, item: tuple[str, str, dict[str, Any], Any, Any],
     return GAVE_UP, repr(gave_up)
 
 
-def _give_up(app: Any, item: tuple[str, str, dict[str, Any], Any, Any],
+def _give_up(app: Any, item: Item,
              error: BaseException, reason: str) -> tuple[str, str]:  # fmt: skip
     name, task_id, _request, args, kwargs = item
     task = app.tasks[name]
@@ -187,8 +192,8 @@ def _give_up(app: Any, item: tuple[str, str, dict[str, Any], Any, Any],
     return GAVE_UP, repr(gave_up)
 
 
-def _store(app: Any, items: list[tuple[str, str, dict[str, Any], Any, Any]],
-           outcomes: dict[int, Outcome]) -> None:  # fmt: skip
+def store_outcomes(app: Any, items: list[Item],
+                   outcomes: dict[int, Outcome]) -> None:  # fmt: skip
     """The outcomes in the result backend: one pipeline for the batch when it is Redis.
     A producer that sent a command with ``ignore_result`` gets none stored."""
     outcomes = {n: o for n, o in outcomes.items() if not items[n][2].get("ignore_result")}
@@ -226,8 +231,9 @@ class BatchRequest:
 
     def __init__(self, requests: list[Any], task: Task[Any, Any],
                  later: Callable[[float, Callable[[], None]], Any],
-                 alone: set[str] | None = None) -> None:  # fmt: skip
+                 alone: set[str] | None = None, job: Job | None = None) -> None:  # fmt: skip
         self.requests = requests
+        self.job: Job = job or apply_batch
         self.task = task
         self.later = later
         self.alone = alone if alone is not None else set()
@@ -238,7 +244,7 @@ class BatchRequest:
         soft_limit = self.task.soft_time_limit or self.task.app.conf.task_soft_time_limit
         items = [(r.type, r.id, r.request_dict, r.args, r.kwargs) for r in self.requests]
         return pool.apply_async(
-            apply_batch,
+            self.job,
             args=(self.task, items),
             accept_callback=self.on_accepted,
             timeout_callback=self.on_timeout,
@@ -301,7 +307,8 @@ class CommandBatcher:
     """The main process's buffer of command requests (see the module's docstring)."""
 
     def __init__(self, consumer: Any, process: Callable[[Any], Any], size: int,
-                 wait_seconds: float) -> None:  # fmt: skip
+                 wait_seconds: float, job: Job | None = None) -> None:  # fmt: skip
+        self.job = job
         self.consumer = consumer
         self.process = process
         self.size = size
@@ -317,7 +324,7 @@ class CommandBatcher:
         if self.alone and request.id in self.alone:
             self.alone.discard(request.id)
             self.process(BatchRequest([request], request.task, self.consumer.timer.call_after,
-                                      self.alone))  # fmt: skip
+                                      self.alone, self.job))  # fmt: skip
             return
         self.buffer.append(request)
         if len(self.buffer) >= self.size:
@@ -338,7 +345,20 @@ class CommandBatcher:
         if not batch:
             return
         task = batch[0].task
-        self.process(BatchRequest(batch, task, self.consumer.timer.call_after, self.alone))
+        self.process(BatchRequest(batch, task, self.consumer.timer.call_after, self.alone,
+                                  self.job))  # fmt: skip
+
+    def route(self, names: frozenset[str]) -> Callable[[Any], Any]:
+        """What the consumer hands each request to: those of ``names`` join the buffer,
+        the others go on as Celery would send them (to ``process``)."""
+        process = self.process
+
+        def on_task_request(request: Any) -> Any:
+            if request.type in names:
+                return self.add(request)
+            return process(request)
+
+        return on_task_request
 
     def forget(self) -> None:
         """The connection is lost: its messages come back from the broker, not from here."""

@@ -55,15 +55,8 @@ class RecordingConsumer(Consumer):
                 self, on_task_request, settings.command_batch_size,
                 settings.command_batch_wait_ms / 1000,
             )  # fmt: skip
-            batcher, process = self.batcher, on_task_request
-
-            def route(request: Any) -> Any:
-                if request.type in BATCHED_TASKS:
-                    return batcher.add(request)
-                return process(request)
-
             # Celery's strategies (and its ETA timer) hand every request to this.
-            self.on_task_request = route
+            self.on_task_request = self.batcher.route(BATCHED_TASKS)
 
     def on_close(self) -> None:
         super().on_close()
