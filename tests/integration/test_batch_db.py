@@ -186,9 +186,15 @@ def test_a_batch_answers_as_the_commands_one_after_the_other(
     db: Db, world: tuple[UUID, UUID], seed: int
 ) -> None:
     """The same stream over two sets of calls: one by one, then as one batch. The outcomes
-    are the same but for the calls' uuids, and so is what the database holds."""
+    are the same but for the calls' uuids, and so is what the database holds. Two of the
+    three calls exist before the stream, with attempts (a batch reads them at its start)."""
     first = [str(uuid4()) for _ in range(3)]
     second = [str(uuid4()) for _ in range(3)]
+    for n, call in enumerate([*first[:2], *second[:2]]):
+        one_by_one(db, [(f"{seed}-pre-{n}", "create", create(world, call)),
+                        (f"{seed}-pre-{n}-a", "add_attempt",
+                         {**attempt(call, "2026-03-01T04:30:00+00:00"),
+                          "userUuid": str(UUID(int=1000 + n % 2))})])  # fmt: skip
     stream = _random_commands(random.Random(seed), world, f"{seed}-", first)
     renamed = dict(zip(first, second, strict=True))
 

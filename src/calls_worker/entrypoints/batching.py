@@ -146,9 +146,12 @@ def apply_batch(task: Task[Any, Any], items: list[Item]
 
 
 def _repr(app: Any, name: str, outcome: Outcome) -> str:
-    from celery.utils.saferepr import saferepr
-
-    return saferepr(outcome, app.tasks[name].resultrepr_maxsize)
+    """The start of the outcome, for the task-succeeded event (Flower shows it): ok or the
+    error code comes first. ``repr`` cut short, not Celery's saferepr, which cost a fifth
+    of a batch's time."""
+    limit = app.tasks[name].resultrepr_maxsize
+    text = repr(outcome)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _context(app: Any, item: Item) -> Any:
@@ -207,10 +210,13 @@ def store_outcomes(app: Any, items: list[Item],
         return
     from celery import states
 
+    # The request adds to the stored meta only with result_extended (and for groups and
+    # chords, which commands are not part of).
+    extended = app.conf.find_value_for_key("extended", "result")
     with client.pipeline(transaction=False) as pipe:
         for n, outcome in outcomes.items():
             task_id = items[n][1]
-            request = _context(app, items[n])
+            request = _context(app, items[n]) if extended else None
             meta = backend._get_result_meta(
                 result=outcome, state=states.SUCCESS, traceback=None, request=request
             )

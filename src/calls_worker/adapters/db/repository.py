@@ -115,6 +115,19 @@ _LOCK_CALLS = (
     "SELECT count(*) AS locked FROM (SELECT uuid FROM calls WHERE uuid = ANY(%(calls)s)"
     " ORDER BY uuid FOR UPDATE) AS locked"
 )
+# Then, in the same message, the calls so locked with their attempts: a statement of its own,
+# after the locks, so it sees every attempt (see _LOAD_ATTEMPTS); a command of the batch gets
+# its call from here instead of a round trip of its own, unless an earlier one loaded it.
+_LOAD_CALLS = (
+    "SELECT c.uuid, c.status, c.type, c.person_uuid, c.organization_uuid, c.pledge_case_uuid,"
+    " c.requested_by, c.result, c.notes, c.external_metadata, c.completed_by, c.created_at,"
+    " c.updated_at, c.completed_at, c.cancelled_at, c.expired_at,"
+    " (SELECT p.owning_organization_uuid FROM persons p WHERE p.uuid = c.person_uuid) AS owner,"
+    " (SELECT coalesce(json_agg(json_build_array(a.user_uuid, a.attempted_at)"
+    " ORDER BY a.attempted_at, a.uuid), '[]'::json) FROM call_attempts a"
+    " WHERE a.call_uuid = c.uuid) AS attempts_json"
+    " FROM calls c WHERE c.uuid = ANY(%(calls)s)"
+)
 
 
 def _expire_batch(now: datetime, limit: int) -> Any:
@@ -312,6 +325,8 @@ class _Transaction:
         """The command whose writes follow (a batch applies several in one transaction)."""
         self.batch = False
         """Whether a batch is applied: then refused statements raise CommandRefused."""
+        self.loaded: dict[UUID, Call] = {}
+        """Calls the batch locked and read in its first message, until a command takes one."""
 
     def write(self, sql: str, params: dict[str, Any]) -> None:
         self.writes.append((self.tag, self.cursor.mogrify(sql, params)))
@@ -331,8 +346,12 @@ class _Transaction:
         return self.read_each([sql], params)[0]
 
     def read_each(self, sqls: list[str], params: dict[str, Any]) -> list[Any]:
-        """The first row (or None) of each statement, sent in one message; each statement
-        reads with a snapshot of its own (READ COMMITTED), taken when it starts.
+        """The first row (or None) of each statement (see ``read_all``)."""
+        return [rows[0] if rows else None for rows in self.read_all(sqls, params)]
+
+    def read_all(self, sqls: list[str], params: dict[str, Any]) -> list[list[Any]]:
+        """The rows of each statement, sent in one message; each statement reads with a
+        snapshot of its own (READ COMMITTED), taken when it starts.
 
         The writes not sent yet go first in the same message: a batch reads what its
         earlier commands wrote, and pays no round trip of its own for their writes.
@@ -344,9 +363,9 @@ class _Transaction:
         )
         for _ in range(len(pending) + (1 if began else 0)):
             self.cursor.nextset()  # past the results of the BEGIN and the writes
-        rows = [self.cursor.fetchone()]
+        rows = [self.cursor.fetchall()]
         while self.cursor.nextset():
-            rows.append(self.cursor.fetchone())
+            rows.append(self.cursor.fetchall())
         return rows
 
     def begin(self) -> None:
@@ -420,6 +439,8 @@ class SqlCallRepository(CallRepository):
         self._transaction = transaction
 
     def get_for_update(self, call_uuid: UUID) -> Call | None:
+        if (loaded := self._transaction.loaded.pop(call_uuid, None)) is not None:
+            return loaded  # locked and read at the start of the batch, untouched since
         row, attempts = self._transaction.read_each(
             [_LOCK_CALL, _LOAD_ATTEMPTS], {"uuid": call_uuid}
         )
@@ -577,11 +598,13 @@ class SqlUnitOfWork(UnitOfWork):
     def begin_batch(self, command_ids: list[str], call_uuids: list[UUID]) -> dict[str, Outcome]:
         # One message: BEGIN, the outcomes recorded already, the calls locked in uuid order.
         self._transaction.batch = True
-        outcomes, _ = self._transaction.read_each(
-            [_PROCESSED_OUTCOMES, _LOCK_CALLS],
+        outcomes, _, calls = self._transaction.read_all(
+            [_PROCESSED_OUTCOMES, _LOCK_CALLS, _LOAD_CALLS],
             {"ids": command_ids, "calls": sorted(set(call_uuids))},
         )
-        return {command_id: dict(outcome) for command_id, outcome in outcomes.outcomes.items()}
+        self._transaction.loaded = {row.uuid: call_from_row(row, row.attempts_json)
+                                    for row in calls}  # fmt: skip
+        return {command_id: dict(outcome) for command_id, outcome in outcomes[0].outcomes.items()}
 
     def start_command(self, tag: object) -> None:
         self._transaction.tag = tag
@@ -621,3 +644,4 @@ class SqlUnitOfWork(UnitOfWork):
     def rollback(self) -> None:
         self._transaction.rollback()
         self._transaction.batch = False
+        self._transaction.loaded = {}
