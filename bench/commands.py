@@ -199,8 +199,11 @@ def _rows(count: int, rounds: int, batch: int, batch_wait_ms: int,
                      "noop_batched": "no-op batched the same way /s",
                      "single": f"{kind} with batch size 1 /s"}[baseline]  # fmt: skip
             met = True if goal_ratio is None else rate >= goal_ratio * base_rate
-            rows.append(Row("commands", f"{kind} commands/s ({count:,}), batches of ≤ {batch}",
-                            rate, "/s", label, base_rate, goal, met, details))  # fmt: skip
+            versus = {"noop": "no-op", "noop_batched": "batched no-op",
+                      "single": "batch size 1"}[baseline]  # fmt: skip
+            rows.append(Row("commands", f"{kind} commands/s ({count:,}, batches ≤ {batch})"
+                            f" vs {versus}", rate, "/s", label, base_rate, goal, met,
+                            details))  # fmt: skip
     p99 = _percentile(latencies, 99) * 1000
     rows.append(Row(
         "commands", f"p99 send → outcome at 10% of peak ({peak * 0.1:.0f} creates/s)", p99, "ms",
