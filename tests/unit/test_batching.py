@@ -1,0 +1,188 @@
+"""The main process's side of group commit, with Celery's requests and timer faked: when a
+buffer is flushed, and how each message of a batch is settled on each path. (The paths
+through real worker processes: tests/e2e/test_batching.py.)"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from billiard.einfo import ExceptionInfo
+from billiard.exceptions import WorkerLostError
+
+from calls_worker.entrypoints import batching
+from calls_worker.entrypoints.batching import (
+    DONE,
+    GAVE_UP,
+    REQUEUE,
+    REQUEUE_ALONE,
+    RETRIED,
+    BatchRequest,
+    CommandBatcher,
+)
+
+
+class FakeTimer:
+    def __init__(self) -> None:
+        self.pending: list[tuple[float, Callable[[], None]]] = []
+
+    def call_after(self, seconds: float, fun: Callable[[], None]) -> None:
+        self.pending.append((seconds, fun))
+
+    def fire(self) -> None:
+        due, self.pending = self.pending, []
+        for _, fun in due:
+            fun()
+
+
+class FakeConsumer:
+    def __init__(self) -> None:
+        self.timer = FakeTimer()
+
+
+class FakeRequest:
+    """What a batch uses of a Celery request, recording how it was settled."""
+
+    task: Any = None
+
+    def __init__(self, n: int, stored: bool = False) -> None:
+        self.id = f"command-{n}"
+        self.type = "calls.create"
+        self.settled: list[str] = []
+        self.events: list[str] = []
+        self.stored = stored
+
+    def on_accepted(self, pid: int, time_accepted: float) -> None:
+        self.settled.append("accepted")
+
+    def on_success(self, failed_retval_runtime: tuple[bool, Any, float]) -> None:
+        self.settled.append("ack")
+
+    def on_failure(self, exc_info: Any) -> None:
+        # Celery's own path for a lost worker: acknowledged when the outcome was stored,
+        # requeued otherwise (task_reject_on_worker_lost).
+        self.settled.append("ack" if self.stored else "requeue")
+
+    def on_timeout(self, soft: bool, timeout: float) -> None:
+        self.settled.append("soft-timeout" if soft else "hard-timeout")
+
+    def acknowledge(self) -> None:
+        self.settled.append("ack")
+
+    def reject(self, requeue: bool = False) -> None:
+        self.settled.append("requeue" if requeue else "drop")
+
+    def send_event(self, kind: str, **_: Any) -> None:
+        self.events.append(kind)
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_state(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batching, "task_ready", lambda request: None)
+    monkeypatch.setattr(batching, "worker_metrics", lambda: _Metrics())
+
+
+class _Metrics:
+    def batch_failed(self, reason: str) -> None:
+        pass
+
+
+def batcher(size: int = 3) -> tuple[CommandBatcher, list[BatchRequest], FakeConsumer]:
+    consumer = FakeConsumer()
+    sent: list[BatchRequest] = []
+    return CommandBatcher(consumer, sent.append, size, 0.01), sent, consumer
+
+
+def test_a_full_buffer_goes_at_once_and_a_partial_one_when_its_wait_ends() -> None:
+    b, sent, consumer = batcher(3)
+    requests = [FakeRequest(n) for n in range(4)]
+    for request in requests:
+        b.add(request)
+    assert [r.id for r in sent[0].requests] == ["command-0", "command-1", "command-2"]
+    assert len(sent) == 1  # the fourth waits for its batch to fill...
+    consumer.timer.fire()
+    assert [r.id for r in sent[1].requests] == ["command-3"]  # ...no longer than the wait
+
+
+def test_a_timer_of_an_emptied_buffer_flushes_nothing() -> None:
+    b, sent, consumer = batcher(2)
+    b.add(FakeRequest(0))
+    b.add(FakeRequest(1))  # full: flushed, but the first one's timer is still pending
+    b.add(FakeRequest(2))
+    consumer.timer.fire()  # the old timer and the new one fire
+    assert [[r.id for r in s.requests] for s in sent] == [["command-0", "command-1"],
+                                                           ["command-2"]]  # fmt: skip
+
+
+def test_after_a_lost_connection_the_buffer_is_dropped_and_the_next_command_has_a_timer() -> None:
+    """The broker redelivers what the lost channel held; a new request after the reconnect
+    gets a timer of its own even though the old one never fires (a wedged timer would hold
+    a lone command for good: celery-batches issues 99 and 107)."""
+    b, sent, consumer = batcher(5)
+    b.add(FakeRequest(0))
+    consumer.timer.pending.clear()  # the reconnect drops the old connection's timers
+    b.forget()
+    b.add(FakeRequest(1))
+    assert consumer.timer.pending, "no flush timer for the command after the reconnect"
+    consumer.timer.fire()
+    assert [[r.id for r in s.requests] for s in sent] == [["command-1"]]
+
+
+def test_a_command_to_apply_alone_skips_the_buffer() -> None:
+    b, sent, _ = batcher(5)
+    b.alone.add("command-7")
+    b.add(FakeRequest(0))
+    b.add(FakeRequest(7))
+    assert [[r.id for r in s.requests] for s in sent] == [["command-7"]]
+    assert "command-7" not in b.alone
+
+
+def batch(requests: list[FakeRequest]) -> tuple[BatchRequest, list[tuple[float, Any]]]:
+    later: list[tuple[float, Any]] = []
+    return BatchRequest(requests, None, lambda s, f: later.append((s, f))), later  # type: ignore[arg-type]
+
+
+def test_each_message_is_settled_as_its_pool_process_says() -> None:
+    requests = [FakeRequest(n) for n in range(5)]
+    b, _ = batch(requests)
+    b.on_accepted(123, 0.0)
+    b.on_return([(DONE, "ok"), (RETRIED, "retry"), (GAVE_UP, "kept"), (REQUEUE, "later"),
+                 (REQUEUE_ALONE, "alone")])  # fmt: skip
+    assert [r.settled for r in requests] == [["accepted", "ack"], ["accepted", "ack"],
+                                             ["accepted", "ack"], ["accepted", "requeue"],
+                                             ["accepted", "requeue"]]  # fmt: skip
+    assert requests[1].events == ["task-retried"]
+    assert requests[2].events == ["task-failed"]
+    assert b.alone == {"command-4"}
+
+
+def test_a_lost_pool_process_requeues_what_was_not_stored() -> None:
+    requests = [FakeRequest(0, stored=True), FakeRequest(1), FakeRequest(2)]
+    b, _ = batch(requests)
+    try:
+        raise WorkerLostError("Worker exited prematurely: signal 9 (SIGKILL).")
+    except WorkerLostError:
+        b.on_error(ExceptionInfo())
+    assert [r.settled for r in requests] == [["ack"], ["requeue"], ["requeue"]]
+
+
+def test_a_batch_that_raises_is_never_acknowledged_its_messages_come_back() -> None:
+    requests = [FakeRequest(0), FakeRequest(1)]
+    b, later = batch(requests)
+    try:
+        raise RuntimeError("a defect")
+    except RuntimeError:
+        b.on_error(ExceptionInfo())
+    assert [r.settled for r in requests] == [[], []]  # not at once: after a pause
+    (pause, requeue), = later
+    assert pause == batching.REQUEUE_PAUSE_SECONDS
+    requeue()
+    assert [r.settled for r in requests] == [["requeue"], ["requeue"]]
+
+
+def test_a_hard_time_limit_is_handled_for_each_message_as_celery_does() -> None:
+    requests = [FakeRequest(0), FakeRequest(1)]
+    b, _ = batch(requests)
+    b.on_timeout(False, 300)
+    assert [r.settled for r in requests] == [["hard-timeout"], ["hard-timeout"]]
