@@ -397,6 +397,11 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
     if producer.error is not None:
         problems.append(f"the producer failed: {producer.error!r}")
     for item in producer.sent:
+        current = scene.workers[-1]  # those before it were stopped by the fault
+        if current.popen.poll() is not None:  # nothing will answer: say so, do not wait
+            problems.append(f"the worker exited (code {current.popen.returncode}):"
+                            f" {current.output()[-2000:]}")  # fmt: skip
+            break
         try:
             item.outcome = item.handle.outcome(OUTCOME_WAIT, resend_after=RESEND_AFTER)
         except CommandFailed as error:

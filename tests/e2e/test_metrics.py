@@ -63,6 +63,12 @@ def test_worker_metrics_count_what_happened(
     assert after[expired] - before.get(expired, 0) == 2
     sweeps = ("calls_worker_sweep_duration_seconds_count", ())
     assert after[sweeps] - before.get(sweeps, 0) == 1
+    # Every command message went through a batch (group commit): seven commands, each
+    # counted once in the batches' sizes, in batches that each took some time.
+    sizes = ("calls_worker_command_batch_size_sum", (("result", "done"),))
+    batches = ("calls_worker_command_batch_duration_seconds_count", (("result", "done"),))
+    assert after[sizes] - before.get(sizes, 0) == 7
+    assert 1 <= after[batches] - before.get(batches, 0) <= 7
 
 
 def test_database_metrics_match_the_database(db: Db, engine: Engine, redis_url: str) -> None:

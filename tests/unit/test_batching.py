@@ -186,3 +186,25 @@ def test_a_hard_time_limit_is_handled_for_each_message_as_celery_does() -> None:
     b, _ = batch(requests)
     b.on_timeout(False, 300)
     assert [r.settled for r in requests] == [["hard-timeout"], ["hard-timeout"]]
+
+
+def test_a_message_of_a_lost_connection_is_left_to_the_broker() -> None:
+    """kombu raises AttributeError settling a message whose channel was closed with its
+    connection; that must not end the worker (the broker delivers the message again)."""
+
+    class Orphan(FakeRequest):
+        def reject(self, requeue: bool = False) -> None:
+            raise AttributeError("'NoneType' object has no attribute 'hostname'")
+
+        def on_success(self, failed_retval_runtime: tuple[bool, Any, float]) -> None:
+            raise AttributeError("'NoneType' object has no attribute 'hostname'")
+
+    requests = [Orphan(0), Orphan(1), FakeRequest(2)]
+    b, later = batch(requests)
+    b.on_return([(DONE, "ok"), (REQUEUE, "later"), (DONE, "ok")])
+    assert requests[2].settled == ["ack"]
+    try:
+        raise RuntimeError("a defect")
+    except RuntimeError:
+        b.on_error(ExceptionInfo())
+    later[0][1]()  # the requeue after the pause does not raise either

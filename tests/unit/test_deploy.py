@@ -34,6 +34,9 @@ DASHBOARD_METRICS = (
     "calls_worker_queue_messages",
     "calls_worker_last_sweep_timestamp_seconds",
     "calls_worker_redis_used_memory_bytes",
+    "calls_worker_command_batch_size_count",
+    "calls_worker_command_batch_duration_seconds_bucket",
+    "calls_worker_command_batches_failed_total",
 )
 
 

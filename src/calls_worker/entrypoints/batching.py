@@ -35,6 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
@@ -273,18 +274,21 @@ class BatchRequest:
         started = min((getattr(r, "time_start", None) or time.time()) for r in self.requests)
         runtime = time.time() - started
         for request, (what, detail) in zip(self.requests, settled, strict=True):
-            if what == DONE:
-                request.on_success((False, detail, runtime))
-                continue
-            task_ready(request)
-            if what in (REQUEUE, REQUEUE_ALONE):
-                if what == REQUEUE_ALONE:
-                    self.alone.add(request.id)
-                request.reject(requeue=True)
-                continue
-            request.acknowledge()
-            event = "task-retried" if what == RETRIED else "task-failed"
-            request.send_event(event, exception=detail, traceback="")
+            _settle(request, partial(self._settle, request, what, detail, runtime))
+
+    def _settle(self, request: Any, what: str, detail: str, runtime: float) -> None:
+        if what == DONE:
+            request.on_success((False, detail, runtime))
+            return
+        task_ready(request)
+        if what in (REQUEUE, REQUEUE_ALONE):
+            if what == REQUEUE_ALONE:
+                self.alone.add(request.id)
+            request.reject(requeue=True)
+            return
+        request.acknowledge()
+        event = "task-retried" if what == RETRIED else "task-failed"
+        request.send_event(event, exception=detail, traceback="")
 
     def on_error(self, exc_info: ExceptionInfo) -> None:
         error = exc_info.exception
@@ -294,7 +298,7 @@ class BatchRequest:
             # when the pool process had stored the outcome before it died.
             worker_metrics().batch_failed("worker_lost")
             for request in self.requests:
-                request.on_failure(exc_info)
+                _settle(request, partial(request.on_failure, exc_info))
             return
         worker_metrics().batch_failed("raised")
         size = len(self.requests)
@@ -304,9 +308,20 @@ class BatchRequest:
         def requeue() -> None:
             for request in self.requests:
                 task_ready(request)
-                request.reject(requeue=True)
+                _settle(request, partial(request.reject, requeue=True))
 
         self.later(REQUEUE_PAUSE_SECONDS, requeue)
+
+
+def _settle(request: Any, settle: Callable[[], None]) -> None:
+    """Acknowledge or reject a message, unless its connection was lost since it came: kombu's
+    Redis transport then raises AttributeError (its channel has no client any more), which
+    would end the worker. The broker delivers such a message again by itself."""
+    try:
+        settle()
+    except AttributeError as error:
+        logger.warning("message %s came on a broker connection lost since (%r): the broker"
+                       " delivers it again", request.id, error)  # fmt: skip
 
 
 class CommandBatcher:

@@ -63,6 +63,20 @@ class RecordingConsumer(Consumer):
         if self.batcher is not None:
             self.batcher.forget()
 
+    def on_connection_error_after_connected(self, exc: Exception) -> None:
+        """Celery closes the lost connection; with messages delivered and unacknowledged
+        (a batch buffered or running), kombu's Redis transport tries to put them back while
+        closing, on a connection its collect() has already torn down, and raises
+        AttributeError ('NoneType' object has no attribute 'hostname'), which Celery takes
+        for an unrecoverable error: the worker exits. The connection is gone either way
+        (Celery let go of it first), and the messages are not lost: they stay recorded as
+        unacknowledged and come back after the visibility timeout. So reconnect."""
+        try:
+            super().on_connection_error_after_connected(exc)
+        except AttributeError as error:
+            logger.warning("closing the lost broker connection failed (%r); the messages it"
+                           " held come back after the visibility timeout", error)  # fmt: skip
+
     def create_task_handler(self, promise: Any = promise) -> Any:
         handle = super().create_task_handler(promise)
         accepted: set[str] = (
