@@ -21,6 +21,7 @@ from typing import Any
 from celery import Celery
 from celery.worker.consumer import Consumer
 
+from calls_worker.config import Settings
 from calls_worker.entrypoints.batching import DONE, CommandBatcher, store_outcomes
 from calls_worker.entrypoints.celery_app import worker_config
 
@@ -28,7 +29,7 @@ NOOP_TASK = "bench.noop"
 NOOP_QUEUE = "bench.noop"
 BATCHED_NOOP_QUEUE = "bench.noop.batched"
 # The worker's defaults (config.Settings), unless --batch and --batch-wait-ms say otherwise.
-BATCH_WAIT_MS = 10
+BATCH_WAIT_MS: int = Settings.model_fields["command_batch_wait_ms"].default
 
 
 def noop_batch(task: Any, items: list[Any]) -> list[tuple[str, str]]:

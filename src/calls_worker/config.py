@@ -75,7 +75,7 @@ class Settings(BaseSettings):
         "each command on its own. At most 64.",
     )
     command_batch_wait_ms: int = Field(
-        default=10,
+        default=25,
         ge=0,
         le=50,
         description="Longest a command waits for its batch to fill before the batch is applied"
