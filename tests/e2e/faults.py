@@ -15,26 +15,36 @@ from __future__ import annotations
 import logging
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 
-class DieAfterCommit(logging.Handler):
+class AfterCommit(logging.Handler):
+    """Once, when the worker logs the outcome of the command named by ``variable``: ``act``."""
+
+    def __init__(self, variable: str, act: Callable[[str], None]) -> None:
+        super().__init__()
+        self.variable, self.act = variable, act
+
     def emit(self, record: logging.LogRecord) -> None:
-        target = os.environ.get("CALLS_WORKER_TEST_DIE_AFTER_COMMIT")
+        target = os.environ.get(self.variable)
         flag = Path(os.environ.get("CALLS_WORKER_TEST_FAULT_FLAG", "/nonexistent/flag"))
         if target and getattr(record, "command_id", None) == target and not flag.exists():
             flag.write_text(str(os.getpid()))
-            os.kill(os.getpid(), signal.SIGKILL)
+            self.act(target)
 
 
-class RaiseAfterCommit(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        target = os.environ.get("CALLS_WORKER_TEST_RAISE_AFTER_COMMIT")
-        flag = Path(os.environ.get("CALLS_WORKER_TEST_FAULT_FLAG", "/nonexistent/flag"))
-        if target and getattr(record, "command_id", None) == target and not flag.exists():
-            flag.write_text(str(os.getpid()))
-            raise RuntimeError(f"the test breaks the batch of command {target}")
+def _die(target: str) -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
-logging.getLogger("calls_worker").addHandler(DieAfterCommit())
-logging.getLogger("calls_worker").addHandler(RaiseAfterCommit())
+def _raise(target: str) -> None:
+    raise RuntimeError(f"the test breaks the batch of command {target}")
+
+
+logging.getLogger("calls_worker").addHandler(
+    AfterCommit("CALLS_WORKER_TEST_DIE_AFTER_COMMIT", _die)
+)
+logging.getLogger("calls_worker").addHandler(
+    AfterCommit("CALLS_WORKER_TEST_RAISE_AFTER_COMMIT", _raise)
+)
