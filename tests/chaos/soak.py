@@ -357,14 +357,24 @@ def inject(fault: str, scene: Scene, the_plan: Plan, producer: Producer,
         time.sleep(the_plan.fault_for)
         scene.broker = start_redis(scene.broker.data_dir, port=scene.broker.port)
     elif fault == "two-beats":
-        scene.start_beat()
+        started = time.monotonic()
+        beat = scene.start_beat()
+        _wait_for_first_sweep(beat)  # a beat takes seconds to start on a loaded machine
         time.sleep(the_plan.fault_for)
+        window = time.monotonic() - started
         sweeps = scene.sql("SELECT count(*) FROM worker_sweep_runs WHERE swept_at > now() - "
-                           "make_interval(secs => :s)", s=the_plan.fault_for).scalar()  # fmt: skip
+                           "make_interval(secs => :s)", s=window).scalar()  # fmt: skip
         in_flight = in_flight and sweeps >= 2
     elif fault == "clock-jump":
         pass  # the producer's clock jumps (see run_iteration): nothing to do to the servers
     return Injection(hit_in_flight=in_flight)
+
+
+def _wait_for_first_sweep(beat: Process, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while "Sending due task" not in beat.output():
+        assert time.monotonic() < deadline, "beat sent no sweep"
+        time.sleep(0.05)
 
 
 def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
@@ -379,7 +389,9 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
         return now + jumps[fault] if fault in jumps and jumped.is_set() else now
 
     scene.start_worker()
-    scene.start_beat()
+    # Sweeping before the stream starts: a beat takes seconds to start, longer than a
+    # reduced iteration's stream lasts, and the sweeps are part of what runs under a fault.
+    _wait_for_first_sweep(scene.start_beat())
     baseline = processed_count(scene)
     client = CallsClient(scene.broker.url)
     producer = Producer(client, stream(rng, the_plan.commands, people, clock),
