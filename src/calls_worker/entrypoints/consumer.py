@@ -41,6 +41,25 @@ LOGGED_PREFIX = 512
 REQUEUE_PAUSE_SECONDS = 2.0
 
 
+def _tolerate_lost_channel(message: Any) -> None:
+    """Celery settles a message later, from the event loop; if the broker connection was
+    lost meanwhile, kombu's Redis transport raises AttributeError putting it back (its
+    channel has no client any more), which would end the worker. Such a message is left to
+    the broker, which delivers it again."""
+    for name in ("ack_log_error", "reject_log_error"):
+        settle = getattr(message, name)
+
+        def tolerant(*args: Any, _settle: Any = settle, **kwargs: Any) -> Any:
+            try:
+                return _settle(*args, **kwargs)
+            except AttributeError as error:
+                logger.warning("a message of a lost broker connection was not settled (%r);"
+                               " the broker delivers it again", error)  # fmt: skip
+                return None
+
+        setattr(message, name, tolerant)
+
+
 # The tasks whose messages are applied in batches (group commit: entrypoints/batching.py).
 BATCHED_TASKS = frozenset(TASK_NAMES.values())
 
@@ -108,6 +127,7 @@ class RecordingConsumer(Consumer):
                     limit,
                 )
                 return
+            _tolerate_lost_channel(message)
             try:
                 handle(message)
             except connection_errors:
