@@ -30,10 +30,17 @@ WORKER_TABLES = (
     "pledge_cases",
     "persons",
     "organizations",
-    "worker_processed_commands",
+    "worker_processed_commands_a",  # the two tables behind the view of outcomes (0008)
+    "worker_processed_commands_b",
     "worker_rejected_commands",
     "worker_sweep_runs",
     "worker_due_calls",
+)
+
+# The outcome records' first turn, as migration 0008 leaves it.
+RESET_ROTATION = (
+    "UPDATE worker_processed_rotation"
+    " SET current_table = 'a', current_since = now(), previous_since = NULL"
 )
 
 
@@ -123,6 +130,7 @@ def engine(database_url: str) -> Iterator[Engine]:
     finally:
         with engine.begin() as connection:
             connection.execute(text(f"TRUNCATE {', '.join(WORKER_TABLES)} CASCADE"))
+            connection.execute(text(RESET_ROTATION))
         engine.dispose()
 
 

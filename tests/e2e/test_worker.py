@@ -15,7 +15,7 @@ from celery import Celery
 from kombu import Queue
 
 from calls_worker.client import CallsClient
-from calls_worker.wire import SWEEP_TASK, SWEEPS_QUEUE
+from calls_worker.wire import PRUNE_TASK, SWEEP_TASK, SWEEPS_QUEUE
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import Process, queues_drained, wait_until
 
@@ -52,6 +52,45 @@ def test_create_attempts_then_the_sweep_expires_exactly_the_calls_at_the_limit(
     assert report["durationSeconds"] > 0
     statuses = [db.row(UUID(c))["status"] for c in [*calls, unlimited]]
     assert statuses == ["requested", "expired", "expired", "requested"]
+
+
+def test_the_hourly_prune_forgets_outcomes_a_table_at_a_time_after_the_retention(
+    db: Db, worker: Process, client: CallsClient, control_app: Celery, redis_url: str
+) -> None:
+    def prune() -> dict[str, Any]:
+        report: dict[str, Any] = control_app.send_task(PRUNE_TASK, queue=SWEEPS_QUEUE).get(
+            timeout=TIMEOUT
+        )
+        return report
+
+    def turn_began_hours_ago(hours: int) -> None:
+        db.sql(f"UPDATE worker_processed_rotation SET current_since = now() - interval '{hours}h'")
+
+    def send_again() -> Any:
+        # Not from the result backend's copy of the first outcome: from the worker.
+        redis.Redis.from_url(redis_url).delete(f"celery-task-meta-{command_id}")
+        return client.send("create", person, command_id=command_id).outcome(TIMEOUT)
+
+    command_id = f"kept-{uuid4()}"
+    person = seeded_person(db, 5)
+    first = client.send("create", person, command_id=command_id).outcome(TIMEOUT)
+    assert prune()["rotated"] is False  # the retention (72 h) has not passed
+    turn_began_hours_ago(73)
+    report = prune()
+    assert report["rotated"] is True
+    assert report["retentionHours"] == 72
+
+    # In the oldest table kept now: a redelivery still gets the first outcome.
+    assert send_again() == first
+    assert db.sql("SELECT count(*) FROM calls").scalar() == 1
+    assert worker.output().count(f"command create {command_id}") == 2
+
+    turn_began_hours_ago(73)
+    assert prune()["rotated"] is True
+    again = send_again()
+    assert again["ok"] is True
+    assert again["call"]["uuid"] != first["call"]["uuid"]  # forgotten: applied as new
+    assert db.sql("SELECT count(*) FROM calls").scalar() == 2
 
 
 def test_the_same_command_delivered_twice_has_one_effect(

@@ -91,21 +91,6 @@ def test_complete_on_the_database(db: Db, world: tuple[UUID, UUID]) -> None:
     assert again["error"]["code"] == "conflict"
 
 
-def test_old_outcomes_are_pruned_and_recent_ones_kept(db: Db, world: tuple[UUID, UUID]) -> None:
-    from datetime import UTC, datetime, timedelta
-
-    from calls_worker.adapters.db.journal import prune_processed
-
-    for n in range(5):
-        create(db, world, command_id=f"old-{n}")
-    db.sql("UPDATE worker_processed_commands SET processed_at = now() - interval '4 days'")
-    create(db, world, command_id="recent")
-    pruned = prune_processed(db.engine, datetime.now(UTC) - timedelta(hours=72), batch_size=2)
-    assert pruned == 5
-    kept = db.sql("SELECT command_id FROM worker_processed_commands").scalars().all()
-    assert kept == ["recent"]
-
-
 # Values reach the database bound into the statements' text by psycopg (simple query
 # protocol): quotes, backslashes, placeholders and statement separators must stay data.
 AWKWARD_TEXT = [

@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import make_url, text
-from sqlalchemy.exc import ProgrammingError
+from sqlalchemy import Engine, make_url, text
+from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.journal import (
     operational_figures,
-    prune_processed,
     reconcile_due_calls,
     record_rejected,
+    rotate_processed,
 )
 from calls_worker.adapters.db.migrate import grant_to, upgrade
 from calls_worker.adapters.db.repository import SqlUnitOfWork
@@ -96,7 +96,19 @@ def test_the_worker_does_everything_as_the_app_role(roles: tuple[str, str]) -> N
         assert result.expired == 1
         record_rejected(app, task_name="calls.create", command_id=None, raw_body="{}",
                         reason="test")  # fmt: skip
-        assert prune_processed(app, datetime.now(UTC)) == 3
+        assert rotate_processed(app, timedelta(0)).swapped  # its 3 outcomes are previous now
+        assert app_sees(app, "SELECT count(*) FROM worker_processed_commands") == 3
+        for forbidden in (
+            "DELETE FROM worker_processed_commands",
+            "DELETE FROM worker_processed_commands_a",
+            "TRUNCATE worker_processed_commands_b",
+            "INSERT INTO worker_processed_commands_b (command_id, kind, outcome)"
+            " VALUES ('around', 'create', '{}')",
+            "UPDATE worker_processed_rotation SET current_table = 'a'",
+        ):
+            refused = (ProgrammingError, OperationalError)  # no privilege; a view of a union
+            with pytest.raises(refused, match=r"permission denied|cannot delete"), app.begin() as c:
+                c.execute(text(forbidden))
         assert reconcile_due_calls(app) == (0, 0)
         with pytest.raises(ProgrammingError, match="permission denied"), app.begin() as c:
             c.execute(text("CREATE TABLE not_allowed (id int)"))
@@ -107,6 +119,11 @@ def test_the_worker_does_everything_as_the_app_role(roles: tuple[str, str]) -> N
         admin.dispose()
 
 
+def app_sees(engine: Engine, sql: str) -> object:
+    with engine.connect() as connection:
+        return connection.execute(text(sql)).scalar()
+
+
 # A temporary "calls" that shadows the real one for a trigger that does not name pg_temp
 # last; its own trigger runs whatever it is given, as whoever is updating the table.
 SHADOW = """
@@ -114,7 +131,7 @@ CREATE TEMP TABLE calls (uuid uuid, attempt_count integer);
 INSERT INTO pg_temp.calls VALUES ('{call}', 0);
 CREATE FUNCTION pg_temp.seize() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
-    TRUNCATE public.worker_processed_commands;
+    TRUNCATE public.worker_processed_commands_a;
     RETURN NULL;
 END $$;
 CREATE TRIGGER seize AFTER UPDATE ON pg_temp.calls

@@ -412,12 +412,24 @@ def register_tasks(app: Celery) -> None:
     app.task(name=SWEEP_TASK, bind=True, queue=SWEEPS_QUEUE, acks_late=True)(sweep)
 
     def prune(self: Task[Any, Any]) -> dict[str, Any]:
-        """Forget command outcomes older than the retention (they answer redeliveries)."""
+        """Forget command outcomes older than the retention (they answer redeliveries): the
+        older of the two tables of outcomes at a time, when it is all older (migration 0008)."""
         runtime = runtime_of(self.app)
         hours = runtime.settings.processed_retention_hours
-        pruned = journal.prune_processed(runtime.engine(), utc_now() - timedelta(hours=hours))
-        logger.info("pruned %d command outcomes older than %dh", pruned, hours)
-        return {"pruned": pruned, "retentionHours": hours}
+        try:
+            rotation = journal.rotate_processed(runtime.engine(), timedelta(hours=hours))
+        except OperationalError as error:
+            if not isinstance(error.orig, psycopg.errors.LockNotAvailable):
+                raise
+            logger.warning("outcome records not rotated: commands held them for 2 s;"
+                           " the next run tries again")  # fmt: skip
+            return {"rotated": False, "retentionHours": hours, "busy": True}
+        kept_since = rotation.kept_since or rotation.current_since
+        if rotation.swapped:
+            logger.info("forgot the command outcomes recorded before %s (retention %dh)",
+                        rotation.current_since.isoformat(), hours)  # fmt: skip
+        return {"rotated": rotation.swapped, "retentionHours": hours,
+                "keptSince": kept_since.isoformat()}  # fmt: skip
 
     app.task(name=PRUNE_TASK, bind=True, queue=SWEEPS_QUEUE, acks_late=True)(prune)
 

@@ -9,7 +9,9 @@ GRANT SELECT, INSERT, UPDATE ON calls TO calls_worker_app;
 GRANT SELECT, INSERT ON call_attempts TO calls_worker_app;
 
 -- The worker's own tables.
-GRANT SELECT, INSERT, DELETE ON worker_processed_commands TO calls_worker_app;  -- DELETE: pruning
+-- A view of the two tables of outcomes; its trigger writes the current one (0008).
+GRANT SELECT, INSERT ON worker_processed_commands TO calls_worker_app;
+GRANT SELECT ON worker_processed_rotation TO calls_worker_app;                   -- status
 GRANT SELECT, INSERT, UPDATE ON worker_rejected_commands TO calls_worker_app;   -- UPDATE: replayed
 GRANT SELECT, INSERT ON worker_sweep_runs TO calls_worker_app;
 -- UPDATE: the sweep locks the rows it takes (SELECT … FOR UPDATE).
@@ -22,3 +24,5 @@ GRANT USAGE ON SEQUENCE worker_rejected_commands_id_seq, worker_sweep_runs_id_se
     TO calls_worker_app;
 -- Beat's periodic check of the due-calls record (SECURITY DEFINER: it repairs as the owner).
 GRANT EXECUTE ON FUNCTION calls_worker_reconcile_due_calls() TO calls_worker_app;
+-- calls.prune: forget the outcomes older than the retention, a table at a time (0008).
+GRANT EXECUTE ON FUNCTION calls_worker_rotate_processed_commands(interval) TO calls_worker_app;

@@ -7,10 +7,10 @@ import json
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, delete, func, select, text, update
+from sqlalchemy import Engine, func, select, text, update
 
 from calls_worker.domain.errors import FieldError
 
@@ -104,26 +104,39 @@ def mark_replayed(engine: Engine, rejected_id: int) -> None:
         )
 
 
-def prune_processed(engine: Engine, before: datetime, batch_size: int = 10_000) -> int:
-    """Forget the outcomes of commands processed before ``before``; how many.
+@dataclass(frozen=True)
+class Rotation:
+    """What a rotation of the outcome records did (migration 0008)."""
 
-    In batches, each its own short transaction, so pruning never holds many locks.
+    swapped: bool
+    """The previous outcomes were forgotten and their table is current now."""
+    current_since: datetime
+    kept_since: datetime | None
+    """When the oldest table of outcomes kept became current (None: nothing older)."""
+
+
+def rotate_processed(engine: Engine, keep: timedelta) -> Rotation:
+    """Forget the outcomes of the previous table when the current one has been current for
+    ``keep``: TRUNCATE it (one transaction), then make it current (another); each outcome is
+    thus kept ``keep`` to twice that. No row is deleted one by one.
+
+    Raises OperationalError (lock_not_available) when the commands in flight held the
+    previous table for 2 s: nothing changed, and the next run tries again.
     """
-    pruned = 0
-    while True:
-        stale = (
-            select(processed_commands.c.command_id)
-            .where(processed_commands.c.processed_at < before)
-            .limit(batch_size)
-            .scalar_subquery()
-        )
+    swapped = False
+    for _ in range(2):  # emptied, then swapped
         with engine.begin() as connection:
-            count = connection.execute(
-                delete(processed_commands).where(processed_commands.c.command_id.in_(stale))
-            ).rowcount
-        pruned += count
-        if count < batch_size:
-            return pruned
+            step = connection.execute(
+                text("SELECT calls_worker_rotate_processed_commands(:keep)"), {"keep": keep}
+            ).scalar_one()
+        swapped = step == "swapped"
+        if step != "emptied":
+            break
+    with engine.connect() as connection:
+        current_since, previous_since = connection.execute(
+            text("SELECT current_since, previous_since FROM worker_processed_rotation")
+        ).one()
+    return Rotation(swapped=swapped, current_since=current_since, kept_since=previous_since)
 
 
 @contextmanager

@@ -291,8 +291,9 @@ _SAVE_STATE = (
     " completed_at = %(completed_at)s, cancelled_at = %(cancelled_at)s,"
     " expired_at = %(expired_at)s, updated_at = %(updated_at)s WHERE uuid = %(uuid)s"
 )
-# Unique constraints whose violation at commit means something to the handlers.
-_DUPLICATE_COMMAND = "worker_processed_commands_pkey"
+# Unique constraints whose violation at commit means something to the handlers: a command
+# id recorded already, in either of the tables of outcomes (migration 0008).
+_DUPLICATE_COMMAND = {"worker_processed_commands_pkey", "worker_processed_commands_b_pkey"}
 # A call's uuid is taken when the unique key on calls.uuid is violated, whatever the API
 # named that constraint (an adopted table keeps its names).
 _CALL_UUID_TAKEN = "Key (uuid)="
@@ -621,7 +622,7 @@ class SqlUnitOfWork(UnitOfWork):
         except psycopg.errors.UniqueViolation as error:
             self.rollback()
             constraint = error.diag.constraint_name
-            if constraint == _DUPLICATE_COMMAND:
+            if constraint in _DUPLICATE_COMMAND:
                 raise DuplicateCommand(str(error)) from error
             if error.diag.table_name == _CALLS and (error.diag.message_detail or "").startswith(
                 _CALL_UUID_TAKEN
