@@ -157,6 +157,28 @@ def start_worker(
     return process
 
 
+def own_worker(database_url: str, broker: str, tmp: Path, name: str, *,
+               control_app: Celery | None = None, **env: str) -> Process:  # fmt: skip
+    """A worker of the test's own (one pool process, the commands queue only, the fault
+    handlers of tests.e2e.faults loaded), once it answers a ping on ``broker``."""
+    process = Process(
+        ["worker", "-c", "1", "-n", f"{name}@%h", "-Q", "calls.commands",
+         "--include", "tests.e2e.faults"],
+        worker_env(database_url, broker, tmp, **env),
+        tmp / f"{name}.log",
+    )  # fmt: skip
+    control = control_app or control_app_for(broker)
+    try:
+        wait_for_worker(control, name, process)
+    except BaseException:
+        process.stop(signal.SIGKILL)
+        raise
+    finally:
+        if control_app is None:
+            control.close()
+    return process
+
+
 @pytest.fixture(scope="session")
 def worker(
     database_url: str, redis_url: str, control_app: Celery, tmp_path_factory: pytest.TempPathFactory

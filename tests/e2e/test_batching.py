@@ -21,29 +21,12 @@ from calls_worker.client import CallsClient
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import (
     Process,
-    control_app_for,
+    own_worker,
     queues_drained,
     redis_database,
-    wait_for_worker,
-    worker_env,
 )
 
 TIMEOUT = 60
-
-
-def _worker(database_url: str, broker: str, tmp: Path, name: str, **env: str) -> Process:
-    process = Process(
-        ["worker", "-c", "1", "-n", f"{name}@%h", "-Q", "calls.commands",
-         "--include", "tests.e2e.faults"],
-        worker_env(database_url, broker, tmp, **env),
-        tmp / f"{name}.log",
-    )  # fmt: skip
-    control = control_app_for(broker)
-    try:
-        wait_for_worker(control, name, process)
-    finally:
-        control.close()
-    return process
 
 
 def _person(db: Db) -> dict[str, str]:
@@ -88,7 +71,7 @@ def test_within_a_batch_each_command_is_applied_as_if_alone_in_order(
             client.send("cancel", {"callUuid": other}),
             client.send("expire", {"callUuid": str(uuid4())}),
         ]
-        worker = _worker(database_url, broker, tmp_path, f"order{batch_size}",
+        worker = own_worker(database_url, broker, tmp_path, f"order{batch_size}",
                          CALLS_WORKER_COMMAND_BATCH_SIZE=str(batch_size),
                          CALLS_WORKER_COMMAND_BATCH_WAIT_MS="50")  # fmt: skip
         try:
@@ -149,7 +132,7 @@ def test_a_batch_lost_after_its_commit_comes_back_and_answers_with_its_first_out
         variable = {"die": "CALLS_WORKER_TEST_DIE_AFTER_COMMIT",
                     "raise": "CALLS_WORKER_TEST_RAISE_AFTER_COMMIT"}[fault]  # fmt: skip
         flag = tmp_path / "fault-flag"
-        worker = _worker(database_url, broker, tmp_path, f"lost{fault}",
+        worker = own_worker(database_url, broker, tmp_path, f"lost{fault}",
                          CALLS_WORKER_COMMAND_BATCH_SIZE="16",
                          CALLS_WORKER_COMMAND_BATCH_WAIT_MS="50",
                          CALLS_WORKER_TEST_FAULT_FLAG=str(flag), **{variable: target})  # fmt: skip
@@ -190,7 +173,7 @@ def test_batching_goes_on_after_the_broker_restarts(
     server = start_redis(tmp_path / "redis")
     person = _person(db)
     try:
-        worker = _worker(database_url, server.url, tmp_path, "reconnect",
+        worker = own_worker(database_url, server.url, tmp_path, "reconnect",
                          CALLS_WORKER_COMMAND_BATCH_WAIT_MS="50",
                          CALLS_WORKER_VISIBILITY_TIMEOUT_SECONDS="10")  # fmt: skip
         try:

@@ -20,23 +20,10 @@ from celery import Celery
 
 from calls_worker.client import CallsClient
 from tests.db_world import ISSUED, Db
-from tests.e2e.conftest import Process, queues_drained, wait_for_worker, wait_until, worker_env
+from tests.e2e.conftest import Process, own_worker, queues_drained, wait_until
 from tests.reliability import Reliability, counted
 
 TIMEOUT = 60
-
-
-def own_worker(database_url: str, redis_url: str, control_app: Celery, tmp: Path,
-               name: str, **env: str) -> Process:  # fmt: skip
-    process = Process(
-        ["worker", "-c", "1", "-n", f"{name}@%h", "-Q", "calls.commands",
-         "--include", "tests.e2e.faults"],
-        worker_env(database_url, redis_url, tmp, **env),
-        tmp / f"{name}.log",
-    )  # fmt: skip
-
-    wait_for_worker(control_app, name, process)
-    return process
 
 
 @contextmanager
@@ -71,7 +58,7 @@ def test_killed_before_commit_the_command_is_redelivered_and_applied_once(
 ) -> None:  # fmt: skip
     call = new_call(db, client)
     with session_worker_paused(control_app):
-        victim = own_worker(database_url, redis_url, control_app, tmp_path, "victim")
+        victim = own_worker(database_url, redis_url, tmp_path, "victim", control_app=control_app)
         try:
             with db.engine.connect() as holder:  # the command will wait on this lock
                 holder.exec_driver_sql("SELECT 1 FROM calls WHERE uuid = %s FOR UPDATE", (call,))
@@ -98,8 +85,7 @@ def test_killed_after_commit_before_ack_the_redelivery_changes_nothing(
     command_id = f"die-after-commit-{uuid4()}"
     flag = tmp_path / "died"
     with session_worker_paused(control_app):
-        victim = own_worker(
-            database_url, redis_url, control_app, tmp_path, "victim2",
+        victim = own_worker(database_url, redis_url, tmp_path, "victim2", control_app=control_app,
             CALLS_WORKER_TEST_DIE_AFTER_COMMIT=command_id,
             CALLS_WORKER_TEST_FAULT_FLAG=str(flag),
         )  # fmt: skip
@@ -134,7 +120,7 @@ def test_warm_shutdown_finishes_or_returns_every_command(
     calls = [new_call(db, client) for _ in range(40)]
     held = calls[3]  # the victim handles three, then runs into the lock on the fourth
     with session_worker_paused(control_app):
-        victim = own_worker(database_url, redis_url, control_app, tmp_path, "victim3",
+        victim = own_worker(database_url, redis_url, tmp_path, "victim3", control_app=control_app,
                             CALLS_WORKER_COMMAND_BATCH_SIZE=str(batch_size))  # fmt: skip
         with db.engine.connect() as holder:
             holder.exec_driver_sql("SELECT 1 FROM calls WHERE uuid = %s FOR UPDATE", (held,))
@@ -184,7 +170,7 @@ def test_a_command_past_its_time_limit_is_kept_and_not_requeued(
     among the rejected ones and its message acknowledged, not handed to the next worker."""
     call = new_call(db, client)
     with session_worker_paused(control_app):
-        slow = own_worker(database_url, redis_url, control_app, tmp_path, "slow",
+        slow = own_worker(database_url, redis_url, tmp_path, "slow", control_app=control_app,
                           CALLS_WORKER_TASK_TIME_LIMIT_SECONDS="4")  # fmt: skip
         try:
             with db.engine.connect() as holder:  # the command waits on this lock, and waits

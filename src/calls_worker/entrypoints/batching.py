@@ -35,7 +35,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from billiard.einfo import ExceptionInfo
@@ -162,33 +161,36 @@ def _context(app: Any, item: Item) -> Any:
     return Context(request, args=args, kwargs=kwargs, called_directly=False, is_eager=False)
 
 
-def _retry(app: Any, item: Item,
-           error: Exception) -> tuple[str, str]:  # fmt: skip
+def _retry(app: Any, item: Item, error: Exception) -> tuple[str, str]:
     """A lone command's retry: republished with a backoff (or given up past its budget)."""
+    return _by_task_policy(
+        app, item, lambda task, args, kwargs: tasks.retry_or_give_up(task, error, args, kwargs),
+        retried_for=error,
+    )  # fmt: skip
+
+
+def _give_up(app: Any, item: Item, error: BaseException, reason: str) -> tuple[str, str]:
+    """A command kept among the rejected ones, with ``reason`` (retried instead when the
+    database cannot keep it)."""
+    cause = error if isinstance(error, Exception) else Exception(repr(error))
+    return _by_task_policy(
+        app, item, lambda task, args, kwargs: tasks.give_up(task, cause, args, kwargs, reason),
+        retried_for=Exception(reason),
+    )  # fmt: skip
+
+
+def _by_task_policy(app: Any, item: Item, decide: Callable[[Any, Any, Any], Exception],
+                    retried_for: Exception) -> tuple[str, str]:  # fmt: skip
+    """Run ``decide`` (tasks.py's policy for a lone command) as the command's own task, with
+    its request: RETRIED when it republished the command, else GAVE_UP with the error it
+    returned stored as the command's failure."""
     name, task_id, _request, args, kwargs = item
     task = app.tasks[name]
     task.request_stack.push(_context(app, item))
     try:
-        gave_up = tasks.retry_or_give_up(task, error, args, kwargs)
+        gave_up = decide(task, args, kwargs)
     except Retry as retry:
-        task.on_retry(error, task_id, args, kwargs, None)
-        return RETRIED, repr(retry)
-    finally:
-        task.request_stack.pop()
-    task.backend.mark_as_failure(task_id, gave_up, request=_context(app, item))
-    return GAVE_UP, repr(gave_up)
-
-
-def _give_up(app: Any, item: Item,
-             error: BaseException, reason: str) -> tuple[str, str]:  # fmt: skip
-    name, task_id, _request, args, kwargs = item
-    task = app.tasks[name]
-    task.request_stack.push(_context(app, item))
-    try:
-        gave_up = tasks.give_up(task, error if isinstance(error, Exception)
-                                else Exception(repr(error)), args, kwargs, reason)  # fmt: skip
-    except Retry as retry:  # the database cannot keep it: retried instead
-        task.on_retry(Exception(reason), task_id, args, kwargs, None)
+        task.on_retry(retried_for, task_id, args, kwargs, None)
         return RETRIED, repr(retry)
     finally:
         task.request_stack.pop()
@@ -274,9 +276,11 @@ class BatchRequest:
         started = min((getattr(r, "time_start", None) or time.time()) for r in self.requests)
         runtime = time.time() - started
         for request, (what, detail) in zip(self.requests, settled, strict=True):
-            _settle(request, partial(self._settle, request, what, detail, runtime))
+            self._settle(request, what, detail, runtime)
 
     def _settle(self, request: Any, what: str, detail: str, runtime: float) -> None:
+        # A message of a broker connection lost since it came is left to the broker
+        # (consumer._tolerate_lost_channel): settling it raises nothing here.
         if what == DONE:
             request.on_success((False, detail, runtime))
             return
@@ -298,7 +302,7 @@ class BatchRequest:
             # when the pool process had stored the outcome before it died.
             worker_metrics().batch_failed("worker_lost")
             for request in self.requests:
-                _settle(request, partial(request.on_failure, exc_info))
+                request.on_failure(exc_info)
             return
         worker_metrics().batch_failed("raised")
         size = len(self.requests)
@@ -308,20 +312,9 @@ class BatchRequest:
         def requeue() -> None:
             for request in self.requests:
                 task_ready(request)
-                _settle(request, partial(request.reject, requeue=True))
+                request.reject(requeue=True)
 
         self.later(REQUEUE_PAUSE_SECONDS, requeue)
-
-
-def _settle(request: Any, settle: Callable[[], None]) -> None:
-    """Acknowledge or reject a message, unless its connection was lost since it came: kombu's
-    Redis transport then raises AttributeError (its channel has no client any more), which
-    would end the worker. The broker delivers such a message again by itself."""
-    try:
-        settle()
-    except AttributeError as error:
-        logger.warning("message %s came on a broker connection lost since (%r): the broker"
-                       " delivers it again", request.id, error)  # fmt: skip
 
 
 class CommandBatcher:
