@@ -94,8 +94,9 @@ class Settings(BaseSettings):
     )
     processed_retention_hours: PositiveInt = Field(
         default=72,
-        description="How long a command's outcome is kept to answer a redelivery of it "
-        "(far longer than the broker redelivers: its visibility timeout is an hour).",
+        description="How long a command's outcome is kept at least to answer a redelivery of "
+        "it (far longer than the broker redelivers: its visibility timeout is an hour). "
+        "Outcomes are forgotten a table at a time, so one is kept up to twice this.",
     )
     metrics_port: int = Field(
         default=9808,
