@@ -8,6 +8,8 @@ Each test runs its own worker on a Redis database of its own.
 
 from __future__ import annotations
 
+import base64
+import json
 import re
 import time
 from pathlib import Path
@@ -17,6 +19,7 @@ from uuid import UUID, uuid4
 import pytest
 import redis
 
+from calls_worker.adapters.db.migrate import upgrade
 from calls_worker.client import CallsClient
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import (
@@ -24,9 +27,12 @@ from tests.e2e.conftest import (
     own_worker,
     queues_drained,
     redis_database,
+    wait_until,
 )
+from tests.integration.test_adoption import api_database
 
 TIMEOUT = 60
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _person(db: Db) -> dict[str, str]:
@@ -203,3 +209,88 @@ def test_batching_goes_on_after_the_broker_restarts(
         server.stop()
     assert lone["ok"]
     assert all(o["ok"] for o in outcomes)
+
+
+def _raw(task: str, command: dict[str, Any], command_id: str) -> str:
+    """The documented envelope (docs/examples/cancel-message.json), as a producer that is
+    neither Celery nor our client writes it to Redis."""
+    envelope = json.loads((ROOT / "docs/examples/cancel-message.json").read_text())
+    body = [[], {"command": {"issuedAt": ISSUED, **command}}, {}]
+    envelope["body"] = base64.b64encode(json.dumps(body).encode()).decode()
+    envelope["headers"].update(task=task, id=command_id, root_id=command_id)
+    envelope["properties"].update(correlation_id=command_id, delivery_tag=str(uuid4()))
+    return json.dumps(envelope)
+
+
+def test_a_raw_burst_on_the_apis_adopted_database_is_applied_in_batches_as_one_by_one(
+    empty_database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The API's own tables (its constraint names, its data, adopted by migrate), a producer
+    that writes the documented envelope straight to Redis, and the API writing attempts
+    while the worker applies the burst in batches: each command's outcome is the one it
+    gets alone, each effect is there once."""
+    api = api_database(empty_database_url)
+    upgrade(api, batch_size=100)
+    db = Db(api)
+    limited = db.sql("SELECT uuid FROM organizations WHERE max_call_attempts = 5 LIMIT 1").scalar()
+    persons = list(db.sql("SELECT uuid FROM persons WHERE owning_organization_uuid = :o"
+                          " LIMIT 10", o=limited).scalars())  # fmt: skip
+    open_calls = list(db.sql(
+        "SELECT c.uuid FROM calls c JOIN persons p ON p.uuid = c.person_uuid"
+        " WHERE p.owning_organization_uuid = :o AND c.status = 'requested'"
+        " AND c.external_metadata IS NULL AND c.attempt_count < 3 ORDER BY c.uuid LIMIT 10",
+        o=limited).scalars())  # fmt: skip
+    taken = db.sql("SELECT uuid FROM calls LIMIT 1").scalar()
+    broker = redis_database(redis_url, 7)
+    queue = redis.Redis.from_url(broker)
+    queue.flushdb()
+    sent: list[tuple[str, str, dict[str, Any]]] = []
+    for n, person in enumerate(persons):
+        new = {"uuid": str(uuid4()), "personUuid": str(person), "organizationUuid": str(limited)}
+        sent.append((f"create-{n}", "calls.create", new))
+        sent.append((f"attempt-{n}", "calls.add_attempt", {"callUuid": str(open_calls[n]),
+                     "userUuid": str(uuid4()), "attemptedAt": ISSUED}))  # fmt: skip
+        sent.append((f"attempt-{n}", "calls.add_attempt", {"callUuid": str(open_calls[n]),
+                     "userUuid": str(uuid4()), "attemptedAt": ISSUED}))  # the same id again
+    sent.append(("taken", "calls.create", {"uuid": str(taken), "personUuid": str(persons[0]),
+                                           "organizationUuid": str(limited)}))  # fmt: skip
+    sent.append(("cancel-0", "calls.cancel", {"callUuid": str(open_calls[0])}))
+    sent.append(("bad", "calls.cancel", {"callUuid": "not a uuid"}))
+    counts = {c: db.row(c)["attempt_count"] for c in open_calls}
+    for command_id, task, command in sent:
+        queue.lpush("calls.commands", _raw(task, command, command_id))
+    worker = own_worker(empty_database_url, broker, tmp_path, "adopted",
+                        CALLS_WORKER_COMMAND_BATCH_SIZE="16",
+                        CALLS_WORKER_COMMAND_BATCH_WAIT_MS="50")  # fmt: skip
+    try:
+        for call in open_calls[5:]:  # the API's own attempts, meanwhile
+            db.plain_attempt(call)
+
+        def outcome_of(command_id: str) -> Any:
+            meta = wait_until(lambda: queue.get(f"celery-task-meta-{command_id}"), TIMEOUT,
+                              f"the outcome of {command_id}")  # fmt: skip
+            return json.loads(meta)["result"]
+
+        outcomes = {cid: outcome_of(cid) for cid, _, _ in sent if cid != "bad"}
+        wait_until(lambda: queues_drained(broker), TIMEOUT, "every message acknowledged")
+    finally:
+        worker.stop()
+        api.dispose()
+    assert max(_batches(worker)) > 1  # batched indeed
+    for n in range(len(persons)):
+        assert outcomes[f"create-{n}"]["ok"] is True, outcomes[f"create-{n}"]
+        attempt = outcomes[f"attempt-{n}"]
+        assert attempt["ok"] is True, attempt
+        # after the API's own attempt on the call, or before it
+        possible = {counts[open_calls[n]] + 1} | ({counts[open_calls[n]] + 2} if n >= 5 else set())
+        assert attempt["call"]["attemptCount"] in possible
+    assert outcomes["taken"]["error"]["code"] == "conflict"  # the API's name for the key
+    assert outcomes["cancel-0"]["call"]["status"] == "cancelled"
+    api_attempts = 1
+    for n, call in enumerate(open_calls):
+        expected = counts[call] + 1 + (api_attempts if n >= 5 else 0)
+        assert db.row(call)["attempt_count"] == db.attempt_rows(call) == expected
+    assert db.sql("SELECT count(*) FROM calls WHERE person_uuid = ANY(:p) AND created_at"
+                  " > now() - interval '10 minutes'", p=persons).scalar() >= len(persons)
+    rejected = db.sql("SELECT command_id, reason FROM worker_rejected_commands").all()
+    assert [r.command_id for r in rejected] == ["bad"]
