@@ -4,21 +4,21 @@ row-by-row DELETE it replaces, on the same rows, in the same run.
 The baseline is the release before: one table with its ``processed_at`` index, pruned by
 ``DELETE … WHERE command_id IN (SELECT … WHERE processed_at < $1 LIMIT 10000)`` until
 nothing is left, each batch its own transaction (that code is reproduced here). Both hold
-``--rows`` outcomes past the retention and a quarter as many recent ones, each an outcome
-of a create as the worker records it (≈ 1 KB of JSON). Measured: the time and the WAL
-written to forget them, and, for the DELETE, the VACUUM it leaves to autovacuum; then what
-the two tables cost each command — recording an outcome (through the view and its trigger)
-and looking one up (in both tables) — beside the single table, as the database's time for
-``--statements`` single-row statements run by a server-side loop (median of 3 rounds,
-alternating).
+``--rows`` outcomes past the retention and a tenth as many recent ones, each an outcome of
+a create as the worker records it (≈ 1 KB of JSON). Measured: the time, the WAL written
+and the tables' size before and after, to forget them, and for the DELETE the VACUUM it
+leaves to autovacuum; then what the two tables cost each command — recording an outcome
+(through the view and its trigger) and looking one up (in both tables) — beside the
+single table, as the database's time for ``--statements`` single-row statements run by a
+server-side loop (median of 3 rounds, alternating).
 
-    python -m bench.outcome_rotation --rows 2000000
+    python -m bench.outcome_rotation --rows 10000000 --fill-only   # once; ≈ 30 min here
+    python -m bench.outcome_rotation --rows 10000000
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from datetime import timedelta
 from typing import Any
@@ -115,35 +115,86 @@ def server_loop(engine: Engine, statement: str, count: int) -> float:
     return float(str(seconds))
 
 
-def run(rows: int, statements: int) -> list[Row]:
+def run(rows: int, statements: int, keep: bool = False) -> list[Row]:
+    """``keep``: fill a database once (``calls_worker_bench_rotation_<rows>``) and leave it,
+    filled, for a later run to measure (filling 10,000,000 takes half an hour here)."""
     server = server_url()
-    name = f"calls_worker_bench_rotation_{os.getpid()}"
-    _admin(server, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
+    name = f"calls_worker_bench_rotation_{rows}"
     engine = build_engine(database_url(server, name), pool_size=2)
     try:
-        return _run(engine, rows, statements)
+        if not _filled(server, name, rows):
+            engine.dispose()
+            _admin(server, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
+            engine = build_engine(database_url(server, name), pool_size=2)
+            _fill(engine, rows)
+        if keep:
+            return []
+        return _measure(engine, rows, statements)
     finally:
         engine.dispose()
-        _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        if not keep:
+            _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _run(engine: Engine, rows: int, statements: int) -> list[Row]:
+def _filled(server: str, name: str, rows: int) -> bool:
+    admin = build_engine(server, pool_size=1)
+    try:
+        with admin.connect() as connection:
+            exists = connection.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}
+            ).scalar()
+    finally:
+        admin.dispose()
+    if not exists:
+        return False
+    engine = build_engine(database_url(server, name), pool_size=1)
+    try:
+        with engine.connect() as connection:
+            done = connection.execute(text("SELECT to_regclass('bench_filled')")).scalar()
+            return done is not None
+    finally:
+        engine.dispose()
+
+
+def _fill(engine: Engine, rows: int) -> None:
     upgrade(engine)
-    recent = rows // 4
+    recent = _recent(rows)
     with engine.begin() as connection:
         connection.execute(text(OLD_TABLE))
     started = time.perf_counter()
     print(f"  filling 2 × {rows + recent:,} outcomes", flush=True)
     fill(engine, "bench_processed_old", 1, rows, "4 days")
     fill(engine, "bench_processed_old", rows + 1, recent, "1 hour")
-    fill(engine, "worker_processed_commands", 1, rows, "4 days")  # into table a
+    # Straight into the tables (setting up, not measured): a, then b once a is previous.
+    fill(engine, "worker_processed_commands_a", 1, rows, "4 days")
     rotate_processed(engine, timedelta(0))  # a is previous now (b was empty: swapped)
-    fill(engine, "worker_processed_commands", rows + 1, recent, "1 hour")  # into table b
+    fill(engine, "worker_processed_commands_b", rows + 1, recent, "1 hour")
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(text("VACUUM ANALYZE"))
+        connection.execute(text("CREATE TABLE bench_filled ()"))
+    print(f"  filled in {time.perf_counter() - started:.0f} s", flush=True)
+
+
+def _recent(rows: int) -> int:
+    return max(rows // 10, 1_000)
+
+
+def table_bytes(engine: Engine, *tables: str) -> int:
+    with engine.connect() as connection:
+        return sum(int(connection.execute(
+            text("SELECT pg_total_relation_size(CAST(:t AS regclass))"), {"t": t}
+        ).scalar_one()) for t in tables)  # fmt: skip
+
+
+def _measure(engine: Engine, rows: int, statements: int) -> list[Row]:
+    recent = _recent(rows)
+    with engine.connect() as connection:
         average = "SELECT avg(pg_column_size(outcome)) FROM bench_processed_old"
         size = connection.execute(text(average)).scalar_one()
-    print(f"  filled in {time.perf_counter() - started:.0f} s; outcome {float(size):.0f} B")
+    print(f"  outcome {float(size):.0f} B", flush=True)
+    new_tables = ("worker_processed_commands_a", "worker_processed_commands_b")
+    sizes = {"old_before": table_bytes(engine, "bench_processed_old"),
+             "new_before": table_bytes(engine, *new_tables)}  # fmt: skip
 
     checkpoint(engine)
     position = wal_position(engine)
@@ -155,6 +206,7 @@ def _run(engine: Engine, rows: int, statements: int) -> list[Row]:
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(text("VACUUM bench_processed_old"))
     vacuum_seconds = time.perf_counter() - started
+    sizes["old_after"] = table_bytes(engine, "bench_processed_old")
     assert deleted == rows, deleted
 
     checkpoint(engine)
@@ -163,14 +215,15 @@ def _run(engine: Engine, rows: int, statements: int) -> list[Row]:
     rotation = rotate_processed(engine, timedelta(0))
     rotate_seconds = time.perf_counter() - started
     rotate_wal = wal_since(engine, position)
+    sizes["new_after"] = table_bytes(engine, *new_tables)
     assert rotation.swapped
     with engine.connect() as connection:
         left = connection.execute(text("SELECT count(*) FROM worker_processed_commands")).scalar()
     assert left == recent, left
+    gib = {k: round(v / 2**30, 2) for k, v in sizes.items()}
     print(f"  forgot {rows:,}: DELETE {delete_seconds:.1f} s (+ VACUUM {vacuum_seconds:.1f} s),"
           f" {delete_wal / 2**20:.0f} MiB WAL; rotation {rotate_seconds * 1000:.1f} ms,"
-          f" {rotate_wal / 2**10:.0f} KiB WAL", flush=True)  # fmt: skip
-
+          f" {rotate_wal / 2**10:.0f} KiB WAL; GiB {gib}", flush=True)  # fmt: skip
     # Per command: record an outcome, look one up (ids that exist in the older table).
     record_new = ("INSERT INTO worker_processed_commands (command_id, kind, outcome)"
                   " VALUES ('rec-' || n || '-' || {r}, 'create', '{{\"ok\": true}}')")  # fmt: skip
@@ -191,7 +244,7 @@ def _run(engine: Engine, rows: int, statements: int) -> list[Row]:
           f" look up {per['ln']:.1f} µs (one table {per['lo']:.1f})")  # fmt: skip
 
     details: dict[str, Any] = {"rows_forgotten": rows, "rows_kept": recent,
-                               "outcome_bytes": round(float(size))}  # fmt: skip
+                               "outcome_bytes": round(float(size)), "table_gib": gib}  # fmt: skip
     return [
         Row("rotation", f"forget {rows:,} outcomes (rotation)", rotate_seconds, "s",
             "row-by-row DELETE (release before)", delete_seconds, "≤ 0.1×",
@@ -214,8 +267,10 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=2_000_000)
     parser.add_argument("--statements", type=int, default=20_000)
     parser.add_argument("--no-write", action="store_true", help="Do not update results.json.")
+    parser.add_argument("--fill-only", action="store_true",
+                        help="Fill the database and keep it for a later run to measure.")
     arguments = parser.parse_args()
-    rows = run(arguments.rows, arguments.statements)
+    rows = run(arguments.rows, arguments.statements, keep=arguments.fill_only)
     print_table(rows)
     if not arguments.no_write:
         write_results(rows)
