@@ -24,9 +24,10 @@ write of an outcome takes it shared, in its own statement before it reads which 
 current, so no write of the old turn is still running when the new turn starts, and the
 previous table never gets a row once it is previous: its check is exact. The TRUNCATE waits
 for the transactions that read the previous table and holds up new ones while it runs
-(milliseconds; it gives up after ``lock_timeout`` = 2 s, and the next hourly run tries
-again). The two steps are separate transactions so that neither holds a lock the other
-waits for: a batch reads both tables first and writes later.
+(0.4 s for 10 million outcomes, bench/outcome_rotation.py; it gives up waiting after
+``lock_timeout`` = 2 s, and the next hourly run tries again). The two steps are separate
+transactions so that neither holds a lock the other waits for: a batch reads both tables
+first and writes later.
 
 Compatibility: the table that existed becomes the first current table and keeps its name's
 constraint ``worker_processed_commands_pkey``, so a worker of the previous release still
