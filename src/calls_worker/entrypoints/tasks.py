@@ -427,7 +427,7 @@ def register_tasks(app: Celery) -> None:
         kept_since = rotation.kept_since or rotation.current_since
         if rotation.swapped:
             logger.info("forgot the command outcomes recorded before %s (retention %dh)",
-                        rotation.current_since.isoformat(), hours)  # fmt: skip
+                        kept_since.isoformat(), hours)  # fmt: skip
         return {"rotated": rotation.swapped, "retentionHours": hours,
                 "keptSince": kept_since.isoformat()}  # fmt: skip
 
