@@ -12,6 +12,7 @@ from uuid import UUID, uuid4
 import psycopg
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.exc import OperationalError
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.journal import processed_outcome, rotate_processed
@@ -233,3 +234,26 @@ def test_an_upgrade_keeps_the_outcomes_recorded_before_it_and_a_downgrade_both_t
         assert list(kept) == ["after", "before"]
     finally:
         engine.dispose()
+
+
+def test_a_rotation_gives_up_after_two_seconds_behind_a_reader_and_changes_nothing(
+    database_url: str, db: Db, world: tuple[UUID, UUID]
+) -> None:
+    """A transaction that read the previous table holds its lock: the TRUNCATE waits at
+    most lock_timeout (2 s), then the rotation fails (calls.prune logs it as busy) and
+    the outcomes and the turn are as they were."""
+    single(db, "held", create(world, str(uuid4())))
+    rotate_processed(db.engine, NOW)  # "held" is in the previous table now
+    the_turn = "SELECT current_table, current_since FROM worker_processed_rotation"
+    turn = db.sql(the_turn).one()
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    reader = psycopg.connect(url)
+    try:
+        reader.execute("SELECT count(*) FROM worker_processed_commands")  # a lookup, open
+        with pytest.raises(OperationalError) as refused:
+            rotate_processed(db.engine, NOW)
+        assert isinstance(refused.value.orig, psycopg.errors.LockNotAvailable)
+    finally:
+        reader.close()
+    assert table_of(db, "held") == ["a"]
+    assert db.sql(the_turn).one() == turn
