@@ -32,6 +32,7 @@ WORKER_TABLES = (
     "organizations",
     "worker_processed_commands_a",  # the two tables behind the view of outcomes (0008)
     "worker_processed_commands_b",
+    "worker_results",
     "worker_rejected_commands",
     "worker_sweep_runs",
     "worker_due_calls",

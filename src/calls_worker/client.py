@@ -6,6 +6,10 @@ nothing of the worker runs here. Producers in other languages follow docs/wire-f
     client = CallsClient("redis://broker:6379/0")
     handle = client.send("create", {"personUuid": ..., "organizationUuid": ...})
     outcome = handle.outcome(timeout=10)   # {"ok": true, "call": {...}}
+
+With RabbitMQ, name where outcomes are kept: a Redis, or the worker's PostgreSQL.
+
+    client = CallsClient("amqp://user:pw@rabbit:5672//", "postgresql://producer@db/calls")
 """
 
 from __future__ import annotations
@@ -112,11 +116,21 @@ class CommandHandle:
         self.resent.append(time.monotonic())
 
 
+# How often a producer asks PostgreSQL for an outcome it waits for (results.py); Redis tells
+# a waiting producer at once instead.
+POSTGRES_POLL_SECONDS = 0.02
+
+
+def _interval(result: AsyncResult[Any]) -> float:
+    return POSTGRES_POLL_SECONDS if hasattr(result.backend, "set_many") else 0.5
+
+
 def _from_backend(result: AsyncResult[Any], command_id: str, timeout: float) -> Outcome:
     from celery.exceptions import TimeoutError as CeleryTimeout
 
     try:
-        outcome: Outcome = result.get(timeout=timeout, propagate=False)
+        outcome: Outcome = result.get(timeout=timeout, propagate=False,
+                                      interval=_interval(result))  # fmt: skip
     except CeleryTimeout as error:
         raise TimeoutError(f"no outcome for command {command_id} yet") from error
     if result.failed():
@@ -158,7 +172,13 @@ class CallsClient:
         signing: Signing | None = None,
         service_account: str | UUID | None = None,
     ) -> None:
-        """``signing``: sign commands, for a worker that accepts only signed messages.
+        """``result_backend_url``: where the worker keeps outcomes (its
+        CALLS_WORKER_RESULT_BACKEND_URL): by default the broker, which must then be Redis;
+        with a RabbitMQ broker, a ``redis://`` URL or the ``postgresql://`` URL of the
+        worker's database (a role that may read and delete ``worker_results``).
+        With RabbitMQ, ``send`` returns once the broker confirmed it has the message, and
+        raises when it did not.
+        ``signing``: sign commands, for a worker that accepts only signed messages.
         Celery's signing is set up for the whole process: one signing key per process.
         ``service_account``: the service account every command and listing is sent for
         (``serviceAccountUuid``), unless one names its own; where messages are signed,
@@ -316,7 +336,8 @@ class CallsClient:
         answer = self._app.send_task(OUTCOME_TASK, kwargs=kwargs, task_id=query_id,
                                      queue=COMMANDS_QUEUE)  # fmt: skip
         try:
-            found: dict[str, Any] = answer.get(timeout=timeout, propagate=False)
+            found: dict[str, Any] = answer.get(timeout=timeout, propagate=False,
+                                               interval=_interval(answer))  # fmt: skip
         except CeleryTimeout:
             return None
         finally:

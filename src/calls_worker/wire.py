@@ -15,6 +15,24 @@ from calls_worker.domain.commands import CommandKind
 COMMANDS_QUEUE: Final = "calls.commands"
 SWEEPS_QUEUE: Final = "calls.sweeps"
 
+# RabbitMQ only (docs/wire-format.md, "RabbitMQ"). Both queues are quorum queues, declared
+# with exactly these arguments by the worker and by the producer client; a producer that
+# declares them otherwise gets PRECONDITION_FAILED. A message delivered DELIVERY_LIMIT + 1
+# times without being settled (its worker killed each time: a poison message) goes to the
+# dead-letter exchange, whose queue the worker moves into the rejected commands.
+DEAD_LETTER_EXCHANGE: Final = "calls.dead-letters"
+DEAD_LETTERS_QUEUE: Final = "calls.dead-letters"
+DELIVERY_LIMIT: Final = 20
+QUEUE_ARGUMENTS: Final[dict[str, Any]] = {
+    "x-queue-type": "quorum",
+    "x-delivery-limit": DELIVERY_LIMIT,
+    "x-dead-letter-exchange": DEAD_LETTER_EXCHANGE,
+    # Dead-lettered only once the dead-letter queue has it (RabbitMQ ≥ 3.10); needs
+    # reject-publish: a queue at a length limit refuses new messages instead of dropping.
+    "x-dead-letter-strategy": "at-least-once",
+    "x-overflow": "reject-publish",
+}
+
 TASK_NAMES: Final[dict[CommandKind, str]] = {
     "create": "calls.create",
     "add_attempt": "calls.add_attempt",
@@ -42,20 +60,87 @@ RESULT_RETENTION_SECONDS: Final = 3600
 VISIBILITY_TIMEOUT: Final = 3600
 
 
+def is_amqp(broker_url: str) -> bool:
+    """Whether the broker is RabbitMQ (``amqp://``, ``amqps://``); else it is Redis."""
+    return broker_url.partition("://")[0] in ("amqp", "amqps", "pyamqp")
+
+
+def is_postgres(url: str) -> bool:
+    return url.partition("://")[0] in ("postgres", "postgresql", "postgresql+psycopg")
+
+
+# Outcomes in PostgreSQL: the worker's own table, as a Celery result backend (results.py).
+POSTGRES_RESULTS: Final = "calls_worker.results:PostgresResults"
+
+
+def result_backend(broker_url: str, result_backend_url: str | None) -> str:
+    """Where outcomes go, as Celery names a result backend: ``result_backend_url`` when set
+    (Redis, or PostgreSQL: the worker's table of results), else the broker when it is Redis.
+    A RabbitMQ broker keeps no results: it needs one of the two named."""
+    url = result_backend_url or broker_url
+    if is_postgres(url):
+        return f"{POSTGRES_RESULTS}+{url}"
+    if is_amqp(url):
+        raise ValueError(
+            "with a RabbitMQ broker, outcomes need a result backend: a redis:// URL, or the "
+            "postgresql:// URL of the worker's database (CALLS_WORKER_RESULT_BACKEND_URL)"
+        )
+    return url
+
+
+def amqp_queues() -> list[Any]:
+    """The two queues as RabbitMQ has them: durable quorum queues, each bound to a topic
+    exchange of its own name with its name as routing key. Topic, not Celery's default
+    direct: a retry's countdown then waits in RabbitMQ (Celery's native delayed delivery),
+    not in the worker, whose prefetch a quorum queue does not let grow for it."""
+    from kombu import Exchange, Queue
+
+    return [
+        Queue(
+            name, Exchange(name, "topic", durable=True), routing_key=name, durable=True,
+            queue_arguments=dict(QUEUE_ARGUMENTS),
+        )
+        for name in (COMMANDS_QUEUE, SWEEPS_QUEUE)
+    ]
+
+
+def dead_letters_queue() -> Any:
+    """Where RabbitMQ puts a message past the delivery limit: a durable quorum queue on a
+    fanout exchange (a dead-lettered message keeps its routing key, the queue's name)."""
+    from kombu import Exchange, Queue
+
+    return Queue(DEAD_LETTERS_QUEUE, Exchange(DEAD_LETTER_EXCHANGE, "fanout", durable=True),
+                 durable=True, queue_arguments={"x-queue-type": "quorum"})  # fmt: skip
+
+
 def celery_config(
     broker_url: str,
-    result_backend_url: str,
+    result_backend_url: str | None = None,
     visibility_timeout: int = VISIBILITY_TIMEOUT,
     result_retention: int = RESULT_RETENTION_SECONDS,
 ) -> dict[str, Any]:
-    """The Celery settings the worker and the producer client share."""
+    """The Celery settings the worker and the producer client share. ``result_backend_url``:
+    see ``result_backend`` (unset with a RabbitMQ broker: no results, for control only)."""
+    if result_backend_url is None and is_amqp(broker_url):
+        backend = "disabled"
+    else:
+        backend = result_backend(broker_url, result_backend_url)
+    amqp: dict[str, Any] = {}
+    if is_amqp(broker_url):
+        amqp = {
+            "task_queues": amqp_queues(),
+            # Publisher confirms: a send returns once the broker has the message (a quorum
+            # queue: a majority of its nodes), and raises when the broker refused it.
+            "broker_transport_options": {"confirm_publish": True},
+        }
     return {
         "broker_url": broker_url,
-        "result_backend": result_backend_url,
+        "result_backend": backend,
         "task_serializer": "json",
         "result_serializer": "json",
         "accept_content": CONTENT_TYPES,
         "result_accept_content": CONTENT_TYPES,
+        # Redis only (RabbitMQ's acknowledgements are its own: no timeout redelivers).
         "broker_transport_options": {"visibility_timeout": visibility_timeout},
         "result_backend_transport_options": {"visibility_timeout": visibility_timeout},
         "broker_connection_retry_on_startup": True,
@@ -63,6 +148,7 @@ def celery_config(
         "task_default_queue": COMMANDS_QUEUE,
         "enable_utc": True,
         "timezone": "UTC",
+        **amqp,
     }
 
 

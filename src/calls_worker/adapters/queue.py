@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from calls_worker.wire import COMMANDS_QUEUE, SWEEPS_QUEUE
+from contextlib import suppress
+from typing import Any
+
+from calls_worker.wire import COMMANDS_QUEUE, DEAD_LETTERS_QUEUE, SWEEPS_QUEUE, is_amqp
 
 
 def memory(redis_url: str) -> tuple[int, int]:
@@ -18,7 +21,10 @@ def memory(redis_url: str) -> tuple[int, int]:
 
 
 def queue_lengths(broker_url: str) -> dict[str, int]:
-    """Messages waiting in each queue (Redis lists named after the queues)."""
+    """Messages waiting in each queue: Redis lists named after the queues; on RabbitMQ the
+    ready messages of each queue (and of the dead-letter queue), 0 for one not declared yet."""
+    if is_amqp(broker_url):
+        return _amqp_lengths(broker_url)
     import redis
 
     connection = redis.Redis.from_url(broker_url, socket_timeout=5)
@@ -26,3 +32,23 @@ def queue_lengths(broker_url: str) -> dict[str, int]:
         return {queue: int(connection.llen(queue)) for queue in (COMMANDS_QUEUE, SWEEPS_QUEUE)}
     finally:
         connection.close()
+
+
+def _amqp_lengths(broker_url: str) -> dict[str, int]:
+    from amqp.exceptions import NotFound
+    from kombu import Connection
+
+    lengths: dict[str, int] = {}
+    with Connection(broker_url, connect_timeout=5) as connection:
+        connection.ensure_connection(max_retries=1)
+        for queue in (COMMANDS_QUEUE, SWEEPS_QUEUE, DEAD_LETTERS_QUEUE):
+            channel: Any = connection.channel()
+            try:
+                _name, ready, _consumers = channel.queue_declare(queue, passive=True)
+                lengths[queue] = int(ready)
+            except NotFound:  # closes the channel: each queue asks on a channel of its own
+                lengths[queue] = 0
+            finally:
+                with suppress(Exception):  # a channel the broker closed already
+                    channel.close()
+    return lengths

@@ -207,6 +207,22 @@ def store_outcomes(app: Any, items: list[Item],
         return
     backend = app.backend
     client = getattr(backend, "client", None)
+    set_many = getattr(backend, "set_many", None)  # PostgreSQL (results.py): one statement
+    if set_many is not None:
+        from celery import states
+
+        extended = app.conf.find_value_for_key("extended", "result")
+        pairs = []
+        for n, outcome in outcomes.items():
+            task_id = items[n][1]
+            request = _context(app, items[n]) if extended else None
+            meta = backend._get_result_meta(
+                result=outcome, state=states.SUCCESS, traceback=None, request=request
+            )
+            meta["task_id"] = task_id
+            pairs.append((backend.get_key_for_task(task_id), backend.encode(meta)))
+        set_many(pairs)
+        return
     if client is None or not hasattr(client, "pipeline"):
         for n, outcome in outcomes.items():
             backend.mark_as_done(items[n][1], outcome, request=_context(app, items[n]))

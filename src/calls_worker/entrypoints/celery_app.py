@@ -9,6 +9,7 @@ from celery import Celery, signals
 
 from calls_worker.config import Settings, signing_of
 from calls_worker.entrypoints import signer
+from calls_worker.entrypoints.consumer import DeadLetters
 from calls_worker.entrypoints.logs import LogFormat, use_format
 from calls_worker.entrypoints.metrics import (
     MULTIPROC_ENV,
@@ -121,6 +122,7 @@ def create_app(
         signer.install(signing)  # tasks learn whose certificate signed their message
     app.calls_runtime = Runtime(database_url=database_url, settings=settings)  # type: ignore[attr-defined]
     register_tasks(app)
+    app.steps["consumer"].add(DeadLetters)
 
     def set_format(**_: Any) -> None:
         use_format(log_format)

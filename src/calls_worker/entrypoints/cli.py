@@ -199,7 +199,7 @@ def ping(hostname: str, database: bool, timeout: float) -> None:
     servers = _servers()
     broker = servers.broker_url(start=False)
     app = Celery("calls-ping", set_as_current=False)
-    app.conf.update(celery_config(broker, broker))
+    app.conf.update(celery_config(broker))  # control messages only: no result backend
     if (signing := signing_of(servers.settings)) is not None:
         enable_signing(app, signing)  # a signing worker accepts only signed control messages
     try:

@@ -23,6 +23,7 @@ import logging
 import time
 from typing import Any
 
+from celery import bootsteps
 from celery.worker.consumer import Consumer
 from kombu import serialization
 from vine import promise
@@ -30,8 +31,15 @@ from vine import promise
 from calls_worker.adapters.db import journal
 from calls_worker.entrypoints.batching import CommandBatcher
 from calls_worker.entrypoints.metrics import worker_metrics
+from calls_worker.entrypoints.outage import WATCH_SECONDS, CommandsPause, database_answers
 from calls_worker.entrypoints.runtime import runtime_of
-from calls_worker.wire import TASK_NAMES
+from calls_worker.wire import (
+    COMMANDS_QUEUE,
+    DELIVERY_LIMIT,
+    TASK_NAMES,
+    dead_letters_queue,
+    is_amqp,
+)
 
 logger = logging.getLogger("calls_worker")
 
@@ -76,6 +84,12 @@ class RecordingConsumer(Consumer):
             )  # fmt: skip
             # Celery's strategies (and its ETA timer) hand every request to this.
             self.on_task_request = self.batcher.route(BATCHED_TASKS)
+        runtime = runtime_of(self.app)
+        self.commands_pause = CommandsPause(
+            self, runtime.database_watch, COMMANDS_QUEUE,
+            lambda: database_answers(runtime.unpooled_engine()),
+        )  # fmt: skip
+        self.timer.call_repeatedly(WATCH_SECONDS, self.commands_pause.check)
 
     def on_close(self) -> None:
         super().on_close()
@@ -179,6 +193,7 @@ class RecordingConsumer(Consumer):
                 reason=f"{reason} (content type {message.content_type})",
             )
         except Exception:  # the database is away: the broker keeps the message meanwhile
+            runtime_of(self.app).database_watch.report_away()
             logger.exception(
                 "could not keep a rejected message (%s); it goes back to its queue: %r",
                 reason,
@@ -191,3 +206,48 @@ class RecordingConsumer(Consumer):
         worker_metrics().rejection("message")
         logger.warning("message rejected as %s: %s", rejected_id, reason)
         return True
+
+
+def dead_letter_reason(headers: dict[str, Any]) -> str:
+    """Why RabbitMQ dead-lettered a message, from the headers it added."""
+    reason = headers.get("x-first-death-reason", "?")
+    queue = headers.get("x-first-death-queue", "?")
+    if reason == "delivery_limit":
+        return (
+            f"dead-lettered by RabbitMQ from {queue}: delivered more than {DELIVERY_LIMIT} times"
+            " without being settled (each time its worker stopped or died holding it: a"
+            " message that ends its worker, or that many restarts)"
+        )
+    return f"dead-lettered by RabbitMQ from {queue}: {reason}"
+
+
+class DeadLetters(bootsteps.ConsumerStep):
+    """RabbitMQ only: the dead-letter queue's messages are kept among the rejected commands
+    (``calls-worker dead-letters list``, replayable), then acknowledged; a message that
+    cannot be kept yet goes back to that queue, which has no delivery limit. A worker that
+    takes commands runs it; each message is taken by one of them."""
+
+    requires = ("celery.worker.consumer.tasks:Tasks",)
+
+    def include_if(self, c: Any) -> bool:
+        if not is_amqp(c.app.conf.broker_url):
+            return False
+        consumed = c.app.amqp.queues.consume_from
+        return consumed is None or COMMANDS_QUEUE in consumed
+
+    def get_consumers(self, channel: Any) -> list[Any]:
+        from kombu import Consumer
+
+        # Celery gives the step a channel of its own: this prefetch is not the commands'.
+        return [Consumer(channel, queues=[dead_letters_queue()], on_message=self._on_message,
+                         prefetch_count=16, no_ack=False)]  # fmt: skip
+
+    def _on_message(self, message: Any) -> None:
+        consumer = self._consumer
+        headers = message.headers if isinstance(message.headers, dict) else {}
+        if consumer._record(message, dead_letter_reason(headers)) and not message.acknowledged:
+            message.ack()
+
+    def start(self, c: Any) -> None:
+        self._consumer = c
+        super().start(c)

@@ -208,6 +208,8 @@ class DatabaseCollector:
         if self._result_backend_url != self._broker_url:
             servers["results"] = self._result_backend_url
         for name, url in servers.items():
+            if not url.startswith(("redis://", "rediss://", "unix://")):
+                continue  # RabbitMQ, PostgreSQL: no Redis memory to report
             in_use, most = memory(url)
             used.add_metric([name], in_use)
             maximum.add_metric([name], most)

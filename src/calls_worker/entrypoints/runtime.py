@@ -12,6 +12,7 @@ from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.listing import SqlCallReader
 from calls_worker.config import Settings, signing_of
 from calls_worker.domain.access import AccessPolicy
+from calls_worker.entrypoints.outage import DatabaseWatch
 
 
 @dataclass
@@ -28,6 +29,8 @@ class Runtime:
     _engine: Engine | None = field(default=None, repr=False)
     _engine_pid: int = 0
     _reader: SqlCallReader | None = field(default=None, repr=False)
+    # Made with the app, in the main process, so the pool's processes share it (outage.py).
+    database_watch: DatabaseWatch = field(default_factory=DatabaseWatch, repr=False)
 
     def engine(self) -> Engine:
         """This process's engine (pool of 2: a task and a sweep lock at most)."""

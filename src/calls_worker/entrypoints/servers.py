@@ -19,6 +19,7 @@ from calls_worker.adapters.embedded import (
     start_redis,
 )
 from calls_worker.config import Settings
+from calls_worker.wire import is_amqp
 
 
 @dataclass
@@ -54,7 +55,12 @@ class Servers:
         return self.redis.url
 
     def result_backend_url(self, *, start: bool) -> str:
-        return self.settings.result_backend_url or self.broker_url(start=start)
+        """Where outcomes go: the configured URL; else the broker when it is Redis, the
+        database when it is RabbitMQ (worker_results, results.py)."""
+        if self.settings.result_backend_url:
+            return self.settings.result_backend_url
+        broker = self.broker_url(start=start)
+        return self.database_url() if is_amqp(broker) else broker
 
     def describe(self) -> list[str]:
         lines = []

@@ -142,7 +142,10 @@ def retry_or_give_up(task: Task[Any, Any], error: Exception, args: Any, kwargs: 
     runtime = runtime_of(task.app)
     settings = runtime.settings
     retries = task.request.retries
-    if retries < settings.command_max_retries or database_away(error):
+    away = database_away(error)
+    if away:
+        runtime.database_watch.report_away()  # the worker stops taking commands (outage.py)
+    if retries < settings.command_max_retries or away:
         countdown = get_exponential_backoff_interval(
             factor=1, retries=retries, maximum=settings.command_retry_backoff_max_seconds,
             full_jitter=True,
@@ -168,6 +171,7 @@ def give_up(
             reason=reason,
         )
     except Exception as unkept:  # the database is away: the broker keeps the command
+        runtime.database_watch.report_away()
         logger.warning(
             "command %s is given up but cannot be kept either (%s): it stays queued",
             command_id,
@@ -428,8 +432,10 @@ def register_tasks(app: Celery) -> None:
         if rotation.swapped:
             logger.info("forgot the command outcomes recorded before %s (retention %dh)",
                         kept_since.isoformat(), hours)  # fmt: skip
+        # Outcomes kept for producers in PostgreSQL (results.py), past their expiry.
+        expired = journal.forget_expired_results(runtime.engine())
         return {"rotated": rotation.swapped, "retentionHours": hours,
-                "keptSince": kept_since.isoformat()}  # fmt: skip
+                "keptSince": kept_since.isoformat(), "resultsForgotten": expired}  # fmt: skip
 
     app.task(name=PRUNE_TASK, bind=True, queue=SWEEPS_QUEUE, acks_late=True)(prune)
 

@@ -20,6 +20,8 @@ GRANT SELECT ON calls_worker_alembic_version TO calls_worker_app;               
 -- INSERT, UPDATE: `calls-worker service-accounts add/disable` with the worker's URL.
 GRANT SELECT, INSERT, UPDATE ON worker_service_accounts TO calls_worker_app;
 GRANT SELECT ON worker_call_reach, worker_secrets TO calls_worker_app;           -- listing
+-- Outcomes for producers when the result backend is PostgreSQL (0009); DELETE: expiry.
+GRANT SELECT, INSERT, UPDATE, DELETE ON worker_results TO calls_worker_app;
 GRANT USAGE ON SEQUENCE worker_rejected_commands_id_seq, worker_sweep_runs_id_seq
     TO calls_worker_app;
 -- Beat's periodic check of the due-calls record (SECURITY DEFINER: it repairs as the owner).

@@ -139,6 +139,14 @@ def rotate_processed(engine: Engine, keep: timedelta) -> Rotation:
     return Rotation(swapped=swapped, current_since=current_since, kept_since=previous_since)
 
 
+def forget_expired_results(engine: Engine) -> int:
+    """Delete the outcomes kept for producers (worker_results, results.py) past their
+    expiry; how many. Readers never see them once expired: this only frees the space."""
+    with engine.begin() as connection:
+        deleted = connection.execute(text("DELETE FROM worker_results WHERE expires_at <= now()"))
+        return int(deleted.rowcount)
+
+
 @contextmanager
 def exclusive_sweep(engine: Engine) -> Iterator[bool]:
     """Whether this process may sweep now: True for one holder at a time, across processes.

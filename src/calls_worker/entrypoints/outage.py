@@ -1,0 +1,115 @@
+"""While the database does not answer, a worker stops taking commands off the queue.
+
+A command that meets a database away is retried with a backoff (tasks.retry_or_give_up):
+republished, so the broker holds it meanwhile. Without more, a worker would go on taking
+every queued command, failing it and republishing it, for as long as the outage lasts:
+work for nothing, and on RabbitMQ every message that a worker holds is returned when the
+worker stops or dies, which counts toward the queue's delivery limit (wire.DELIVERY_LIMIT).
+
+So the first process of a worker that finds the database away (a pool process applying a
+command, or the main process keeping a rejected message) says so through memory shared
+across the prefork pool's fork; the main process, once a second, sees it and cancels its
+consumer of ``calls.commands``. The messages stay queued, untouched, their delivery count
+unchanged. A thread asks the database every few seconds; once it answers, the consumer
+starts again. The sweeps queue is left alone: a sweep fails and is acknowledged, and beat
+sends the next.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import text
+
+logger = logging.getLogger("calls_worker")
+
+# How often a paused worker asks the database whether it answers again.
+PROBE_SECONDS = 5.0
+# How often the main process looks whether a process found the database away.
+WATCH_SECONDS = 1.0
+
+
+class DatabaseWatch:
+    """When a process of this worker last found the database away (shared by the pool)."""
+
+    def __init__(self) -> None:
+        # Made in the main process before the pool forks; lock-free: one double, written
+        # whole by whoever saw the outage last.
+        self._away_at = multiprocessing.get_context("fork").Value("d", 0.0, lock=False)
+
+    def report_away(self) -> None:
+        self._away_at.value = time.time()
+
+    @property
+    def away_at(self) -> float:
+        return float(self._away_at.value)
+
+
+class CommandsPause:
+    """In the main process: pause and resume the consumer of the commands queue."""
+
+    def __init__(self, consumer: Any, watch: DatabaseWatch, queue: str,
+                 database_answers: Callable[[], bool]) -> None:  # fmt: skip
+        self.consumer = consumer
+        self.watch = watch
+        self.queue = queue
+        self.database_answers = database_answers
+        self.paused_since: float | None = None
+        self._answered = threading.Event()
+        self._seen = watch.away_at
+
+    def check(self) -> None:
+        """Called every WATCH_SECONDS from the worker's timer."""
+        try:
+            if self.paused_since is None:
+                if self.watch.away_at > self._seen:
+                    self._pause()
+            elif self._answered.is_set():
+                self._resume()
+        except Exception:  # the timer must go on; the next check tries again
+            logger.exception("pausing or resuming the commands queue failed")
+
+    def _consuming(self) -> bool:
+        task_consumer = getattr(self.consumer, "task_consumer", None)
+        return task_consumer is not None and task_consumer.consuming_from(self.queue)
+
+    def _pause(self) -> None:
+        self._seen = self.watch.away_at
+        if not self._consuming():
+            return
+        self.consumer.cancel_task_queue(self.queue)
+        self.paused_since = time.monotonic()
+        self._answered.clear()
+        logger.warning("the database does not answer: this worker takes no more commands off"
+                       " %s until it does (they wait there)", self.queue)  # fmt: skip
+        threading.Thread(target=self._probe, name="database-probe", daemon=True).start()
+
+    def _probe(self) -> None:
+        while True:
+            time.sleep(PROBE_SECONDS)
+            try:
+                if self.database_answers():
+                    self._answered.set()
+                    return
+            except Exception as error:  # still away
+                logger.info("the database still does not answer: %s",
+                            str(error).splitlines()[0] if str(error) else repr(error))
+
+    def _resume(self) -> None:
+        paused_for = time.monotonic() - (self.paused_since or time.monotonic())
+        self.paused_since = None
+        self._seen = self.watch.away_at
+        self.consumer.add_task_queue(self.queue)
+        logger.warning("the database answers again after %.0f s: taking commands off %s",
+                       paused_for, self.queue)  # fmt: skip
+
+
+def database_answers(engine: Any) -> bool:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT 1"))
+    return True
