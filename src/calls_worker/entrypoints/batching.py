@@ -200,54 +200,50 @@ def _by_task_policy(app: Any, item: Item, decide: Callable[[Any, Any, Any], Exce
 
 def store_outcomes(app: Any, items: list[Item],
                    outcomes: dict[int, Outcome]) -> None:  # fmt: skip
-    """The outcomes in the result backend: one pipeline for the batch when it is Redis.
-    A producer that sent a command with ``ignore_result`` gets none stored."""
+    """The outcomes in the result backend: one pipeline for the batch when it is Redis, one
+    statement when it is PostgreSQL (results.py). A producer that sent a command with
+    ``ignore_result`` gets none stored."""
     outcomes = {n: o for n, o in outcomes.items() if not items[n][2].get("ignore_result")}
     if not outcomes:
         return
     backend = app.backend
     client = getattr(backend, "client", None)
-    set_many = getattr(backend, "set_many", None)  # PostgreSQL (results.py): one statement
+    set_many = getattr(backend, "set_many", None)
     if set_many is not None:
-        from celery import states
-
-        extended = app.conf.find_value_for_key("extended", "result")
-        pairs = []
-        for n, outcome in outcomes.items():
-            task_id = items[n][1]
-            request = _context(app, items[n]) if extended else None
-            meta = backend._get_result_meta(
-                result=outcome, state=states.SUCCESS, traceback=None, request=request
-            )
-            meta["task_id"] = task_id
-            pairs.append((backend.get_key_for_task(task_id), backend.encode(meta)))
-        set_many(pairs)
+        set_many(_encoded(app, items, outcomes))
         return
     if client is None or not hasattr(client, "pipeline"):
         for n, outcome in outcomes.items():
             backend.mark_as_done(items[n][1], outcome, request=_context(app, items[n]))
         return
-    from celery import states
-
-    # The request adds to the stored meta only with result_extended (and for groups and
-    # chords, which commands are not part of).
-    extended = app.conf.find_value_for_key("extended", "result")
     with client.pipeline(transaction=False) as pipe:
-        for n, outcome in outcomes.items():
-            task_id = items[n][1]
-            request = _context(app, items[n]) if extended else None
-            meta = backend._get_result_meta(
-                result=outcome, state=states.SUCCESS, traceback=None, request=request
-            )
-            meta["task_id"] = task_id
-            key = backend.get_key_for_task(task_id)
-            value = backend.encode(meta)
+        for key, value in _encoded(app, items, outcomes):
             if backend.expires:
                 pipe.setex(key, backend.expires, value)
             else:
                 pipe.set(key, value)
             pipe.publish(key, value)  # a producer waiting on the result is told at once
         pipe.execute()
+
+
+def _encoded(app: Any, items: list[Item], outcomes: dict[int, Outcome]) -> list[tuple[Any, Any]]:
+    """Each outcome as its key and value in a key/value result backend."""
+    from celery import states
+
+    backend = app.backend
+    # The request adds to the stored meta only with result_extended (and for groups and
+    # chords, which commands are not part of).
+    extended = app.conf.find_value_for_key("extended", "result")
+    pairs = []
+    for n, outcome in outcomes.items():
+        task_id = items[n][1]
+        request = _context(app, items[n]) if extended else None
+        meta = backend._get_result_meta(
+            result=outcome, state=states.SUCCESS, traceback=None, request=request
+        )
+        meta["task_id"] = task_id
+        pairs.append((backend.get_key_for_task(task_id), backend.encode(meta)))
+    return pairs
 
 
 class BatchRequest:
