@@ -40,6 +40,7 @@ from calls_worker.wire import (
     TASK_NAMES,
     Signing,
     celery_config,
+    close_app,
     enable_signing,
 )
 
@@ -363,7 +364,7 @@ class CallsClient:
         return CommandHandle(command_id, {}, result, self, kind=kind, raw=command)
 
     def close(self) -> None:
-        self._app.close()
+        close_app(self._app)
 
     def __enter__(self) -> Self:
         return self

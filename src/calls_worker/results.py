@@ -57,6 +57,9 @@ class PostgresResults(KeyValueStoreBackend):
 
     def __init__(self, url: str | None = None, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # One instance for all of a process's threads (its engine is thread-safe), not one
+        # per thread with a pool each, as Celery does for a backend that is not.
+        self.thread_safe = True
         if not url:
             raise ValueError("PostgresResults needs the postgresql:// URL of the database")
         self.url = url
@@ -72,6 +75,12 @@ class PostgresResults(KeyValueStoreBackend):
             self._engine = build_engine(self.url, pool_size=2)
             self._pid = os.getpid()
         return self._engine
+
+    def dispose(self) -> None:
+        """Close this process's connections (the producer client's ``close``)."""
+        if self._engine is not None and self._pid == os.getpid():
+            self._engine.dispose()
+        self._engine = None
 
     def _ttl(self) -> float:
         expires = getattr(self, "expires", None)
@@ -103,13 +112,13 @@ class PostgresResults(KeyValueStoreBackend):
         self.set_many([(key, value)])
 
     def set_many(self, pairs: Iterable[tuple[bytes | str, str | bytes]]) -> None:
-        """Keep several pairs in one statement (a batch's outcomes)."""
-        keys, values = [], []
-        for key, value in pairs:
-            keys.append(_text(key))
-            values.append(_text(value))
-        if not keys:
+        """Keep several pairs in one statement (a batch's outcomes). A key given twice (two
+        deliveries of one command in a batch) keeps its last value: one statement may not
+        write a row twice."""
+        latest = {_text(key): _text(value) for key, value in pairs}
+        if not latest:
             return
+        keys, values = list(latest), list(latest.values())
         with self.engine().begin() as connection:
             connection.execute(
                 text(_UPSERT), {"keys": keys, "values": values, "ttl": self._ttl()}

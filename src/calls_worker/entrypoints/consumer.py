@@ -208,6 +208,11 @@ class RecordingConsumer(Consumer):
         return True
 
 
+# Why RabbitMQ dead-letters (x-first-death-reason) a message that needs no keeping: a
+# worker rejects only a message it has kept; an expired message is a superseded sweep.
+ALREADY_SETTLED = frozenset({"rejected", "expired"})
+
+
 def dead_letter_reason(headers: dict[str, Any]) -> str:
     """Why RabbitMQ dead-lettered a message, from the headers it added."""
     reason = headers.get("x-first-death-reason", "?")
@@ -245,6 +250,14 @@ class DeadLetters(bootsteps.ConsumerStep):
     def _on_message(self, message: Any) -> None:
         consumer = self._consumer
         headers = message.headers if isinstance(message.headers, dict) else {}
+        reason = headers.get("x-first-death-reason")
+        if reason in ALREADY_SETTLED:
+            # Rejected by a worker, which kept it first (RecordingConsumer._refuse), or a
+            # sweep past its expiry (the next one supersedes it): nothing to keep again.
+            logger.info("dead letter %s (%s) needs nothing more",
+                        headers.get("id"), reason)  # fmt: skip
+            message.ack()
+            return
         if consumer._record(message, dead_letter_reason(headers)) and not message.acknowledged:
             message.ack()
 
