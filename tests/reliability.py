@@ -37,6 +37,23 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
         "a throw-away Redis (append-only) shut down and started again under a stream of commands",
         "every command the producer saw accepted is applied once",
     ),
+    "rabbitmq-worker-killed": (
+        "RabbitMQ: workers killed at random",
+        "SIGKILL under a stream of 300 commands at random moments: the pool process three"
+        " times, the whole worker twice (started again at once)",
+        "every command applied once; nothing waits for a timeout to come back",
+    ),
+    "rabbitmq-node-restart": (
+        "RabbitMQ: node restarted",
+        "a throw-away RabbitMQ node stopped and started twice at random moments under a"
+        " stream of 200 commands; sends it did not confirm are sent again",
+        "every send the broker confirmed is applied once",
+    ),
+    "rabbitmq-database-outage": (
+        "RabbitMQ: 5-minute PostgreSQL outage",
+        "a throw-away PostgreSQL stopped for five minutes under a stream of 100 commands",
+        "the worker stops taking commands; nothing dead-lettered; all applied once after",
+    ),
     "two-beats": (
         "two beats",
         "two beat processes, sweeping every second, while calls reach their limit",

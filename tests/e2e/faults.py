@@ -8,6 +8,9 @@ stored and before its message is acknowledged. Once: the file named by
 
 ``CALLS_WORKER_TEST_RAISE_AFTER_COMMIT=<command id>``: the same moment, but the batch
 applying the command raises instead (a defect after the commit), once.
+
+``CALLS_WORKER_TEST_POISON=<command id>``: the pool process handling that command kills
+itself at that moment every time: a message that ends its worker whenever it is delivered.
 """
 
 from __future__ import annotations
@@ -22,16 +25,20 @@ from pathlib import Path
 class AfterCommit(logging.Handler):
     """Once, when the worker logs the outcome of the command named by ``variable``: ``act``."""
 
-    def __init__(self, variable: str, act: Callable[[str], None]) -> None:
+    def __init__(self, variable: str, act: Callable[[str], None], *, once: bool = True) -> None:
         super().__init__()
-        self.variable, self.act = variable, act
+        self.variable, self.act, self.once = variable, act, once
 
     def emit(self, record: logging.LogRecord) -> None:
         target = os.environ.get(self.variable)
-        flag = Path(os.environ.get("CALLS_WORKER_TEST_FAULT_FLAG", "/nonexistent/flag"))
-        if target and getattr(record, "command_id", None) == target and not flag.exists():
+        if not target or getattr(record, "command_id", None) != target:
+            return
+        if self.once:
+            flag = Path(os.environ.get("CALLS_WORKER_TEST_FAULT_FLAG", "/nonexistent/flag"))
+            if flag.exists():
+                return
             flag.write_text(str(os.getpid()))
-            self.act(target)
+        self.act(target)
 
 
 def _die(target: str) -> None:
@@ -47,4 +54,7 @@ logging.getLogger("calls_worker").addHandler(
 )
 logging.getLogger("calls_worker").addHandler(
     AfterCommit("CALLS_WORKER_TEST_RAISE_AFTER_COMMIT", _raise)
+)
+logging.getLogger("calls_worker").addHandler(
+    AfterCommit("CALLS_WORKER_TEST_POISON", _die, once=False)
 )
