@@ -24,11 +24,15 @@ class Settings(BaseSettings):
         description="PostgreSQL URL shared with the Calls API; unset: the embedded PostgreSQL.",
     )
     broker_url: str | None = Field(
-        default=None, description="Redis URL of the Celery broker; unset: the embedded Redis."
+        default=None,
+        description="The Celery broker: Redis (redis://, rediss://) or RabbitMQ (amqp://,"
+        " amqps://; quorum queues, docs/wire-format.md); unset: the embedded Redis.",
     )
     result_backend_url: str | None = Field(
         default=None,
-        description="Redis URL where outcomes are kept for producers; unset: the broker URL.",
+        description="Where outcomes are kept for producers: a redis:// URL, or a postgresql://"
+        " one (the table worker_results); unset: the broker when it is Redis, the database"
+        " when it is RabbitMQ.",
     )
     sweep_interval_seconds: PositiveInt = Field(
         default=60, description="How often beat runs the expiry sweep."
@@ -52,7 +56,8 @@ class Settings(BaseSettings):
     visibility_timeout_seconds: PositiveInt = Field(
         default=3600,
         description="Redis redelivers a message not acknowledged within this; keep it above "
-        "the 300 s a task may run (shorter only redelivers sooner, which is harmless).",
+        "the 300 s a task may run (shorter only redelivers sooner, which is harmless). "
+        "RabbitMQ has none: it redelivers when the worker's connection or process goes.",
     )
     command_max_retries: int = Field(
         default=8,
@@ -88,7 +93,8 @@ class Settings(BaseSettings):
     )
     result_retention_seconds: PositiveInt = Field(
         default=3600,
-        description="How long a command's outcome stays in the result backend (Redis) for its "
+        description="How long a command's outcome stays in the result backend (Redis or "
+        "PostgreSQL) for its "
         "producer to read. Later, the producer client asks the database (calls.outcome), which "
         "keeps it PROCESSED_RETENTION_HOURS; see docs/scaling.md for what a day would cost.",
     )

@@ -344,6 +344,7 @@ def queue_depth(url: str, queue: str) -> int:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(900)
 def test_a_five_minute_database_outage_dead_letters_nothing(
     fresh_node: RabbitNode, tmp_path: Path, reliability: Reliability
 ) -> None:
