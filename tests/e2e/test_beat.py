@@ -15,6 +15,9 @@ from tests.db_world import Db
 from tests.e2e.conftest import Process, wait_until, worker_env
 from tests.reliability import Reliability
 
+# Each test on the session's worker runs on Redis and on RabbitMQ (tests/e2e/conftest.py).
+pytestmark = pytest.mark.brokers("redis", "rabbitmq")
+
 SENT = re.compile(r"^(\S+ \S+) INFO MainProcess celery.beat: Scheduler: Sending due task "
                   r"expire-exhausted-calls", re.MULTILINE)  # fmt: skip
 
@@ -30,7 +33,7 @@ def test_two_beats_expire_each_call_once(
     db: Db,
     worker: Process,
     database_url: str,
-    redis_url: str,
+    broker_url: str,
     tmp_path: Path,
     reliability: Reliability,
 ) -> None:
@@ -42,7 +45,7 @@ def test_two_beats_expire_each_call_once(
             ["beat"],
             worker_env(
                 database_url,
-                redis_url,
+                broker_url,
                 tmp_path / f"beat{n}",
                 CALLS_WORKER_SWEEP_INTERVAL_SECONDS="1",
             ),

@@ -20,6 +20,9 @@ from calls_worker.domain.errors import InvalidCommand
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import Process, redis_database, wait_for_worker, worker_env
 
+# Each test on the session's worker runs on Redis and on RabbitMQ (tests/e2e/conftest.py).
+pytestmark = pytest.mark.brokers("redis", "rabbitmq")
+
 TIMEOUT = 60
 MARGIN = timedelta(minutes=5)  # the producer's and the worker's clocks differ by this at most
 

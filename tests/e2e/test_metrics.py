@@ -22,6 +22,9 @@ from tests.e2e.conftest import (
     worker_env,
 )
 
+# Each test on the session's worker runs on Redis and on RabbitMQ (tests/e2e/conftest.py).
+pytestmark = pytest.mark.brokers("redis", "rabbitmq")
+
 TIMEOUT = 30
 
 

@@ -26,6 +26,9 @@ from tests.e2e.conftest import (
     worker_env,
 )
 
+# Each test on the session's worker runs on Redis and on RabbitMQ (tests/e2e/conftest.py).
+pytestmark = pytest.mark.brokers("redis", "rabbitmq")
+
 TIMEOUT = 30
 
 
@@ -103,11 +106,11 @@ def test_flower_refuses_to_start_without_one_whole_login(
 
 @pytest.mark.slow
 def test_flower_lists_the_calls_tasks_that_ran(
-    db: Db, worker: Process, client: CallsClient, database_url: str, redis_url: str,
+    db: Db, worker: Process, client: CallsClient, database_url: str, broker_url: str,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     port, auth = free_ports(1), "ops:s3cret-test"
-    env = worker_env(database_url, redis_url, tmp_path, CALLS_WORKER_FLOWER_BASIC_AUTH=auth)
+    env = worker_env(database_url, broker_url, tmp_path, CALLS_WORKER_FLOWER_BASIC_AUTH=auth)
     flower = Process(["flower", "--port", str(port)], env, tmp_path / "flower.log")
     try:
 
@@ -183,13 +186,13 @@ def test_secrets_never_reach_the_logs(
 
 
 def test_an_operator_lists_and_replays_a_rejected_command(
-    db: Db, worker: Process, control_app: Celery, database_url: str, redis_url: str,
+    db: Db, worker: Process, control_app: Celery, database_url: str, broker_url: str,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     organization = db.organization(3)
     person = {"personUuid": str(db.person(organization)), "organizationUuid": str(organization)}
     control_app.send_task("calls.create", kwargs={"command": {**person, "status": "completed"}})
-    env = worker_env(database_url, redis_url, tmp_path)
+    env = worker_env(database_url, broker_url, tmp_path)
 
     def waiting() -> list[Any]:
         listed: list[Any] = json.loads(calls_worker(env, "dead-letters", "list").stdout)
@@ -213,8 +216,9 @@ def test_an_operator_lists_and_replays_a_rejected_command(
 
 
 def test_a_replay_never_applies_a_command_that_was_applied(
-    db: Db, worker: Process, database_url: str, redis_url: str, tmp_path: Path
-) -> None:
+    db: Db, worker: Process, client: CallsClient, database_url: str, broker_url: str,
+    tmp_path: Path,
+) -> None:  # fmt: skip
     """The commit reached the database and only its answer was lost; the command was then
     given up and kept. Replaying it must not add a second attempt."""
     organization = db.organization(5)
@@ -225,15 +229,14 @@ def test_a_replay_never_applies_a_command_that_was_applied(
         "userUuid": str(person),
         "attemptedAt": "2026-03-01T09:00:00Z",
     }
-    with CallsClient(redis_url) as client:
-        sent = client.send("add_attempt", command)
-        first = sent.outcome(TIMEOUT)
+    sent = client.send("add_attempt", command)
+    first = sent.outcome(TIMEOUT)
     assert first["ok"] is True
     body = json.dumps([[], {"command": sent.command}, {}])
     rejected = db.sql("INSERT INTO worker_rejected_commands (task_name, command_id, raw_body,"
                       " reason) VALUES ('calls.add_attempt', :c, :b, 'failed after 8 retries')"
                       " RETURNING id", c=sent.command_id, b=body).scalar()  # fmt: skip
-    replay = calls_worker(worker_env(database_url, redis_url, tmp_path),
+    replay = calls_worker(worker_env(database_url, broker_url, tmp_path),
                           "dead-letters", "replay", str(rejected))  # fmt: skip
     assert replay.returncode == 1, replay.stderr
     assert f"command {sent.command_id} was applied" in replay.stderr

@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.e2e.conftest import Process, worker_env
 
+# Each test on the session's worker runs on Redis and on RabbitMQ (tests/e2e/conftest.py).
+pytestmark = pytest.mark.brokers("redis", "rabbitmq")
 
 def ping(env: dict[str, str], hostname: str, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
@@ -18,9 +22,9 @@ def ping(env: dict[str, str], hostname: str, *extra: str) -> subprocess.Complete
 
 
 def test_ping_answers_for_a_running_worker_only(
-    worker: Process, database_url: str, redis_url: str, tmp_path: Path
+    worker: Process, database_url: str, broker_url: str, tmp_path: Path
 ) -> None:
-    env = worker_env(database_url, redis_url, tmp_path)
+    env = worker_env(database_url, broker_url, tmp_path)
     answered = ping(env, f"e2e@{socket.gethostname()}", "--database")  # the session worker
     assert answered.returncode == 0, answered.stderr
     missing = ping(env, "nobody@nowhere")
