@@ -14,6 +14,7 @@ from tests.e2e.conftest import Process, worker_env
 # Each test on the session's worker runs on Redis and on RabbitMQ (tests/e2e/conftest.py).
 pytestmark = pytest.mark.brokers("redis", "rabbitmq")
 
+
 def ping(env: dict[str, str], hostname: str, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "calls_worker", "ping", "-n", hostname, "--timeout", "2", *extra],
