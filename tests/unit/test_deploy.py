@@ -277,3 +277,67 @@ def test_compose_and_kubernetes_require_a_service_account(compose: dict[str, Any
         assert environment["CALLS_WORKER_REQUIRE_SERVICE_ACCOUNT"] == "true", name
     settings = yaml.safe_load((KUBERNETES / "configmap.yaml").read_text())["data"]
     assert settings["CALLS_WORKER_REQUIRE_SERVICE_ACCOUNT"] == "true"
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags: ``!override`` (replace) and ``!reset`` (remove)."""
+
+
+class _Override(dict[str, Any]):
+    """A mapping that replaces the one it is merged onto."""
+
+
+def _override(loader: yaml.SafeLoader, node: yaml.MappingNode) -> _Override:
+    return _Override({str(k): v for k, v in loader.construct_mapping(node, deep=True).items()})
+
+
+_ComposeLoader.add_constructor("!override", _override)
+
+
+def _merged(base: Any, extra: Any) -> Any:
+    """Compose's merge of two files, for the keys these files use: mappings merge key by
+    key (the environment too), ``!override`` replaces, anything else replaces."""
+    if isinstance(extra, _Override):
+        return dict(extra)
+    if isinstance(base, dict) and isinstance(extra, dict):
+        return {**base, **{k: _merged(base.get(k), v) for k, v in extra.items()}}
+    return extra
+
+
+@pytest.fixture(scope="module")
+def rabbitmq_compose() -> dict[str, Any]:
+    base = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    extra = yaml.load((ROOT / "docker-compose.rabbitmq.yml").read_text(), _ComposeLoader)  # noqa: S506 - SafeLoader with one tag more
+    merged: dict[str, Any] = _merged(base, extra)
+    return merged
+
+
+def test_the_rabbitmq_variant_follows_the_compose_specification(
+    rabbitmq_compose: dict[str, Any], tmp_path: Path
+) -> None:
+    merged = tmp_path / "docker-compose.merged.yml"
+    merged.write_text(yaml.safe_dump(rabbitmq_compose))
+    result = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", str(merged))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_rabbitmq_variant_needs_no_redis(rabbitmq_compose: dict[str, Any]) -> None:
+    services = rabbitmq_compose["services"]
+    started = {name for name, s in services.items() if not s.get("profiles")}
+    assert not {"redis", "redis-results"} & started
+    for role in ("worker", "beat", "flower"):
+        service = services[role]
+        assert set(service.get("depends_on", {})) <= {"migrate", "rabbitmq"}, role
+        assert service["environment"]["CALLS_WORKER_BROKER_URL"].startswith("amqp://calls:")
+        assert service["environment"]["CALLS_WORKER_RESULT_BACKEND_URL"].startswith(
+            "postgresql://calls_worker_app:"
+        )
+        assert services[role]["depends_on"]["rabbitmq"]["condition"] == "service_healthy"
+    for role in ("worker", "beat"):
+        assert services[role]["depends_on"]["migrate"]["condition"] == (
+            "service_completed_successfully"
+        )
+    rabbitmq = services["rabbitmq"]
+    assert rabbitmq["healthcheck"]["test"]
+    assert ":?" in rabbitmq["environment"]["RABBITMQ_DEFAULT_PASS"]  # no default password
+    assert rabbitmq["ports"] == ["127.0.0.1:15672:15672"]  # the UI on this host only
