@@ -24,6 +24,7 @@ from celery.worker.consumer import Consumer
 from calls_worker.config import Settings
 from calls_worker.entrypoints.batching import DONE, CommandBatcher, store_outcomes
 from calls_worker.entrypoints.celery_app import worker_config
+from calls_worker.wire import QUEUE_ARGUMENTS, is_amqp
 
 NOOP_TASK = "bench.noop"
 NOOP_QUEUE = "bench.noop"
@@ -55,9 +56,25 @@ class BatchingConsumer(Consumer):
         self.batcher.forget()
 
 
-def create_noop_app(broker_url: str, batch: int = 1, batch_wait_ms: int = BATCH_WAIT_MS) -> Celery:
+def noop_queues() -> list[Any]:
+    """On RabbitMQ, the no-op queues as the commands': quorum queues on topic exchanges (a
+    producer that sends to them declares them so)."""
+    from kombu import Exchange, Queue
+
+    return [
+        Queue(q, Exchange(q, "topic", durable=True), routing_key=q, durable=True,
+              queue_arguments=dict(QUEUE_ARGUMENTS))
+        for q in (NOOP_QUEUE, BATCHED_NOOP_QUEUE)
+    ]  # fmt: skip
+
+
+def create_noop_app(broker_url: str, batch: int = 1, batch_wait_ms: int = BATCH_WAIT_MS,
+                    results: str | None = None) -> Celery:  # fmt: skip
+    """``results``: the result backend (by default the broker, which must then be Redis)."""
     app = Celery("bench-noop", set_as_current=False)
-    app.conf.update(worker_config(broker_url, broker_url))
+    app.conf.update(worker_config(broker_url, results or broker_url))
+    if is_amqp(broker_url):
+        app.conf.task_queues = [*app.conf.task_queues, *noop_queues()]
     if batch > 1:
         consumer = type("Batching", (BatchingConsumer,),
                         {"batch_size": batch, "batch_wait_ms": batch_wait_ms})  # fmt: skip
@@ -78,8 +95,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--batch-wait-ms", type=int, default=BATCH_WAIT_MS)
     parser.add_argument("--name", default="noop")
+    parser.add_argument("--results", default=None, help="result backend; default: the broker")
     arguments = parser.parse_args()
-    create_noop_app(arguments.broker_url, arguments.batch, arguments.batch_wait_ms).worker_main(
+    create_noop_app(arguments.broker_url, arguments.batch, arguments.batch_wait_ms,
+                    arguments.results).worker_main(
         ["worker", "--loglevel", "WARNING", "-Q", arguments.queue, "-c", arguments.concurrency,
          "-n", f"{arguments.name}@%h", "--without-mingle"]
     )  # fmt: skip

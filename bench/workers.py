@@ -31,7 +31,7 @@ def bench_env(database_url: str, broker_url: str, **extra: str) -> dict[str, str
 
 def wait_for_ping(broker_url: str, hostname_prefix: str, timeout: float = 60) -> None:
     app = Celery("bench-ping", set_as_current=False)
-    app.conf.update(celery_config(broker_url, broker_url))
+    app.conf.update(celery_config(broker_url))  # control messages only
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
