@@ -1,6 +1,6 @@
 """Every benchmark, one after the other, then one table and bench/results.json.
 
-python -m bench.run_all          # the goals' sizes (about 35 minutes, 25 once the data exist)
+python -m bench.run_all          # the goals' sizes (about 35 minutes before bench.brokers was added)
 python -m bench.run_all --quick  # small sizes, to check the benchmarks run
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import commands, lag, listing, memory, sweep
+from bench import brokers, commands, lag, listing, memory, sweep
 from bench.common import print_table, write_results
 
 
@@ -22,12 +22,14 @@ def main() -> None:
         rows += memory.run(2_000)
         rows += lag.run(interval=2, calls=30, seconds=6)
         rows += listing.run(100_000, inserts=200)
+        rows += brokers.run(300, rounds=1)
     else:
         rows = sweep.run(1_000_000, [1_000_000, 5_000_000])
         rows += commands.run(5_000, rounds=5)
         rows += memory.run(100_000)
         rows += lag.run(interval=5, calls=300, seconds=60)
         rows += listing.run(5_000_000, inserts=2_000)
+        rows += brokers.run(3_000, rounds=3)
     print()
     print_table(rows)
     write_results(rows)
