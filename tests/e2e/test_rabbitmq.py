@@ -213,6 +213,15 @@ def test_a_poison_message_is_dead_lettered_after_the_limit_and_listed(
             capture_output=True, text=True, timeout=60, check=True,
         )  # fmt: skip
         assert command_id in listed.stdout
+        (kept,) = json.loads(listed.stdout)
+        replay = subprocess.run(
+            [sys.executable, "-m", "calls_worker", "dead-letters", "replay", str(kept["id"])],
+            env=worker_env(database_url, fresh_node.url, tmp_path),
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        # Replayable like any rejected command; this one was applied before its worker died.
+        assert replay.returncode == 1, replay.stderr
+        assert f"command {command_id} was applied" in replay.stderr
         # Delivered 21 times: each time, its pool process died (before logging it).
         assert worker.output().count("exited with 'signal 9 (SIGKILL)'") == 21
         # Applied once (it died after its commit each time), and kept once.
