@@ -1,6 +1,6 @@
 """Every benchmark, one after the other, then one table and bench/results.json.
 
-python -m bench.run_all          # the goals' sizes (about 35 minutes before bench.brokers was added)
+python -m bench.run_all          # the goals' sizes (35 minutes, and bench.brokers' 4)
 python -m bench.run_all --quick  # small sizes, to check the benchmarks run
 """
 
