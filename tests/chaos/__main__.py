@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.chaos.report import REPORT, markdown
+from tests.chaos.report import REPORT, markdown, with_kept_sections
 from tests.chaos.soak import FAULTS, dumps, failures, soak
 
 FULL_ITERATIONS = 10
@@ -59,7 +59,7 @@ def main() -> None:
                 and arguments.iterations >= FULL_ITERATIONS
                 and arguments.commands >= FULL_COMMANDS)  # fmt: skip
     if complete and not found:
-        REPORT.write_text(report)
+        REPORT.write_text(with_kept_sections(report))
         print(f"written to {REPORT}")
     for line in found:
         print(f"FAIL {line}", file=sys.stderr)

@@ -64,3 +64,16 @@ def markdown(results: list[Result], *, seed: int, commit: str, date: str,
     lines += ["", f"Iteration seeds (replay one: `python -m tests.chaos --fault F --replay S`):"
               f" {seeds}.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+# Sections of docs/reliability.md that other runs write (the RabbitMQ faults): kept when a
+# soak rewrites the rest.
+KEPT_SECTIONS = "\n## On RabbitMQ"
+
+
+def with_kept_sections(report: str) -> str:
+    """``report`` followed by the kept sections of the report it replaces."""
+    existing = REPORT.read_text() if REPORT.exists() else ""
+    if KEPT_SECTIONS not in existing:
+        return report
+    return report.rstrip("\n") + "\n\n" + existing[existing.index(KEPT_SECTIONS):].lstrip("\n")
