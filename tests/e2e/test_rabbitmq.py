@@ -38,6 +38,7 @@ from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.migrate import upgrade
 from calls_worker.adapters.embedded import start_postgres
 from calls_worker.client import CallsClient
+from calls_worker.wire import celery_config, close_app, enable_signing
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import (
     Process,
@@ -411,3 +412,39 @@ def test_a_five_minute_database_outage_dead_letters_nothing(
         engine.dispose()
     finally:
         server.stop()
+
+
+def test_a_signing_worker_on_rabbitmq_takes_signed_commands_only(
+    db: Db, database_url: str, fresh_node: RabbitNode, tmp_path: Path
+) -> None:
+    """Message signing (Celery's auth serializer) on RabbitMQ as on Redis: a signed command
+    is applied, an unsigned one is refused and kept (the full set of forgeries: Redis's
+    tests/e2e/test_signing.py)."""
+    from tests.e2e.test_signing import key_and_certificate
+
+    trusted = key_and_certificate(tmp_path / "trusted", "producer")
+    signing = {"CALLS_WORKER_SIGNING_KEY_FILE": str(trusted.key),
+               "CALLS_WORKER_SIGNING_CERTIFICATE_FILE": str(trusted.certificate),
+               "CALLS_WORKER_SIGNING_CERT_STORE": trusted.cert_store}  # fmt: skip
+    control = Celery("signing-control", set_as_current=False)  # control messages are signed
+    control.conf.update(celery_config(fresh_node.url))
+    enable_signing(control, trusted)
+    worker = own_worker(database_url, fresh_node.url, tmp_path, "signed-amqp",
+                        control_app=control, **signing)  # fmt: skip
+    unsigned = Celery("unsigned-producer", set_as_current=False)
+    unsigned.conf.update(celery_config(fresh_node.url, database_url))
+    try:
+        with CallsClient(fresh_node.url, database_url, signing=trusted) as client:
+            assert client.send("create", person_of(db)).outcome(TIMEOUT)["ok"] is True
+        unsigned.send_task("calls.create", queue="calls.commands",
+                           kwargs={"command": person_of(db)})  # fmt: skip
+        reason = wait_until(
+            lambda: db.sql("SELECT reason FROM worker_rejected_commands").scalar(), 60,
+            "the unsigned command to be kept",
+        )  # fmt: skip
+        assert "not accepted" in reason
+        assert db.sql("SELECT count(*) FROM calls").scalar() == 1
+    finally:
+        worker.stop()
+        close_app(control)
+        close_app(unsigned)
