@@ -70,7 +70,7 @@ def rabbitmq_url() -> str:
 
 
 def forget_rabbitmq_queues(url: str) -> None:
-    """Delete the worker's queues and exchanges (an earlier session's leftovers)."""
+    """Delete the worker's queues and exchanges (an earlier test run's leftovers)."""
     from kombu import Connection
 
     with Connection(url, connect_timeout=3) as connection:
