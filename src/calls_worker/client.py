@@ -119,7 +119,7 @@ class CommandHandle:
 
 # How often a producer asks PostgreSQL for an outcome it waits for (results.py); Redis tells
 # a waiting producer at once instead.
-POSTGRES_POLL_SECONDS = 0.02
+POSTGRES_POLL_SECONDS = 0.05
 
 
 def _interval(result: AsyncResult[Any]) -> float:
