@@ -28,9 +28,9 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
         "PostgreSQL outage",
         "a throw-away PostgreSQL stopped for 10 s, ten times the worker's retry budget"
         " (1 retry, 1 s apart), under a stream of commands and a binary message",
-        "commands past the budget stay queued, none given up, then all applied once; the"
-        " binary message waits and is kept once the database answers; none idle in"
-        " transaction",
+        "the worker stops taking commands until the database answers; none given up (the"
+        " ones it held retry past their budget), then all applied once; the binary message"
+        " waits and is kept once the database answers; none idle in transaction",
     ),
     "broker-restart": (
         "Redis restart",
