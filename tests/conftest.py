@@ -36,6 +36,7 @@ WORKER_TABLES = (
     "worker_rejected_commands",
     "worker_sweep_runs",
     "worker_due_calls",
+    "worker_call_events",
 )
 
 # The outcome records' first turn, as migration 0008 leaves it.

@@ -94,6 +94,12 @@ class Db:
             self.sql("SELECT count(*) FROM call_attempts WHERE call_uuid = :u", u=call).scalar()
         )
 
+    def events(self, call: UUID | None = None) -> list[dict[str, Any]]:
+        """The call events kept (of ``call``, or all), in ``seq`` order, as published."""
+        from calls_worker.adapters.db.events import kept_events
+
+        return kept_events(self.engine, call_uuid=call)
+
     def send(
         self, kind: CommandKind, payload: dict[str, Any], command_id: str | None = None
     ) -> Outcome:

@@ -130,6 +130,44 @@ class Settings(BaseSettings):
         description="Refuse (forbidden) every command and listing that names no service "
         "account (serviceAccountUuid); docker-compose and the kustomize base set it.",
     )
+    events: bool = Field(
+        default=True,
+        description="Call events (docs/wire-format.md, \"Call events\"): on, every change of a"
+        " call writes an event in its transaction, and the workers publish them to the topic"
+        " exchange calls.events; off (off, false, 0), nothing is written or published.",
+    )
+    events_task: str = Field(
+        default="calls.events.call_changed",
+        min_length=1,
+        description="The task name call events are published under (subscribers register a"
+        " task of this name).",
+    )
+    events_retention_hours: PositiveInt = Field(
+        default=72,
+        description="How long a published event stays in worker_call_events (for `calls-worker"
+        " events tail` and for replays) before calls.prune deletes it. Unpublished events"
+        " are never deleted.",
+    )
+    events_relay_batch_size: int = Field(
+        default=500,
+        ge=1,
+        le=10_000,
+        description="Events the relay publishes per transaction (it marks them published"
+        " once the broker accepted all of them).",
+    )
+    events_relay_interval_ms: int = Field(
+        default=200,
+        ge=10,
+        le=60_000,
+        description="How often an idle relay looks for new events (a busy one does not wait);"
+        " the least latency an event can have is about half of it.",
+    )
+    events_watch_queues: str = Field(
+        default="",
+        description="Comma-separated subscriber queues bound to calls.events whose depth the"
+        " metrics report (calls_worker_event_queue_messages). On Redis the bound queues are"
+        " found by themselves; RabbitMQ does not tell a client its bindings, so name them.",
+    )
     data_dir: Path = Field(
         default=Path(".calls-worker"),
         description="Where the embedded PostgreSQL and Redis keep their data.",

@@ -48,6 +48,20 @@ RECONCILE_TASK: Final = "calls.reconcile"
 # A query, not a command: a page of calls, newest first (docs/wire-format.md).
 LIST_TASK: Final = "calls.list"
 
+# Call events (docs/wire-format.md, "Call events"): the relay publishes each as a Celery
+# task message (task EVENTS_TASK, or CALLS_WORKER_EVENTS_TASK; JSON; keyword arguments
+# {"event": {...}}) to the durable topic exchange EVENTS_EXCHANGE, routing key its kind.
+# Each subscriber binds a durable queue of its own, for the kinds it wants ("call.*": all).
+EVENTS_EXCHANGE: Final = "calls.events"
+EVENTS_TASK: Final = "calls.events.call_changed"
+EVENT_KINDS: Final = (
+    "call.created",
+    "call.attempt_added",
+    "call.completed",
+    "call.cancelled",
+    "call.expired",
+)
+
 # JSON only: pickle (or anything else that can run code when decoded) is refused.
 CONTENT_TYPES: Final = ["json"]
 

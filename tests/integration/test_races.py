@@ -199,6 +199,17 @@ def test_sweep_and_commands_collide_many_times(
                 swept_first += 1
             commands_first += kind != "add_attempt" and outcome["ok"]
         assert swept + expired_by_commands == expired
+        # Each change wrote exactly one event, in the order the changes happened.
+        for call, (kind, outcome), row in zip(calls, commands, rows, strict=True):
+            written = [(e["kind"], (e.get("expiry") or {}).get("by")) for e in db.events(call)]
+            by_command = {"complete": ("call.completed", None),
+                          "expire": ("call.expired", "command"),
+                          "add_attempt": ("call.attempt_added", None)}[kind]  # fmt: skip
+            swept_event = ("call.expired", "sweep")
+            if outcome["ok"]:
+                assert written == [by_command] + ([swept_event] if kind == "add_attempt" else [])
+            else:
+                assert written == [swept_event]
     # The two sides met: they ran at the same time, and each came first on some calls.
     assert overlapped >= 5
     assert swept_first > 0

@@ -5,7 +5,18 @@ from __future__ import annotations
 from contextlib import suppress
 from typing import Any
 
-from calls_worker.wire import COMMANDS_QUEUE, DEAD_LETTERS_QUEUE, SWEEPS_QUEUE, is_amqp
+from calls_worker.wire import (
+    COMMANDS_QUEUE,
+    DEAD_LETTERS_QUEUE,
+    EVENTS_EXCHANGE,
+    SWEEPS_QUEUE,
+    is_amqp,
+)
+
+# Where kombu's Redis transport keeps the bindings of an exchange: a set of
+# "routing key<SEP>pattern<SEP>queue" (kombu.transport.redis: keyprefix_queue, sep).
+_REDIS_BINDINGS = "_kombu.binding.%s"
+_REDIS_BINDING_SEP = "\x06\x16"
 
 
 def memory(redis_url: str) -> tuple[int, int]:
@@ -34,20 +45,46 @@ def queue_lengths(broker_url: str) -> dict[str, int]:
         connection.close()
 
 
-def _amqp_lengths(broker_url: str) -> dict[str, int]:
+def event_queue_lengths(broker_url: str, named: list[str]) -> dict[str, int]:
+    """Messages waiting in each subscriber queue of the call events: on Redis every queue
+    bound to the calls.events exchange, found in kombu's bindings, and those ``named``; on
+    RabbitMQ, which tells a client no bindings, those ``named`` that exist."""
+    if is_amqp(broker_url):
+        return _amqp_lengths(broker_url, named, missing=None)
+    import redis
+
+    connection = redis.Redis.from_url(broker_url, socket_timeout=5)
+    try:
+        bound = {
+            (member.decode() if isinstance(member, bytes) else member).split(_REDIS_BINDING_SEP)[-1]
+            for member in connection.smembers(_REDIS_BINDINGS % EVENTS_EXCHANGE)
+        }
+        return {queue: int(connection.llen(queue)) for queue in sorted(bound | set(named))}
+    finally:
+        connection.close()
+
+
+def _amqp_lengths(
+    broker_url: str,
+    queues: list[str] | tuple[str, ...] = (COMMANDS_QUEUE, SWEEPS_QUEUE, DEAD_LETTERS_QUEUE),
+    missing: int | None = 0,
+) -> dict[str, int]:
+    """Ready messages of each of ``queues``; one not declared counts ``missing`` (None:
+    left out)."""
     from amqp.exceptions import NotFound
     from kombu import Connection
 
     lengths: dict[str, int] = {}
     with Connection(broker_url, connect_timeout=5) as connection:
         connection.ensure_connection(max_retries=1)
-        for queue in (COMMANDS_QUEUE, SWEEPS_QUEUE, DEAD_LETTERS_QUEUE):
+        for queue in queues:
             channel: Any = connection.channel()
             try:
                 _name, ready, _consumers = channel.queue_declare(queue, passive=True)
                 lengths[queue] = int(ready)
             except NotFound:  # closes the channel: each queue asks on a channel of its own
-                lengths[queue] = 0
+                if missing is not None:
+                    lengths[queue] = missing
             finally:
                 with suppress(Exception):  # a channel the broker closed already
                     channel.close()

@@ -43,7 +43,6 @@ from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.worker.state import task_ready
 
-from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.domain.commands import parse_command
 from calls_worker.domain.errors import InvalidCommand
 from calls_worker.domain.outcome import Outcome
@@ -101,7 +100,7 @@ def apply_batch(task: Task[Any, Any], items: list[Item]
         at.append(n)
 
     result = handle_batch(
-        entries, lambda: SqlUnitOfWork(runtime.engine()), policy=runtime.access_policy,
+        entries, runtime.unit_of_work, policy=runtime.access_policy,
         stop_on=(*tasks.TRANSIENT_ERRORS, SoftTimeLimitExceeded),
     )  # fmt: skip
     for e, outcome in enumerate(result.outcomes):

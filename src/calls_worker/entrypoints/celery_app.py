@@ -17,6 +17,7 @@ from calls_worker.entrypoints.metrics import (
     serve_database_metrics,
     serve_worker_metrics,
 )
+from calls_worker.entrypoints.relay import EventRelayStep
 from calls_worker.entrypoints.runtime import Runtime, runtime_of
 from calls_worker.entrypoints.tasks import register_tasks
 from calls_worker.wire import (
@@ -71,6 +72,10 @@ def worker_config(
     }
 
 
+def watched_event_queues(settings: Settings) -> list[str]:
+    return [q.strip() for q in settings.events_watch_queues.split(",") if q.strip()]
+
+
 def create_app(
     *,
     database_url: str,
@@ -123,6 +128,7 @@ def create_app(
     app.calls_runtime = Runtime(database_url=database_url, settings=settings)  # type: ignore[attr-defined]
     register_tasks(app)
     app.steps["consumer"].add(DeadLetters)
+    app.steps["worker"].add(EventRelayStep)
 
     def set_format(**_: Any) -> None:
         use_format(log_format)
@@ -146,7 +152,8 @@ def create_app(
 
         def serve_beat(**_: Any) -> None:
             serve_database_metrics(port, runtime_of(app).engine(), broker_url,
-                                   result_backend_url or broker_url)  # fmt: skip
+                                   result_backend_url or broker_url,
+                                   event_queues=watched_event_queues(settings))  # fmt: skip
 
         signals.worker_init.connect(serve_worker, weak=False)
         signals.beat_init.connect(serve_beat, weak=False)

@@ -129,6 +129,36 @@ def worker_metrics() -> WorkerMetrics:
     )
 
 
+@dataclass(frozen=True)
+class RelayMetrics:
+    published: Any
+    failures: Any
+    round_seconds: Any
+
+
+@cache
+def relay_metrics() -> RelayMetrics:
+    """The relay's counters (entrypoints/relay.py; in the worker's main process)."""
+    from prometheus_client import Counter, Histogram
+
+    return RelayMetrics(
+        published=Counter(
+            "calls_worker_events_published_total",
+            "Call events this worker's relay published (and marked published). An event"
+            " published again after a relay died between the two counts again.",
+        ),
+        failures=Counter(
+            "calls_worker_event_relay_failures_total",
+            "Relay rounds that failed (the database or the broker away); the events wait.",
+        ),
+        round_seconds=Histogram(
+            "calls_worker_event_relay_round_seconds",
+            "How long a relay round that published took: read, publish, mark, commit.",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+        ),
+    )
+
+
 def serve_worker_metrics(port: int) -> None:
     """Serve the sum of every pool process's counters (call in the worker's main process)."""
     from prometheus_client import CollectorRegistry, multiprocess, start_http_server
@@ -148,10 +178,14 @@ def forget_process(pid: int) -> None:
 class DatabaseCollector:
     """Figures read from the database and the broker at each scrape (served by beat)."""
 
-    def __init__(self, engine: Any, broker_url: str, result_backend_url: str | None = None) -> None:
+    def __init__(
+        self, engine: Any, broker_url: str, result_backend_url: str | None = None,
+        event_queues: list[str] | None = None,
+    ) -> None:  # fmt: skip
         self._engine = engine
         self._broker_url = broker_url
         self._result_backend_url = result_backend_url or broker_url
+        self._event_queues = event_queues or []
 
     def describe(self) -> list[Any]:
         return []  # collected live; nothing to register up front
@@ -159,8 +193,9 @@ class DatabaseCollector:
     def collect(self) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
+        from calls_worker.adapters.db.events import backlog
         from calls_worker.adapters.db.journal import operational_figures
-        from calls_worker.adapters.queue import memory, queue_lengths
+        from calls_worker.adapters.queue import event_queue_lengths, memory, queue_lengths
 
         figures = operational_figures(self._engine)
         yield GaugeMetricFamily(
@@ -187,12 +222,33 @@ class DatabaseCollector:
                 "When the last sweep that ran (not skipped) started, as a Unix time.",
                 figures.last_sweep_at.timestamp(),
             )
+        events = backlog(self._engine)
+        yield GaugeMetricFamily(
+            "calls_worker_events_unpublished",
+            "Call events written and not published yet.",
+            events.unpublished,
+        )
+        yield GaugeMetricFamily(
+            "calls_worker_events_oldest_unpublished_age_seconds",
+            "How long the oldest unpublished call event has waited since its change committed"
+            " (0: none waits).",
+            events.oldest_age_seconds,
+        )
         queues = GaugeMetricFamily(
             "calls_worker_queue_messages", "Messages waiting in a queue.", labels=["queue"]
         )
         for queue, length in queue_lengths(self._broker_url).items():
             queues.add_metric([queue], length)
         yield queues
+        subscribers = GaugeMetricFamily(
+            "calls_worker_event_queue_messages",
+            "Call events waiting in a subscriber's queue bound to calls.events (Redis: every"
+            " bound queue; RabbitMQ: those in CALLS_WORKER_EVENTS_WATCH_QUEUES).",
+            labels=["queue"],
+        )
+        for queue, length in event_queue_lengths(self._broker_url, self._event_queues).items():
+            subscribers.add_metric([queue], length)
+        yield subscribers
         used = GaugeMetricFamily(
             "calls_worker_redis_used_memory_bytes",
             "Memory the broker's and the result backend's Redis use (one series if they are"
@@ -218,10 +274,11 @@ class DatabaseCollector:
 
 
 def serve_database_metrics(
-    port: int, engine: Any, broker_url: str, result_backend_url: str | None = None
-) -> None:
+    port: int, engine: Any, broker_url: str, result_backend_url: str | None = None,
+    event_queues: list[str] | None = None,
+) -> None:  # fmt: skip
     from prometheus_client import CollectorRegistry, start_http_server
 
     registry = CollectorRegistry()
-    registry.register(DatabaseCollector(engine, broker_url, result_backend_url))
+    registry.register(DatabaseCollector(engine, broker_url, result_backend_url, event_queues))
     start_http_server(port, registry=registry)

@@ -10,6 +10,7 @@ from sqlalchemy import Engine
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.listing import SqlCallReader
+from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.config import Settings, signing_of
 from calls_worker.domain.access import AccessPolicy
 from calls_worker.entrypoints.outage import DatabaseWatch
@@ -62,6 +63,10 @@ class Runtime:
         if self._reader is None or self._reader.engine is not engine:
             self._reader = SqlCallReader(engine)
         return self._reader
+
+    def unit_of_work(self) -> SqlUnitOfWork:
+        """A unit of work on this process's engine, writing call events unless they are off."""
+        return SqlUnitOfWork(self.engine(), events=self.settings.events)
 
     def unpooled_engine(self) -> Engine:
         """An engine that keeps no connection open, for the rare writes of a pool's parent."""

@@ -247,7 +247,7 @@ def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any)
         keep_refused(runtime, task.name, command_id, args, kwargs, error)
 
     outcome = handle(
-        command_id, command, SqlUnitOfWork(runtime.engine()),
+        command_id, command, runtime.unit_of_work(),
         policy=runtime.access_policy, signer_sha256=signer, on_kept=keep,
     )  # fmt: skip
     log_outcome(kind, command_id, command, outcome)
@@ -352,7 +352,8 @@ def run_sweep(runtime: Runtime) -> dict[str, Any]:
         result = SweepResult(expired=0, batches=0)
         if mine:
             result = expire_exhausted_calls(
-                lambda: SqlUnitOfWork(engine), now, runtime.settings.sweep_batch_size
+                lambda: SqlUnitOfWork(engine, events=runtime.settings.events), now,
+                runtime.settings.sweep_batch_size,
             )
         expired, batches = result.expired, result.batches
     duration = time.perf_counter() - started

@@ -27,6 +27,7 @@ from uuid import UUID
 from calls_worker.domain.access import OPEN, AccessPolicy, ServiceAccount
 from calls_worker.domain.commands import Command, CreateCall, absurd_timestamps
 from calls_worker.domain.errors import DomainError, Forbidden, InvalidCommand
+from calls_worker.domain.events import event_of
 from calls_worker.domain.outcome import Outcome, failed, succeeded
 from calls_worker.service.handlers import HANDLERS, acting_account, handle, utc_now
 from calls_worker.service.unit_of_work import CommandRefused, UnitOfWork
@@ -191,6 +192,7 @@ def _one(
         account = acting_account(command.service_account_uuid, command.kind, uow,
                                  policy=policy, signer_sha256=entry.signer_sha256)  # fmt: skip
         call = HANDLERS[type(command)](command, uow, now, account)
+        uow.events.add(event_of(command.kind, call, now))
         return succeeded(call), call.uuid, None
     except DomainError as error:
         uow.discard_command(tag)

@@ -32,6 +32,7 @@ from calls_worker.domain.errors import (
     InvalidCommand,
     NotFound,
 )
+from calls_worker.domain.events import event_of
 from calls_worker.domain.model import Call, CallAttempt, CallStatus, CallType
 from calls_worker.domain.outcome import Outcome, failed, succeeded
 from calls_worker.service.unit_of_work import (
@@ -82,6 +83,7 @@ def handle(
             account = acting_account(command.service_account_uuid, command.kind, uow,
                                      policy=policy, signer_sha256=signer_sha256)  # fmt: skip
             call = HANDLERS[type(command)](command, uow, now, account)
+            uow.events.add(event_of(command.kind, call, now))
             outcome, call_uuid = succeeded(call), call.uuid
         except DomainError as error:
             uow.rollback()

@@ -15,6 +15,7 @@ from uuid import UUID
 
 from calls_worker.domain.access import ServiceAccount
 from calls_worker.domain.errors import CallsWorkerError
+from calls_worker.domain.events import CallEvent
 from calls_worker.domain.model import Call, CallAttempt
 from calls_worker.domain.outcome import Outcome
 
@@ -79,7 +80,8 @@ class CallRepository(abc.ABC):
         """Expire up to ``limit`` of the calls due, oldest first, skipping any that another
         transaction holds (they are left for the next batch or sweep). A call listed as
         due that has ended or is managed elsewhere is taken off the list, so such rows can
-        never fill a batch for good."""
+        never fill a batch for good. When events are on, each call expired gets its
+        ``call.expired`` event (by the sweep) in the same transaction."""
 
 
 class ProcessedCommands(abc.ABC):
@@ -97,6 +99,21 @@ class ProcessedCommands(abc.ABC):
         """Record the outcome (and the service account the command named) at commit, which
         raises DuplicateCommand if this command id is recorded already (waiting for a
         concurrent record of it to end first)."""
+
+
+class CallEvents(abc.ABC):
+    """The outbox of call events (``worker_call_events``, migration 0010)."""
+
+    @abc.abstractmethod
+    def add(self, event: CallEvent) -> None:
+        """At commit, keep ``event`` (of the change of its call this unit of work made)."""
+
+
+class NoCallEvents(CallEvents):
+    """Events are off (CALLS_WORKER_EVENTS=off): nothing is written."""
+
+    def add(self, event: CallEvent) -> None:
+        pass
 
 
 class ServiceAccounts(abc.ABC):
@@ -142,6 +159,7 @@ class UnitOfWork(abc.ABC):
     calls: CallRepository
     processed_commands: ProcessedCommands
     service_accounts: ServiceAccounts
+    events: CallEvents = NoCallEvents()
 
     def __enter__(self) -> Self:
         return self

@@ -22,6 +22,9 @@ GRANT SELECT, INSERT, UPDATE ON worker_service_accounts TO calls_worker_app;
 GRANT SELECT ON worker_call_reach, worker_secrets TO calls_worker_app;           -- listing
 -- Outcomes for producers when the result backend is PostgreSQL (0009); DELETE: expiry.
 GRANT SELECT, INSERT, UPDATE, DELETE ON worker_results TO calls_worker_app;
+-- Call events (0010): INSERT with each change; UPDATE: the relay marks them published;
+-- DELETE: calls.prune forgets published ones past the retention.
+GRANT SELECT, INSERT, UPDATE, DELETE ON worker_call_events TO calls_worker_app;
 GRANT USAGE ON SEQUENCE worker_rejected_commands_id_seq, worker_sweep_runs_id_seq
     TO calls_worker_app;
 -- Beat's periodic check of the due-calls record (SECURITY DEFINER: it repairs as the owner).

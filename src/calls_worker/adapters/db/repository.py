@@ -14,29 +14,37 @@ from uuid import UUID, uuid4
 
 import psycopg
 from psycopg.rows import namedtuple_row
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Json, Jsonb
 from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
     and_,
+    case,
     delete,
     func,
+    insert,
+    literal,
+    literal_column,
     select,
     true,
     update,
 )
+from sqlalchemy.dialects.postgresql import aggregate_order_by
 
 from calls_worker.domain.access import ServiceAccount
+from calls_worker.domain.events import CallEvent
 from calls_worker.domain.model import Call, CallAttempt, CallStatus, CallType
-from calls_worker.domain.outcome import Outcome
+from calls_worker.domain.outcome import Outcome, call_json
 from calls_worker.service.unit_of_work import (
     Batch,
+    CallEvents,
     CallRepository,
     CallUuidTaken,
     CommandRefused,
     DuplicateCommand,
     MissingReference,
+    NoCallEvents,
     ProcessedCommands,
     References,
     ServiceAccounts,
@@ -44,6 +52,8 @@ from calls_worker.service.unit_of_work import (
 )
 
 from .tables import (
+    call_attempts,
+    call_events,
     calls,
     due_calls,
     organizations,
@@ -130,25 +140,89 @@ _LOAD_CALLS = (
 )
 
 
-def _expire_batch(now: datetime, limit: int) -> Any:
+def iso_timestamp(column: Any) -> ColumnElement[str]:
+    """A timestamp as ``outcome.call_json`` writes it (Python's ``isoformat`` in UTC: no
+    fraction when there is none, else six digits), so an event the sweep writes in SQL
+    reads exactly as one a command writes in Python. NULL stays NULL."""
+    utc = func.timezone("UTC", column)
+    return case(
+        (func.date_trunc("second", utc) == utc,
+         func.to_char(utc, literal_column("""'YYYY-MM-DD"T"HH24:MI:SS"+00:00"'"""))),
+        else_=func.to_char(utc, literal_column("""'YYYY-MM-DD"T"HH24:MI:SS.US"+00:00"'""")),
+    )  # fmt: skip
+
+
+def _key(name: str) -> Any:
+    return literal_column(f"'{name}'")
+
+
+def call_json_sql(call: Any) -> ColumnElement[Any]:
+    """``outcome.call_json`` in SQL, over a row of ``calls`` (a table or a CTE with its
+    columns): the call with its attempts, in the order commands load them."""
+    a = call_attempts.alias("a")
+    attempt = func.json_build_object(
+        _key("userUuid"), a.c.user_uuid, _key("attemptedAt"), iso_timestamp(a.c.attempted_at)
+    )
+    attempts = (
+        select(
+            func.coalesce(
+                func.json_agg(aggregate_order_by(attempt, a.c.attempted_at, a.c.uuid)),
+                literal_column("'[]'::json"),
+            )
+        )
+        .where(a.c.call_uuid == call.c.uuid)
+        .scalar_subquery()
+    )
+    fields: list[Any] = [
+        ("uuid", call.c.uuid),
+        ("status", call.c.status),
+        ("type", call.c.type),
+        ("attempts", attempts),
+        ("attemptCount", call.c.attempt_count),
+        ("result", call.c.result),
+        ("notes", call.c.notes),
+        ("requestedBy", call.c.requested_by),
+        ("personUuid", call.c.person_uuid),
+        ("pledgeCaseUuid", call.c.pledge_case_uuid),
+        ("organizationUuid", call.c.organization_uuid),
+        ("externalMetadata", call.c.external_metadata),
+        ("createdAt", iso_timestamp(call.c.created_at)),
+        ("updatedAt", iso_timestamp(call.c.updated_at)),
+        ("completedAt", iso_timestamp(call.c.completed_at)),
+        ("cancelledAt", iso_timestamp(call.c.cancelled_at)),
+        ("expiredAt", iso_timestamp(call.c.expired_at)),
+    ]
+    return func.json_build_object(*[part for name, value in fields for part in (_key(name), value)])
+
+
+EVENT_COLUMNS = [
+    "event_id", "kind", "occurred_at", "call_uuid", "organization_uuid",
+    "owning_organization_uuid", "call", "expiry",
+]  # fmt: skip
+
+
+def _expire_batch(now: datetime, limit: int, *, events: bool = True) -> Any:
     """One sweep batch, in one statement (one round trip):
 
     - take up to ``limit`` rows of worker_due_calls, oldest first, that no other sweep holds;
     - of their calls, lock those no command holds, checking ``exhausted()`` again on the
       calls themselves, so that only a call exhausted now is expired;
     - expire them and remove their rows from worker_due_calls, with the rows of calls
-      that had ended already (a stale entry must not hold a place in every batch).
+      that had ended already (a stale entry must not hold a place in every batch);
+    - with ``events``, write each expired call's ``call.expired`` event (the UPDATE's
+      RETURNING feeds the INSERT).
 
     The sweep keeps worker_due_calls itself here, so it asks the due-tracking trigger to
     stand aside for its transaction (``calls_worker.sweeping``), sparing a call of the
     trigger for every row it expires.
     """
-    stand_aside = select(
-        func.set_config("calls_worker.sweeping", "on", True).label("on"),
+    settings = [func.set_config("calls_worker.sweeping", "on", True).label("on")]
+    if not events:
         # A batch lost in a crash before it reached the disk is redone by the next sweep
-        # (the calls are still due), so it need not wait for the WAL flush.
-        func.set_config("synchronous_commit", "off", True).label("async"),
-    ).cte("stand_aside")
+        # (the calls are still due), so it need not wait for the WAL flush. Not with
+        # events: the relay could publish the event of a change the crash then took back.
+        settings.append(func.set_config("synchronous_commit", "off", True).label("async"))
+    stand_aside = select(*settings).cte("stand_aside")
     batch = (
         select(due_calls.c.call_uuid)
         .select_from(due_calls.join(stand_aside, true()))
@@ -163,6 +237,7 @@ def _expire_batch(now: datetime, limit: int) -> Any:
         select(
             calls.c.uuid,
             organizations.c.uuid.label("owner"),
+            organizations.c.max_call_attempts,
             exhausted().label("due"),
             and_(
                 calls.c.status == CallStatus.REQUESTED.value, calls.c.external_metadata.is_(None)
@@ -173,6 +248,9 @@ def _expire_batch(now: datetime, limit: int) -> Any:
         .with_for_update(of=calls, skip_locked=True)
         .cte("taken")
     )
+    returned = (
+        [c for c in calls.c if c.name != "completed_by"] if events else [calls.c.uuid]
+    )
     expired = (
         update(calls)
         .where(
@@ -180,7 +258,7 @@ def _expire_batch(now: datetime, limit: int) -> Any:
             == func.any(func.array(select(taken.c.uuid).where(taken.c.due).scalar_subquery()))
         )
         .values(status=CallStatus.EXPIRED.value, expired_at=now, updated_at=now)
-        .returning(calls.c.uuid)
+        .returning(*returned)
         .cte("expired")
     )
     # A call that ended (or became external) cannot be due again whatever any organization
@@ -204,7 +282,7 @@ def _expire_batch(now: datetime, limit: int) -> Any:
         .group_by(taken.c.owner)
         .subquery("by_owner")
     )
-    return select(
+    statement = select(
         select(func.count()).select_from(batch).scalar_subquery().label("examined"),
         select(func.count()).select_from(expired).scalar_subquery().label("expired"),
         select(func.count()).select_from(cleared).scalar_subquery().label("cleared"),
@@ -213,6 +291,26 @@ def _expire_batch(now: datetime, limit: int) -> Any:
         .label("by_organization"),
         select(func.array_agg(expired.c.uuid)).scalar_subquery().label("expired_calls"),
     ).add_cte(removed)
+    if events:
+        written = insert(call_events).from_select(
+            EVENT_COLUMNS,
+            select(
+                func.gen_random_uuid(),
+                literal_column("'call.expired'"),
+                literal(now, call_events.c.occurred_at.type),
+                expired.c.uuid,
+                expired.c.organization_uuid,
+                taken.c.owner,
+                call_json_sql(expired),
+                func.json_build_object(
+                    _key("by"), _key("sweep"),
+                    _key("attemptCount"), expired.c.attempt_count,
+                    _key("maxCallAttempts"), taken.c.max_call_attempts,
+                ),
+            ).select_from(expired.join(taken, taken.c.uuid == expired.c.uuid)),
+        ).cte("events")  # fmt: skip
+        statement = statement.add_cte(written)
+    return statement
 
 
 def _driver(connection: Connection) -> psycopg.Connection[Any]:
@@ -291,6 +389,29 @@ _SAVE_STATE = (
     " completed_at = %(completed_at)s, cancelled_at = %(cancelled_at)s,"
     " expired_at = %(expired_at)s, updated_at = %(updated_at)s WHERE uuid = %(uuid)s"
 )
+# A command's event (domain/events.py), written after its change. The owning organization
+# is read with the call a command changes; a new call's is looked up here, in the same
+# message as the insert (no round trip of its own). An expiry by command carries the
+# maximum of the owning organization, read the same way.
+_INSERT_EVENT = (
+    "INSERT INTO worker_call_events (event_id, kind, occurred_at, call_uuid,"
+    " organization_uuid, owning_organization_uuid, call, expiry) VALUES (%(id)s, %(kind)s,"
+    " %(at)s, %(call_uuid)s, %(organization)s, {owner}, %(call)s, {expiry})"
+)
+_OWNER = "%(owner)s"
+_OWNER_OF_PERSON = "(SELECT owning_organization_uuid FROM persons WHERE uuid = %(person)s)"
+_EXPIRY_BY_COMMAND = (
+    "json_build_object('by', 'command', 'attemptCount', %(attempts)s::int, 'maxCallAttempts',"
+    " (SELECT max_call_attempts FROM organizations WHERE uuid = {owner}))"
+)
+_INSERT_EVENTS = {
+    (known_owner, expiry): _INSERT_EVENT.format(
+        owner=(owner := _OWNER if known_owner else _OWNER_OF_PERSON),
+        expiry=_EXPIRY_BY_COMMAND.format(owner=owner) if expiry else "NULL",
+    )
+    for known_owner in (True, False)
+    for expiry in (True, False)
+}
 # Unique constraints whose violation at commit means something to the handlers: a command
 # id recorded already, in either of the tables of outcomes (migration 0008).
 _DUPLICATE_COMMAND = {"worker_processed_commands_pkey", "worker_processed_commands_b_pkey"}
@@ -314,8 +435,10 @@ class _Transaction:
     no BEGIN of its own; the transaction status it reports tells whether ours is open.
     """
 
-    def __init__(self, connection: Connection) -> None:
+    def __init__(self, connection: Connection, *, events: bool = True) -> None:
         self.connection = connection
+        self.events = events
+        """Whether changes write their call events (CALLS_WORKER_EVENTS)."""
         self.driver = _driver(connection)
         self.driver.autocommit = True
         self.cursor = psycopg.ClientCursor(self.driver, row_factory=namedtuple_row)
@@ -502,7 +625,8 @@ class SqlCallRepository(CallRepository):
 
     def expire_exhausted(self, now: datetime, limit: int) -> Batch:
         self._transaction.begin()
-        row = self._transaction.connection.execute(_expire_batch(now, limit)).one()
+        statement = _expire_batch(now, limit, events=self._transaction.events)
+        row = self._transaction.connection.execute(statement).one()
         return Batch(
             examined=row.examined,
             expired=row.expired,
@@ -529,6 +653,22 @@ class SqlProcessedCommands(ProcessedCommands):
             _INSERT_PROCESSED,
             {"command_id": command_id, "kind": kind, "call_uuid": call_uuid,
              "outcome": Jsonb(outcome), "account": service_account_uuid},
+        )  # fmt: skip
+
+
+class SqlCallEvents(CallEvents):
+    def __init__(self, transaction: _Transaction) -> None:
+        self._transaction = transaction
+
+    def add(self, event: CallEvent) -> None:
+        call = event.call
+        owner = call.owning_organization_uuid  # None for a new call: looked up in SQL
+        self._transaction.write(
+            _INSERT_EVENTS[(owner is not None, event.expired_by_command)],
+            {"id": event.event_id, "kind": event.kind, "at": event.occurred_at,
+             "call_uuid": call.uuid, "organization": call.organization_uuid, "owner": owner,
+             "person": call.person_uuid, "call": Json(call_json(call)),
+             "attempts": call.attempt_count},
         )  # fmt: skip
 
 
@@ -559,19 +699,21 @@ class SqlUnitOfWork(UnitOfWork):
     sends them and the COMMIT in one message: a command costs its reads plus one round trip.
     """
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, events: bool = True) -> None:
         self._engine = engine
+        self._events = events
 
     def __enter__(self) -> Self:
         self._connection = self._engine.connect()
         try:
-            self._transaction = _Transaction(self._connection)
+            self._transaction = _Transaction(self._connection, events=self._events)
         except BaseException:
             self._connection.close()
             raise
         self.calls = SqlCallRepository(self._transaction)
         self.processed_commands = SqlProcessedCommands(self._transaction)
         self.service_accounts = SqlServiceAccounts(self._transaction)
+        self.events = SqlCallEvents(self._transaction) if self._events else NoCallEvents()
         return self
 
     def __exit__(

@@ -18,7 +18,7 @@ from sqlalchemy import (
     Table,
     Text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSON, JSONB, UUID
 
 metadata = MetaData()
 
@@ -142,4 +142,20 @@ due_calls = Table(
     metadata,
     Column("call_uuid", UUID(as_uuid=True), ForeignKey("calls.uuid"), primary_key=True),
     Column("due_since", DateTime(timezone=True), nullable=False),
+)
+
+call_events = Table(
+    "worker_call_events",
+    metadata,
+    Column("seq", BigInteger, primary_key=True),
+    Column("event_id", UUID(as_uuid=True), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("occurred_at", DateTime(timezone=True), nullable=False),
+    Column("call_uuid", UUID(as_uuid=True), nullable=False),
+    Column("organization_uuid", UUID(as_uuid=True), nullable=False),
+    Column("owning_organization_uuid", UUID(as_uuid=True)),
+    Column("call", JSON, nullable=False),
+    Column("expiry", JSON),
+    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("published_at", DateTime(timezone=True)),
 )

@@ -1,0 +1,163 @@
+"""The outbox of call events (``worker_call_events``, migration 0010): what the relay
+publishes, what operators tail, and what is pruned.
+
+Writers are the unit of work (repository.SqlCallEvents, and the sweep's statement); this
+module reads and settles what they wrote.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import Engine, text
+
+from calls_worker.domain.events import event_json
+
+# Held (for its transaction) by the relay that publishes: one relay at a time, across
+# every process of the deployment (the migration and the sweep hold ...001 and ...002).
+RELAY_LOCK = 7_304_118_003
+
+_COLUMNS = (
+    "seq, event_id, kind, occurred_at, call_uuid, organization_uuid,"
+    " owning_organization_uuid, call, expiry"
+)
+# The partial index on unpublished events serves this, however large the table grows.
+_PENDING = text(
+    f"SELECT {_COLUMNS} FROM worker_call_events WHERE published_at IS NULL"
+    " ORDER BY seq LIMIT :limit"
+)
+# A lost mark only publishes the events again (at least once): no need to wait for the disk.
+_MARK = text(
+    "UPDATE worker_call_events SET published_at = now() WHERE seq = ANY(:seqs)"
+)
+
+
+def as_event(row: Any) -> dict[str, Any]:
+    """A row of the outbox as the event it publishes."""
+    return event_json(
+        seq=row.seq, event_id=row.event_id, kind=row.kind, occurred_at=row.occurred_at,
+        call_uuid=row.call_uuid, organization_uuid=row.organization_uuid,
+        owning_organization_uuid=row.owning_organization_uuid, call=row.call,
+        expiry=row.expiry,
+    )  # fmt: skip
+
+
+def relay_batch(
+    engine: Engine, limit: int, publish: Callable[[list[dict[str, Any]]], None]
+) -> int | None:
+    """Publish up to ``limit`` unpublished events, oldest first, then mark them published.
+
+    One transaction holds the relay's advisory lock from before it reads the events until
+    their marks are committed, so no two relays ever publish the same event at once, and
+    a relay that comes next reads only what is still unpublished. ``publish`` must return
+    only once the broker has accepted every event (and raise otherwise): an event is
+    marked after that, in the same transaction. A relay that dies between the two leaves
+    the events unmarked, and the next one publishes them again (at least once, never
+    skipped). How many were published; None when another relay holds the lock.
+    """
+    with engine.connect() as connection:
+        connection.execute(text("SET LOCAL synchronous_commit = off"))
+        if not connection.execute(
+            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RELAY_LOCK}
+        ).scalar():
+            connection.rollback()
+            return None
+        rows = connection.execute(_PENDING, {"limit": limit}).all()
+        if rows:
+            publish([as_event(row) for row in rows])
+            connection.execute(_MARK, {"seqs": [row.seq for row in rows]})
+        connection.commit()
+        return len(rows)
+
+
+@dataclass(frozen=True)
+class KeptEvent:
+    event: dict[str, Any]
+    recorded_at: datetime
+    published_at: datetime | None
+
+
+def tail(
+    engine: Engine, *, call_uuid: UUID | None = None, after: int | None = None,
+    limit: int = 20,
+) -> list[KeptEvent]:  # fmt: skip
+    """The last ``limit`` events kept (of ``call_uuid``), oldest first; or, with ``after``,
+    the first ``limit`` events whose ``seq`` is above it."""
+    where = ["TRUE"]
+    params: dict[str, Any] = {"limit": limit}
+    if call_uuid is not None:
+        where.append("call_uuid = :call")
+        params["call"] = call_uuid
+    if after is not None:
+        where.append("seq > :after")
+        params["after"] = after
+    order = "ASC" if after is not None else "DESC"
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                f"SELECT {_COLUMNS}, recorded_at, published_at FROM worker_call_events"
+                f" WHERE {' AND '.join(where)} ORDER BY seq {order} LIMIT :limit"
+            ),
+            params,
+        ).all()
+    kept = [KeptEvent(as_event(row), row.recorded_at, row.published_at) for row in rows]
+    return kept if after is not None else kept[::-1]
+
+
+def kept_events(engine: Engine, *, call_uuid: UUID | None = None) -> list[dict[str, Any]]:
+    """Every event kept (of ``call_uuid``), in ``seq`` order."""
+    with engine.connect() as connection:
+        rows = connection.execute(
+            text(
+                f"SELECT {_COLUMNS} FROM worker_call_events"
+                " WHERE CAST(:call AS uuid) IS NULL OR call_uuid = :call ORDER BY seq"
+            ),
+            {"call": call_uuid},
+        ).all()
+    return [as_event(row) for row in rows]
+
+
+@dataclass(frozen=True)
+class Backlog:
+    unpublished: int
+    oldest_age_seconds: float
+    """How long the oldest unpublished event has waited since it was written (0: none)."""
+
+
+def backlog(engine: Engine) -> Backlog:
+    with engine.connect() as connection:
+        count, age = connection.execute(
+            text(
+                "SELECT (SELECT count(*) FROM worker_call_events WHERE published_at IS NULL),"
+                " coalesce(extract(epoch FROM now() - (SELECT recorded_at FROM"
+                " worker_call_events WHERE published_at IS NULL ORDER BY seq LIMIT 1)), 0)"
+            )
+        ).one()
+    return Backlog(int(count), max(0.0, float(age)))
+
+
+PRUNE_BATCH = 10_000
+
+
+def prune_published(engine: Engine, keep: timedelta, batch: int = PRUNE_BATCH) -> int:
+    """Delete the events published longer than ``keep`` ago, a batch per transaction (the
+    BRIN index on ``recorded_at`` finds them: an event is recorded before it is
+    published); how many. Unpublished events are never pruned."""
+    deleted = 0
+    while True:
+        with engine.begin() as connection:
+            result = connection.execute(
+                text(
+                    "DELETE FROM worker_call_events WHERE seq = ANY(ARRAY("
+                    " SELECT seq FROM worker_call_events WHERE recorded_at < now() - :keep"
+                    " AND published_at < now() - :keep LIMIT :batch))"
+                ),
+                {"keep": keep, "batch": batch},
+            )
+        deleted += result.rowcount
+        if result.rowcount < batch:
+            return deleted

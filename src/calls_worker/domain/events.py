@@ -1,0 +1,83 @@
+"""Call events: what downstream systems hear of every change of a call.
+
+    {"eventId", "sequence", "kind", "occurredAt", "callUuid", "organizationUuid",
+     "owningOrganizationUuid", "call", "expiry" (call.expired only)}
+
+A change and its event are written in one transaction (the outbox, migration 0010), and the
+relay publishes the event afterwards (entrypoints/relay.py). ``call`` is the call as the
+command's outcome shows it (outcome.call_json); the sweep writes the same shape in SQL.
+The JSON Schema is docs/schemas/call-event.schema.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal
+from uuid import UUID, uuid4
+
+from calls_worker.domain.commands import CommandKind
+from calls_worker.domain.model import Call
+
+EventKind = Literal[
+    "call.created", "call.attempt_added", "call.completed", "call.cancelled", "call.expired"
+]
+
+KIND_OF_COMMAND: dict[CommandKind, EventKind] = {
+    "create": "call.created",
+    "add_attempt": "call.attempt_added",
+    "complete": "call.completed",
+    "cancel": "call.cancelled",
+    "expire": "call.expired",
+}
+
+ExpiredBy = Literal["sweep", "command"]
+
+
+@dataclass(frozen=True)
+class CallEvent:
+    """A change a command made to ``call`` (as it stands after the change), at ``occurred_at``
+    (the command's timestamp, or the time the worker applied it)."""
+
+    kind: EventKind
+    occurred_at: datetime
+    call: Call
+    event_id: UUID = field(default_factory=uuid4)
+
+    @property
+    def expired_by_command(self) -> bool:
+        return self.kind == "call.expired"
+
+
+def event_of(command_kind: CommandKind, call: Call, occurred_at: datetime) -> CallEvent:
+    """The event of a command that changed ``call`` (every command that succeeds does)."""
+    return CallEvent(KIND_OF_COMMAND[command_kind], occurred_at, call)
+
+
+def _iso(value: datetime) -> str:
+    return value.astimezone(UTC).isoformat()
+
+
+def _uuid(value: object | None) -> str | None:
+    return None if value is None else str(value)
+
+
+def event_json(
+    *, seq: int, event_id: UUID, kind: str, occurred_at: datetime, call_uuid: UUID,
+    organization_uuid: UUID, owning_organization_uuid: UUID | None, call: dict[str, Any],
+    expiry: dict[str, Any] | None,
+) -> dict[str, Any]:  # fmt: skip
+    """The event as published, from what the outbox keeps of it."""
+    event: dict[str, Any] = {
+        "eventId": str(event_id),
+        "sequence": seq,
+        "kind": kind,
+        "occurredAt": _iso(occurred_at),
+        "callUuid": str(call_uuid),
+        "organizationUuid": str(organization_uuid),
+        "owningOrganizationUuid": _uuid(owning_organization_uuid),
+        "call": call,
+    }
+    if kind == "call.expired":
+        event["expiry"] = expiry
+    return event
