@@ -123,6 +123,34 @@ def database_url(postgres_server_url: str) -> Iterator[str]:
         drop_database(postgres_server_url, name)
 
 
+@pytest.fixture(scope="module")
+def lone_database_url(postgres_server_url: str) -> Iterator[str]:
+    """A migrated database of this module alone: no worker of the session works on it (a
+    worker's relay would publish the call events a test means to see unpublished)."""
+    name = f"calls_worker_lone_{uuid.uuid4().hex[:12]}"
+    url = create_database(postgres_server_url, name)
+    engine = build_engine(url, pool_size=1)
+    upgrade(engine)
+    engine.dispose()
+    try:
+        yield url
+    finally:
+        drop_database(postgres_server_url, name)
+
+
+@pytest.fixture
+def lone_db(lone_database_url: str) -> Iterator[Db]:
+    """``db`` on the module's own database (emptied after the test)."""
+    engine = build_engine(lone_database_url, pool_size=10)
+    try:
+        yield Db(engine)
+    finally:
+        with engine.begin() as connection:
+            connection.execute(text(f"TRUNCATE {', '.join(WORKER_TABLES)} CASCADE"))
+            connection.execute(text(RESET_ROTATION))
+        engine.dispose()
+
+
 @pytest.fixture
 def engine(database_url: str) -> Iterator[Engine]:
     """An engine on the migrated test database; every table is emptied after the test."""

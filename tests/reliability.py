@@ -78,6 +78,15 @@ SCENARIOS: dict[str, tuple[str, str, str]] = {
         "the due record lists exactly the calls the rule says are due (lost: due, unlisted;"
         " doubled: listed, not due)",
     ),
+    "relay-kill": (
+        "call-event relays killed",
+        "two relays, each worker killed (SIGKILL, its whole process group) with probability 0.3"
+        " after every round in which its relay published and before it marked, over a stream"
+        " of creates, attempts, completes, cancels and sweeps; restarted each time",
+        "every event the database holds reaches the subscriber's queue (lost), none it does"
+        " not hold; a call's events in order once repeats are dropped, and no more repeats"
+        " than one batch per kill (doubled)",
+    ),
     "clock-skew": (
         "clock skew",
         "frozen worker clock, producer timestamps hours ahead, and a year ahead",

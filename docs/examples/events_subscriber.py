@@ -52,6 +52,9 @@ def _database() -> sqlite3.Connection:
     return connection
 
 
+_database().close()  # its tables, before the first event
+
+
 @app.task(name="calls.events.call_changed")
 def call_changed(event: dict[str, Any]) -> None:
     import json

@@ -11,13 +11,19 @@ applying the command raises instead (a defect after the commit), once.
 
 ``CALLS_WORKER_TEST_POISON=<command id>``: the pool process handling that command kills
 itself at that moment every time: a message that ends its worker whenever it is delivered.
+
+``CALLS_WORKER_TEST_RELAY_DIE=<p>``: the worker dies between the relay's publishing of call
+events and its marking them published, in each round with probability p, after holding
+that moment for ``CALLS_WORKER_TEST_RELAY_WINDOW_SECONDS`` (RelayDies).
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -58,3 +64,26 @@ logging.getLogger("calls_worker").addHandler(
 logging.getLogger("calls_worker").addHandler(
     AfterCommit("CALLS_WORKER_TEST_POISON", _die, once=False)
 )
+
+
+class RelayDies(logging.Handler):
+    """``CALLS_WORKER_TEST_RELAY_DIE=<p>``: after each round in which the relay published
+    events, before it marks them published, the whole worker (its process group) is
+    killed with probability p: the relay dies between the broker accepting the events and
+    the database recording it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        chance = float(os.environ.get("CALLS_WORKER_TEST_RELAY_DIE") or 0)
+        if not chance or not getattr(record, "published", None):
+            return
+        # A window as wide as a slow broker's: another relay that did not wait for this
+        # one would read the same unmarked events meanwhile.
+        time.sleep(float(os.environ.get("CALLS_WORKER_TEST_RELAY_WINDOW_SECONDS") or 0))
+        if random.random() < chance:
+            os.killpg(0, signal.SIGKILL)
+
+
+_relay = logging.getLogger("calls_worker.relay")
+_relay.addHandler(RelayDies())
+if os.environ.get("CALLS_WORKER_TEST_RELAY_DIE"):
+    _relay.setLevel(logging.DEBUG)  # the relay's line after publishing, before marking

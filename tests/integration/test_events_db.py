@@ -3,7 +3,7 @@ exactly one event in its own transaction, and nothing else writes one."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID, uuid4
 
@@ -184,7 +184,8 @@ def test_a_batch_writes_the_events_of_the_commands_it_applied(
     assert [e["kind"] for e in db.events(UUID(taken))] == ["call.created"]
 
 
-def test_the_relay_marks_what_it_published_and_only_that(db: Db, engine: Engine) -> None:
+def test_the_relay_marks_what_it_published_and_only_that(lone_db: Db) -> None:
+    db, engine = lone_db, lone_db.engine
     organization = db.organization(1)
     for _ in range(5):
         db.call(db.person(organization), organization, attempts=1)
@@ -205,7 +206,8 @@ def test_the_relay_marks_what_it_published_and_only_that(db: Db, engine: Engine)
     assert backlog(engine) == backlog(engine).__class__(0, 0.0)
 
 
-def test_one_relay_at_a_time(db: Db, engine: Engine) -> None:
+def test_one_relay_at_a_time(lone_db: Db) -> None:
+    db, engine = lone_db, lone_db.engine
     organization = db.organization(1)
     db.call(db.person(organization), organization, attempts=1)
     sweep(engine)
@@ -218,7 +220,8 @@ def test_one_relay_at_a_time(db: Db, engine: Engine) -> None:
     assert inner == [None]  # the second relay found the lock held and published nothing
 
 
-def test_tail_and_prune(db: Db, engine: Engine) -> None:
+def test_tail_and_prune(lone_db: Db) -> None:
+    db, engine = lone_db, lone_db.engine
     organization = db.organization(1)
     calls = [db.call(db.person(organization), organization, attempts=1) for _ in range(4)]
     sweep(engine)
@@ -228,10 +231,8 @@ def test_tail_and_prune(db: Db, engine: Engine) -> None:
     first = tail(engine, limit=1)[0].event["sequence"]
     assert tail(engine, after=first) == []
     relay_batch(engine, 2, lambda events: None)
-    assert prune_published(engine, keep=__import__("datetime").timedelta(hours=1)) == 0
+    assert prune_published(engine, keep=timedelta(hours=1)) == 0
     db.sql("UPDATE worker_call_events SET recorded_at = now() - interval '2 hours',"
            " published_at = now() - interval '2 hours' WHERE published_at IS NOT NULL")  # fmt: skip
-    from datetime import timedelta
-
     assert prune_published(engine, keep=timedelta(hours=1), batch=1) == 2
     assert backlog(engine).unpublished == 2 and len(db.events()) == 2

@@ -76,8 +76,7 @@ class Publisher:
             )  # fmt: skip
             producer.publish(
                 body, routing_key=event["kind"], headers=headers, delivery_mode=2,
-                content_type="application/json", content_encoding="utf-8", retry=False,
-                **properties,
+                serializer="json", retry=False, **properties,
             )  # fmt: skip
         logger.debug("published events %d..%d", events[0]["sequence"], events[-1]["sequence"],
                      extra={"published": [e["sequence"] for e in events]})  # fmt: skip
