@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
@@ -109,51 +110,38 @@ def empty_database_url(postgres_server_url: str) -> Iterator[str]:
         drop_database(postgres_server_url, name)
 
 
-@pytest.fixture(scope="session")
-def database_url(postgres_server_url: str) -> Iterator[str]:
-    """A database of this test session, migrated to head; dropped at the end."""
-    name = f"calls_worker_test_{uuid.uuid4().hex[:12]}"
-    url = create_database(postgres_server_url, name)
+@contextmanager
+def migrated_database(server_url: str, prefix: str) -> Iterator[str]:
+    """A new database migrated to head, dropped on exit; its URL."""
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
+    url = create_database(server_url, name)
     engine = build_engine(url, pool_size=1)
     upgrade(engine)
     engine.dispose()
     try:
         yield url
     finally:
-        drop_database(postgres_server_url, name)
+        drop_database(server_url, name)
+
+
+@pytest.fixture(scope="session")
+def database_url(postgres_server_url: str) -> Iterator[str]:
+    """A database of this test session, migrated to head; dropped at the end."""
+    with migrated_database(postgres_server_url, "calls_worker_test") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
 def lone_database_url(postgres_server_url: str) -> Iterator[str]:
     """A migrated database of this module alone: no worker of the session works on it (a
     worker's relay would publish the call events a test means to see unpublished)."""
-    name = f"calls_worker_lone_{uuid.uuid4().hex[:12]}"
-    url = create_database(postgres_server_url, name)
-    engine = build_engine(url, pool_size=1)
-    upgrade(engine)
-    engine.dispose()
-    try:
+    with migrated_database(postgres_server_url, "calls_worker_lone") as url:
         yield url
-    finally:
-        drop_database(postgres_server_url, name)
 
 
-@pytest.fixture
-def lone_db(lone_database_url: str) -> Iterator[Db]:
-    """``db`` on the module's own database (emptied after the test)."""
-    engine = build_engine(lone_database_url, pool_size=10)
-    try:
-        yield Db(engine)
-    finally:
-        with engine.begin() as connection:
-            connection.execute(text(f"TRUNCATE {', '.join(WORKER_TABLES)} CASCADE"))
-            connection.execute(text(RESET_ROTATION))
-        engine.dispose()
-
-
-@pytest.fixture
-def engine(database_url: str) -> Iterator[Engine]:
-    """An engine on the migrated test database; every table is emptied after the test."""
+@contextmanager
+def emptied_after(database_url: str) -> Iterator[Engine]:
+    """An engine on a migrated database; every table is emptied on exit."""
     engine = build_engine(database_url, pool_size=10)
     try:
         yield engine
@@ -162,6 +150,20 @@ def engine(database_url: str) -> Iterator[Engine]:
             connection.execute(text(f"TRUNCATE {', '.join(WORKER_TABLES)} CASCADE"))
             connection.execute(text(RESET_ROTATION))
         engine.dispose()
+
+
+@pytest.fixture
+def lone_db(lone_database_url: str) -> Iterator[Db]:
+    """``db`` on the module's own database (emptied after the test)."""
+    with emptied_after(lone_database_url) as engine:
+        yield Db(engine)
+
+
+@pytest.fixture
+def engine(database_url: str) -> Iterator[Engine]:
+    """An engine on the migrated test database; every table is emptied after the test."""
+    with emptied_after(database_url) as engine:
+        yield engine
 
 
 @pytest.fixture

@@ -200,7 +200,7 @@ def test_sweep_and_commands_collide_many_times(
             commands_first += kind != "add_attempt" and outcome["ok"]
         assert swept + expired_by_commands == expired
         # Each change wrote exactly one event, in the order the changes happened.
-        for call, (kind, outcome), row in zip(calls, commands, rows, strict=True):
+        for call, (kind, outcome) in zip(calls, commands, strict=True):
             written = [(e["kind"], (e.get("expiry") or {}).get("by")) for e in db.events(call)]
             by_command = {"complete": ("call.completed", None),
                           "expire": ("call.expired", "command"),

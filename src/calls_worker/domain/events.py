@@ -16,8 +16,10 @@ from datetime import UTC, datetime
 from typing import Any, Literal
 from uuid import UUID, uuid4
 
+from pydantic import AwareDatetime, BaseModel, ConfigDict, JsonValue
+
 from calls_worker.domain.commands import CommandKind
-from calls_worker.domain.model import Call
+from calls_worker.domain.model import Call, CallStatus, CallType
 
 EventKind = Literal[
     "call.created", "call.attempt_added", "call.completed", "call.cancelled", "call.expired"
@@ -81,3 +83,66 @@ def event_json(
     if kind == "call.expired":
         event["expiry"] = expiry
     return event
+
+
+# The event as subscribers receive it, for its JSON Schema (docs/schemas/call-event.schema.json,
+# written by `calls-worker schema`) and for tests that check what is published against it.
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class AttemptOut(_Strict):
+    """An attempt as the call shows it."""
+
+    userUuid: UUID  # noqa: N815 - the wire's camelCase
+    attemptedAt: AwareDatetime  # noqa: N815
+
+
+class CallOut(_Strict):
+    """The call after the change, as the command's outcome shows it."""
+
+    uuid: UUID
+    status: CallStatus
+    type: CallType
+    attempts: list[AttemptOut]
+    attemptCount: int  # noqa: N815
+    result: str | None
+    notes: str | None
+    requestedBy: UUID | None  # noqa: N815
+    personUuid: UUID  # noqa: N815
+    pledgeCaseUuid: UUID | None  # noqa: N815
+    organizationUuid: UUID  # noqa: N815
+    externalMetadata: JsonValue  # noqa: N815
+    createdAt: AwareDatetime  # noqa: N815
+    updatedAt: AwareDatetime  # noqa: N815
+    completedAt: AwareDatetime | None  # noqa: N815
+    cancelledAt: AwareDatetime | None  # noqa: N815
+    expiredAt: AwareDatetime | None  # noqa: N815
+
+
+class Expiry(_Strict):
+    """Who expired the call, and how its attempts stood against its owning organization's
+    maximum (null: the organization has none; a command may expire such a call)."""
+
+    by: ExpiredBy
+    attemptCount: int  # noqa: N815
+    maxCallAttempts: int | None  # noqa: N815
+
+
+class CallEventDocument(_Strict):
+    """A change of a call, published to the topic exchange calls.events (routing key: its
+    kind) as the keyword argument ``event`` of the task calls.events.call_changed. At least
+    once: de-duplicate by ``eventId``. ``sequence`` grows with each change of a call."""
+
+    eventId: UUID  # noqa: N815
+    sequence: int
+    kind: EventKind
+    occurredAt: AwareDatetime  # noqa: N815
+    callUuid: UUID  # noqa: N815
+    organizationUuid: UUID  # noqa: N815
+    owningOrganizationUuid: UUID | None  # noqa: N815
+    call: CallOut
+    expiry: Expiry | None = None
+    """Present in call.expired events only."""

@@ -13,6 +13,7 @@ import click
 from calls_worker.config import get_settings, signing_of
 from calls_worker.domain.commands import CommandKind
 from calls_worker.entrypoints.cli_directory import COMMANDS as DIRECTORY_COMMANDS
+from calls_worker.entrypoints.cli_events import COMMANDS as EVENTS_COMMANDS
 from calls_worker.entrypoints.logs import LogFormat
 from calls_worker.entrypoints.output import camel_keys, print_json
 from calls_worker.entrypoints.servers import Servers
@@ -483,16 +484,18 @@ def settings_command() -> None:
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
-    help="Write one <kind>.schema.json per command (and list.schema.json, the listing query)"
-    " here instead of printing them all.",
+    help="Write one <kind>.schema.json per command (and list.schema.json, the listing query,"
+    " and call-event.schema.json, the call events) here instead of printing them all.",
 )
 def schema(out: Path | None) -> None:
-    """The JSON Schema of every command and of the listing query, for producers in other
-    languages."""
+    """The JSON Schema of every command, of the listing query and of the call events, for
+    producers and subscribers in other languages."""
     from calls_worker.domain.commands import COMMANDS, ListCalls
+    from calls_worker.domain.events import CallEventDocument
 
     models: dict[str, Any] = {str(kind): model for kind, model in COMMANDS.items()}
     models["list"] = ListCalls
+    models["call-event"] = CallEventDocument
     schemas = {kind: model.model_json_schema(by_alias=True) for kind, model in models.items()}
     if out is None:
         print_json(schemas)
@@ -503,5 +506,5 @@ def schema(out: Path | None) -> None:
     click.echo(f"wrote {len(schemas)} schemas to {out}")
 
 
-for _command in DIRECTORY_COMMANDS:
+for _command in [*DIRECTORY_COMMANDS, *EVENTS_COMMANDS]:
     main.add_command(_command)

@@ -25,7 +25,7 @@ from calls_worker.entrypoints.servers import Servers
 
 
 @contextmanager
-def _engine() -> Iterator[Any]:
+def database_engine() -> Iterator[Any]:
     from calls_worker.adapters.db.engine import build_engine
 
     servers = Servers(get_settings())
@@ -41,7 +41,7 @@ def _add(write: Callable[[Any], UUID], missing: str) -> None:
     """Run ``write`` and print the new uuid; a missing referenced row is a clear error."""
     from sqlalchemy.exc import IntegrityError
 
-    with _engine() as engine:
+    with database_engine() as engine:
         try:
             click.echo(str(write(engine)))
         except IntegrityError:
@@ -74,7 +74,7 @@ def organizations_list() -> None:
     """Every organization, as JSON."""
     from calls_worker.adapters.db.directory import list_organizations
 
-    with _engine() as engine:
+    with database_engine() as engine:
         print_json(list_organizations(engine))
 
 
@@ -99,7 +99,7 @@ def persons_list(organization: UUID | None) -> None:
     """Persons (of one owning organization), as JSON."""
     from calls_worker.adapters.db.directory import list_persons
 
-    with _engine() as engine:
+    with database_engine() as engine:
         print_json(list_persons(engine, organization))
 
 
@@ -123,7 +123,7 @@ def pledge_cases_list(person: UUID | None) -> None:
     """Pledge cases (of one person), as JSON."""
     from calls_worker.adapters.db.directory import list_pledge_cases
 
-    with _engine() as engine:
+    with database_engine() as engine:
         print_json(list_pledge_cases(engine, person))
 
 
@@ -162,7 +162,7 @@ def calls_show(call: UUID, account: UUID | None) -> None:
     from calls_worker.adapters.db.directory import show_call
     from calls_worker.domain.access import reaches_call
 
-    with _engine() as engine:
+    with database_engine() as engine:
         acting = _acting(engine, account)
         shown = show_call(engine, call)
     if shown is None or not reaches_call(
@@ -205,7 +205,7 @@ def calls_list(organization: UUID | None, person: UUID | None, status: str | Non
         parsed = parse_list_calls({**query, "limit": limit})
     except InvalidCommand as error:
         raise click.UsageError(error.message) from None
-    with _engine() as engine:
+    with database_engine() as engine:
         page = list_calls(SqlCallReader(engine), parsed, policy=OPEN, signer_sha256=None)
     if not page["ok"]:
         click.echo(f"Error: {page['error']['message']}", err=True)
@@ -249,7 +249,7 @@ def service_accounts_list() -> None:
     """Every service account, as JSON."""
     from calls_worker.adapters.db.directory import list_service_accounts
 
-    with _engine() as engine:
+    with database_engine() as engine:
         print_json(list_service_accounts(engine))
 
 
@@ -260,7 +260,7 @@ def service_accounts_disable(account: UUID) -> None:
     forbidden."""
     from calls_worker.adapters.db.directory import disable_service_account
 
-    with _engine() as engine:
+    with database_engine() as engine:
         found = disable_service_account(engine, account)
     if not found:
         click.echo(f"Error: no service account {account}", err=True)
