@@ -179,6 +179,8 @@ def test_alert_rules_pass_promtool_and_their_tests() -> None:
         "CallsWorkerDueRecordDrift",
         "CallsWorkerRedisMemoryHigh",
         "CallsWorkerRedisWithoutMaxMemory",
+        "CallsWorkerEventsNotPublished",
+        "CallsWorkerEventSubscriberBehind",
     }
 
 
