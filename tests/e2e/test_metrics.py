@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from uuid import uuid4
 
@@ -72,6 +73,11 @@ def test_worker_metrics_count_what_happened(
     batches = ("calls_worker_command_batch_duration_seconds_count", (("result", "done"),))
     assert after[sizes] - before.get(sizes, 0) == 7
     assert 1 <= after[batches] - before.get(batches, 0) <= 7
+    # Their events: three created, two attempts added, two expired, published by this
+    # worker's relay (the only one on this database now).
+    published = ("calls_worker_events_published_total", ())
+    wait_until(lambda: scrape(port).get(published, 0) - before.get(published, 0) >= 7,
+               TIMEOUT, "the relay to count the seven events it published")  # fmt: skip
 
 
 def test_database_metrics_match_the_database(db: Db, engine: Engine, redis_url: str) -> None:
@@ -161,3 +167,51 @@ def test_the_memory_of_each_redis_is_served_against_its_maximum(
         assert samples[("calls_worker_redis_used_memory_bytes", (("redis", name),))] > 0
         maximum = samples[("calls_worker_redis_max_memory_bytes", (("redis", name),))]
         assert maximum == info["maxmemory"]
+
+
+def test_event_metrics_show_the_backlog_and_each_subscribers_queue(
+    lone_db: Db, broker_url: str
+) -> None:
+    """On its own database (no relay of the session's worker publishes its events): the
+    unpublished events and the oldest one's age, then the depth of a subscriber's queue
+    once a relay round published into it. Redis finds the bound queue itself; RabbitMQ is
+    told its name (CALLS_WORKER_EVENTS_WATCH_QUEUES)."""
+    from kombu import Connection
+
+    from calls_worker.adapters.db.events import relay_batch
+    from calls_worker.adapters.db.repository import SqlUnitOfWork
+    from calls_worker.entrypoints.relay import Publisher
+    from calls_worker.service.sweep import expire_exhausted_calls
+    from calls_worker.wire import close_app, is_amqp
+    from tests.e2e.conftest import control_app_for
+    from tests.e2e.test_events import delete_queue, subscriber_queue
+
+    db = lone_db
+    organization = db.organization(1)
+    for _ in range(3):
+        db.call(db.person(organization), organization, attempts=1)
+    expire_exhausted_calls(lambda: SqlUnitOfWork(db.engine), datetime.now(UTC), 10)
+    db.sql("UPDATE worker_call_events SET recorded_at = now() - interval '2 minutes'")
+    queue = f"test.metrics-events-{uuid4().hex[:8]}"
+    with Connection(broker_url) as connection:
+        subscriber_queue(queue)(connection.default_channel).declare()
+    app = control_app_for(broker_url)
+    publisher = Publisher(app, "calls.events.call_changed")
+    try:
+        port = free_ports(1)
+        serve_database_metrics(port, db.engine, broker_url,
+                               event_queues=[queue] if is_amqp(broker_url) else [])  # fmt: skip
+        samples = scrape(port)
+        assert samples[("calls_worker_events_unpublished", ())] == 3
+        assert 120 <= samples[("calls_worker_events_oldest_unpublished_age_seconds", ())] < 150
+        depth = ("calls_worker_event_queue_messages", (("queue", queue),))
+        assert samples[depth] == 0
+        assert relay_batch(db.engine, 2, publisher.publish) == 2
+        wait_until(lambda: scrape(port)[depth] == 2, TIMEOUT, "the queue's depth to show")
+        assert scrape(port)[("calls_worker_events_unpublished", ())] == 1
+        assert relay_batch(db.engine, 2, publisher.publish) == 1
+        assert scrape(port)[("calls_worker_events_oldest_unpublished_age_seconds", ())] == 0
+    finally:
+        publisher.close()
+        close_app(app)
+        delete_queue(broker_url, queue)
