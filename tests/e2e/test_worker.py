@@ -78,6 +78,13 @@ def test_the_hourly_prune_forgets_outcomes_a_table_at_a_time_after_the_retention
     person = seeded_person(db, 5)
     first = client.send("create", person, command_id=command_id).outcome(TIMEOUT)
     assert prune()["rotated"] is False  # the retention (72 h) has not passed
+    # The create's event, once published, is kept as long, then forgotten by the prune.
+    published = "SELECT count(*) FROM worker_call_events WHERE published_at IS NOT NULL"
+    wait_until(lambda: db.sql(published).scalar() == 1, TIMEOUT, "the event to be published")
+    assert prune()["eventsForgotten"] == 0
+    db.sql("UPDATE worker_call_events SET recorded_at = now() - interval '73h',"
+           " published_at = now() - interval '73h'")  # fmt: skip
+    assert prune()["eventsForgotten"] == 1
     turn_began_hours_ago(73)
     report = prune()
     assert report["rotated"] is True

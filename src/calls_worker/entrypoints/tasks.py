@@ -19,6 +19,7 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 from calls_worker.adapters.db import journal
+from calls_worker.adapters.db.events import prune_published
 from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.domain.commands import Command, CommandKind, parse_command, parse_list_calls
 from calls_worker.domain.errors import DomainError, FieldError, InvalidCommand
@@ -418,7 +419,9 @@ def register_tasks(app: Celery) -> None:
 
     def prune(self: Task[Any, Any]) -> dict[str, Any]:
         """Forget command outcomes older than the retention (they answer redeliveries): the
-        older of the two tables of outcomes at a time, when it is all older (migration 0008)."""
+        older of the two tables of outcomes at a time, when it is all older (migration 0008);
+        outcomes kept for producers past their expiry; call events published longer ago
+        than their retention."""
         runtime = runtime_of(self.app)
         hours = runtime.settings.processed_retention_hours
         try:
@@ -435,8 +438,15 @@ def register_tasks(app: Celery) -> None:
                         kept_since.isoformat(), hours)  # fmt: skip
         # Outcomes kept for producers in PostgreSQL (results.py), past their expiry.
         expired = journal.forget_expired_results(runtime.engine())
+        # Call events published longer ago than their retention (unpublished ones stay).
+        events_hours = runtime.settings.events_retention_hours
+        events = prune_published(runtime.engine(), timedelta(hours=events_hours))
+        if events:
+            logger.info("forgot %d call events published more than %dh ago", events,
+                        events_hours)  # fmt: skip
         return {"rotated": rotation.swapped, "retentionHours": hours,
-                "keptSince": kept_since.isoformat(), "resultsForgotten": expired}  # fmt: skip
+                "keptSince": kept_since.isoformat(), "resultsForgotten": expired,
+                "eventsForgotten": events}  # fmt: skip
 
     app.task(name=PRUNE_TASK, bind=True, queue=SWEEPS_QUEUE, acks_late=True)(prune)
 
