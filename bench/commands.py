@@ -9,10 +9,18 @@ measured in turns. Each round sends a burst of no-op tasks to the plain no-op wo
 (batched exactly as commands are: the ceiling of group commit), then creates and one
 add-attempt for each call created, to the worker with group commit and to one with
 ``CALLS_WORKER_COMMAND_BATCH_SIZE=1`` (each command on its own, as before group commit).
+A fifth worker, with ``CALLS_WORKER_EVENTS=off``, takes the same creates and add-attempts:
+the cost of call events (the others write one per command, and their relays publish it
+to a subscriber queue bound for every kind, as in production with one subscriber).
 A burst is timed from the first publish to the last outcome stored, and compared with
 the no-op bursts of its round; the round with the median ratio is the figure (the
 machine's speed drifts between rounds, so rates are only compared within one). Goals:
-both commands ≥ 1.0× the no-op task (moonshot 1.5×), and ≥ 0.8× the batched no-op.
+both commands ≥ 1.0× the no-op task (moonshot 1.5×), and ≥ 0.8× the batched no-op;
+with events ≥ 0.9× without.
+
+The lag of call events under that load: for every event the bursts wrote, from its
+change's transaction to the relay's mark after the broker accepted it (the outbox's
+``recorded_at`` and ``published_at``). Goal: p99 ≤ 1 s.
 
 Then the latency: creates sent at a steady 10% of the measured peak, each timed from its
 publish to its outcome's arrival (the result backend's publish); goal p99 ≤ batch wait +
@@ -53,6 +61,9 @@ Message = tuple[str, str, dict[str, Any]]
 CONCURRENCY = "2"
 SINGLE_QUEUE = "bench.commands.single"
 """The queue of the worker that applies each command on its own (batch size 1)."""
+OFF_QUEUE = "bench.commands.events-off"
+"""The queue of the worker with call events off."""
+SUBSCRIBER_QUEUE = "bench.commands.call-events"
 PARTS = ("main", "pool", "postgres", "redis", "producer")
 
 
@@ -120,7 +131,7 @@ def run(count: int, rounds: int, batch: int = DEFAULT_BATCH,
         batch_wait_ms: int = DEFAULT_BATCH_WAIT_MS) -> list[Row]:  # fmt: skip
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
     kinds = ("noop", "noop_batched", "create", "add_attempt", "create_single",
-             "add_attempt_single")  # fmt: skip
+             "add_attempt_single", "create_off", "add_attempt_off")  # fmt: skip
     rates: dict[str, list[float]] = {kind: [] for kind in kinds}
     cpu: dict[str, list[dict[str, float]]] = {kind: [] for kind in rates}
     with fresh_database("calls_worker_bench_commands") as url, broker() as broker_url:
@@ -130,6 +141,7 @@ def run(count: int, rounds: int, batch: int = DEFAULT_BATCH,
         env = bench_env(url, broker_url, CALLS_WORKER_COMMAND_BATCH_SIZE=str(batch),
                         CALLS_WORKER_COMMAND_BATCH_WAIT_MS=str(batch_wait_ms))  # fmt: skip
         single_env = {**env, "CALLS_WORKER_COMMAND_BATCH_SIZE": "1"}
+        off_env = {**env, "CALLS_WORKER_EVENTS": "off"}
         noop_argv = ["-m", "bench.noop_worker", broker_url, "--concurrency", CONCURRENCY]
         batched_argv = [*noop_argv, "--queue", BATCHED_NOOP_QUEUE, "--batch", str(batch),
                         "--batch-wait-ms", str(batch_wait_ms), "--name", "noopbatched"]  # fmt: skip
@@ -137,18 +149,23 @@ def run(count: int, rounds: int, batch: int = DEFAULT_BATCH,
                        "-n", "bench@%h"]  # fmt: skip
         single_argv = ["-m", "calls_worker", "worker", "-Q", SINGLE_QUEUE, "-c", CONCURRENCY,
                        "-n", "single@%h"]  # fmt: skip
+        off_argv = ["-m", "calls_worker", "worker", "-Q", OFF_QUEUE, "-c", CONCURRENCY,
+                    "-n", "off@%h"]  # fmt: skip
+        subscriber(broker_url)
         try:
             with (
                 process(noop_argv, env, logs / "noop.log") as noop,
                 process(batched_argv, env, logs / "noop-batched.log") as noop_batched,
                 process(worker_argv, env, logs / "worker.log") as worker,
                 process(single_argv, single_env, logs / "single.log") as single,
+                process(off_argv, off_env, logs / "off.log") as off,
             ):
-                for name in ("noop@", "noopbatched@", "bench@", "single@"):
+                for name in ("noop@", "noopbatched@", "bench@", "single@", "off@"):
                     wait_for_ping(broker_url, name)
                 meters = {
                     "noop": CpuMeter(noop.pid), "noop_batched": CpuMeter(noop_batched.pid),
                     "worker": CpuMeter(worker.pid), "single": CpuMeter(single.pid),
+                    "off": CpuMeter(off.pid),
                 }  # fmt: skip
                 for _ in range(rounds):
                     for kind, messages in _round(count, organization, person).items():
@@ -158,16 +175,58 @@ def run(count: int, rounds: int, batch: int = DEFAULT_BATCH,
                         )
                         rates[kind].append(count / seconds)
                         cpu[kind].append({part: 1000 * s / count for part, s in spent.items()})
+                    subscriber(broker_url)  # emptied: what it received costs Redis memory
                 peak = statistics.median(rates["create"])
                 latencies = send_to_outcome(app, broker_url, organization, person, peak * 0.1)
+                lags = event_lags(url)
         finally:
             app.close()
-    return _rows(count, rounds, batch, batch_wait_ms, rates, cpu, latencies, peak)
+            subscriber(broker_url, delete=True)
+    return _rows(count, rounds, batch, batch_wait_ms, rates, cpu, latencies, peak, lags)
+
+
+def subscriber(broker_url: str, *, delete: bool = False) -> None:
+    """The queue of one subscriber to every kind of call event, declared and emptied."""
+    from kombu import Connection, Queue
+
+    from calls_worker.entrypoints.relay import EXCHANGE
+
+    with Connection(broker_url) as connection:
+        queue = Queue(SUBSCRIBER_QUEUE, EXCHANGE, routing_key="call.#", durable=True)(
+            connection.default_channel)  # fmt: skip
+        queue.declare()
+        queue.purge()
+        if delete:
+            queue.delete()
+
+
+def event_lags(database_url: str, timeout: float = 120) -> list[float]:
+    """Once every event is published: for each, seconds from its change to its mark."""
+    from sqlalchemy import text
+
+    from calls_worker.adapters.db.engine import build_engine
+
+    engine = build_engine(database_url, pool_size=1)
+    try:
+        deadline = time.monotonic() + timeout
+        with engine.connect() as connection:
+            while connection.execute(text(
+                "SELECT count(*) FROM worker_call_events WHERE published_at IS NULL"
+            )).scalar_one():  # fmt: skip
+                connection.rollback()
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the relay did not publish every event")
+                time.sleep(0.2)
+            return [float(lag) for (lag,) in connection.execute(text(
+                "SELECT extract(epoch FROM published_at - recorded_at) FROM worker_call_events"
+            ))]  # fmt: skip
+    finally:
+        engine.dispose()
 
 
 def _rows(count: int, rounds: int, batch: int, batch_wait_ms: int,
           rates: dict[str, list[float]], cpu: dict[str, list[dict[str, float]]],
-          latencies: list[float], peak: float) -> list[Row]:  # fmt: skip
+          latencies: list[float], peak: float, lags: list[float]) -> list[Row]:  # fmt: skip
     rows = []
     for kind in ("create", "add_attempt"):
         # Each round's burst is compared with the no-op bursts sent just before it; the
@@ -176,12 +235,14 @@ def _rows(count: int, rounds: int, batch: int, batch_wait_ms: int,
             ("noop", 1.0, "≥ 1.0× baseline (moonshot 1.5×)"),
             ("noop_batched", 0.8, "≥ 0.8× baseline"),
             ("single", None, "(before group commit, for comparison)"),
+            ("off", 0.9, "≥ 0.9× baseline"),
         ):
-            base_rates = rates[f"{kind}_single" if baseline == "single" else baseline]
+            own = baseline in ("single", "off")
+            base_rates = rates[f"{kind}_{baseline}" if own else baseline]
             ratios = [rate / base for rate, base in zip(rates[kind], base_rates, strict=True)]
             middle = sorted(range(rounds), key=ratios.__getitem__)[(rounds - 1) // 2]
             rate, base_rate = rates[kind][middle], base_rates[middle]
-            base_cpu = cpu[f"{kind}_single" if baseline == "single" else baseline]
+            base_cpu = cpu[f"{kind}_{baseline}" if own else baseline]
             details = {
                 "commands": count,
                 "rounds": rounds,
@@ -197,10 +258,11 @@ def _rows(count: int, rounds: int, batch: int, batch_wait_ms: int,
             }
             label = {"noop": "no-op Celery task /s",
                      "noop_batched": "no-op batched the same way /s",
-                     "single": f"{kind} with batch size 1 /s"}[baseline]  # fmt: skip
+                     "single": f"{kind} with batch size 1 /s",
+                     "off": f"{kind} with events off /s"}[baseline]  # fmt: skip
             met = True if goal_ratio is None else rate >= goal_ratio * base_rate
             versus = {"noop": "no-op", "noop_batched": "batched no-op",
-                      "single": "batch size 1"}[baseline]  # fmt: skip
+                      "single": "batch size 1", "off": "events off"}[baseline]  # fmt: skip
             rows.append(Row("commands", f"{kind} commands/s ({count:,}, batches ≤ {batch})"
                             f" vs {versus}", rate, "/s", label, base_rate, goal, met,
                             details))  # fmt: skip
@@ -212,13 +274,25 @@ def _rows(count: int, rounds: int, batch: int, batch_wait_ms: int,
          "p90_ms": round(_percentile(latencies, 90) * 1000, 2),
          "max_ms": round(max(latencies) * 1000, 2), "peak_creates_per_s": round(peak, 1)},
     ))  # fmt: skip
+    lag_p99 = _percentile(lags, 99)
+    rows.append(Row(
+        "commands", f"call-event lag p99 under the bursts ({len(lags):,} events)", lag_p99, "s",
+        "", None, "≤ 1 s", lag_p99 <= 1.0,
+        {"events": len(lags), "p50_s": round(_percentile(lags, 50), 3),
+         "p90_s": round(_percentile(lags, 90), 3), "max_s": round(max(lags), 3),
+         "measured": "outbox recorded_at (the change's transaction) to published_at (the"
+                     " relay's mark, after the broker accepted it)"},
+    ))  # fmt: skip
     return rows
 
 
 def _worker_of(kind: str) -> str:
     if kind.startswith("noop"):
         return kind
-    return "single" if kind.endswith("_single") else "worker"
+    for own in ("single", "off"):
+        if kind.endswith(f"_{own}"):
+            return own
+    return "worker"
 
 
 def _percentile(values: list[float], percent: int) -> float:
@@ -277,7 +351,7 @@ def _round(count: int, organization: UUID, person: UUID) -> dict[str, list[Messa
         "noop": [(NOOP_TASK, NOOP_QUEUE, {"command": {}}) for _ in range(count)],
         "noop_batched": [(NOOP_TASK, BATCHED_NOOP_QUEUE, {"command": {}}) for _ in range(count)],
     }
-    for suffix, queue in (("", COMMANDS_QUEUE), ("_single", SINGLE_QUEUE)):
+    for suffix, queue in (("", COMMANDS_QUEUE), ("_single", SINGLE_QUEUE), ("_off", OFF_QUEUE)):
         calls = [str(uuid4()) for _ in range(count)]
         bursts[f"create{suffix}"] = [(create, queue, {"command": {
             "uuid": call, "personUuid": str(person), "organizationUuid": str(organization),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from bench import brokers, commands, lag, listing, memory, sweep
+from bench import brokers, commands, events, lag, listing, memory, sweep
 from bench.common import print_table, write_results
 
 
@@ -23,6 +23,7 @@ def main() -> None:
         rows += lag.run(interval=2, calls=30, seconds=6)
         rows += listing.run(100_000, inserts=200)
         rows += brokers.run(300, rounds=1)
+        rows += events.run(2_000, rounds=1)
     else:
         rows = sweep.run(1_000_000, [1_000_000, 5_000_000])
         rows += commands.run(5_000, rounds=5)
@@ -30,6 +31,7 @@ def main() -> None:
         rows += lag.run(interval=5, calls=300, seconds=60)
         rows += listing.run(5_000_000, inserts=2_000)
         rows += brokers.run(3_000, rounds=3)
+        rows += events.run(20_000, rounds=3)
     print()
     print_table(rows)
     write_results(rows)

@@ -134,7 +134,6 @@ def test_with_no_subscriber_bound_nothing_accumulates(
 ) -> None:
     """The events are published (marked), and the broker keeps none of them."""
     broker = redis.Redis.from_url(broker_url)
-    lists_before = {k for k in broker.keys("*") if broker.type(k) == b"list"}
     organization = db.organization(3)
     person = db.person(organization)
     for _ in range(5):
@@ -142,8 +141,11 @@ def test_with_no_subscriber_bound_nothing_accumulates(
                                "organizationUuid": str(organization)}).outcome(TIMEOUT)  # fmt: skip
     wait_until(lambda: len(db.events()) == 5 and backlog(db.engine).unpublished == 0, TIMEOUT,
                "the relay to publish the five events")  # fmt: skip
-    lists_after = {k for k in broker.keys("*") if broker.type(k) == b"list"}
-    assert lists_after - lists_before == set()
+    ids = [event["eventId"].encode() for event in db.events()]
+    for key in broker.keys("*"):
+        if broker.type(key) == b"list":
+            held = broker.lrange(key, 0, -1)
+            assert not [i for i in ids for message in held if i in message], key
     assert not broker.exists("ae.undeliver")
 
 
@@ -285,3 +287,37 @@ def test_relays_killed_between_publishing_and_marking_never_skip_nor_reorder(
         with lone_db.engine.begin() as connection:
             connection.execute(text("TRUNCATE worker_call_events"))
     engine.dispose()
+
+
+@pytest.mark.brokers("redis")
+def test_events_off_writes_and_publishes_nothing(
+    lone_db: Db, redis_url: str, tmp_path: Path
+) -> None:
+    """A worker with CALLS_WORKER_EVENTS=off applies commands and writes no event; and no
+    relay of its publishes the events others wrote (it runs none)."""
+    from tests.e2e.conftest import own_worker, redis_database
+
+    broker = redis_database(redis_url, 6)
+    redis.Redis.from_url(broker).flushdb()
+    db = lone_db
+    organization = db.organization(3)
+    person = db.person(organization)
+    written_before = db.send("create", {"personUuid": str(person),
+                                        "organizationUuid": str(organization)})  # fmt: skip
+    assert len(db.events()) == 1  # written by the handler here, events on
+    database_url = db.engine.url.render_as_string(hide_password=False)
+    worker = own_worker(database_url, broker, tmp_path, "eventsoff", CALLS_WORKER_EVENTS="off")
+    try:
+        with CallsClient(broker) as client:
+            created = client.send("create", {"personUuid": str(person),
+                                             "organizationUuid": str(organization)})  # fmt: skip
+            call = created.outcome(TIMEOUT)["call"]["uuid"]
+            attempt = {"callUuid": call, "userUuid": str(uuid4()),
+                       "attemptedAt": datetime.now(UTC).isoformat()}  # fmt: skip
+            assert client.send("add_attempt", attempt).outcome(TIMEOUT)["ok"]
+        time.sleep(1)  # five of its relay's rounds, had it one
+    finally:
+        worker.stop()
+    assert [e["callUuid"] for e in db.events()] == [written_before["call"]["uuid"]]
+    assert backlog(db.engine).unpublished == 1
+    assert "calls_worker.relay" not in worker.output()

@@ -32,7 +32,7 @@ _PENDING = text(
 )
 # A lost mark only publishes the events again (at least once): no need to wait for the disk.
 _MARK = text(
-    "UPDATE worker_call_events SET published_at = now() WHERE seq = ANY(:seqs)"
+    "UPDATE worker_call_events SET published_at = clock_timestamp() WHERE seq = ANY(:seqs)"
 )
 
 

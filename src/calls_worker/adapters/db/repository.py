@@ -152,7 +152,8 @@ def iso_timestamp(column: Any) -> ColumnElement[str]:
     )  # fmt: skip
 
 
-def _key(name: str) -> Any:
+def key(name: str) -> Any:
+    """A JSON key in SQL, as a literal (a bound parameter's type could not be told)."""
     return literal_column(f"'{name}'")
 
 
@@ -161,7 +162,7 @@ def call_json_sql(call: Any) -> ColumnElement[Any]:
     columns): the call with its attempts, in the order commands load them."""
     a = call_attempts.alias("a")
     attempt = func.json_build_object(
-        _key("userUuid"), a.c.user_uuid, _key("attemptedAt"), iso_timestamp(a.c.attempted_at)
+        key("userUuid"), a.c.user_uuid, key("attemptedAt"), iso_timestamp(a.c.attempted_at)
     )
     attempts = (
         select(
@@ -192,7 +193,7 @@ def call_json_sql(call: Any) -> ColumnElement[Any]:
         ("cancelledAt", iso_timestamp(call.c.cancelled_at)),
         ("expiredAt", iso_timestamp(call.c.expired_at)),
     ]
-    return func.json_build_object(*[part for name, value in fields for part in (_key(name), value)])
+    return func.json_build_object(*[part for name, value in fields for part in (key(name), value)])
 
 
 EVENT_COLUMNS = [
@@ -303,9 +304,9 @@ def _expire_batch(now: datetime, limit: int, *, events: bool = True) -> Any:
                 taken.c.owner,
                 call_json_sql(expired),
                 func.json_build_object(
-                    _key("by"), _key("sweep"),
-                    _key("attemptCount"), expired.c.attempt_count,
-                    _key("maxCallAttempts"), taken.c.max_call_attempts,
+                    key("by"), key("sweep"),
+                    key("attemptCount"), expired.c.attempt_count,
+                    key("maxCallAttempts"), taken.c.max_call_attempts,
                 ),
             ).select_from(expired.join(taken, taken.c.uuid == expired.c.uuid)),
         ).cte("events")  # fmt: skip
