@@ -321,3 +321,44 @@ def test_events_off_writes_and_publishes_nothing(
     assert [e["callUuid"] for e in db.events()] == [written_before["call"]["uuid"]]
     assert backlog(db.engine).unpublished == 1
     assert "calls_worker.relay" not in worker.output()
+
+
+@pytest.mark.brokers("rabbitmq")
+def test_a_round_rabbitmq_refuses_is_not_marked(lone_db: Db, broker_url: str) -> None:
+    """A subscriber queue full with reject-publish nacks the round's messages: the round
+    raises, nothing is marked published, and the next round publishes them all again."""
+    from amqp.exceptions import MessageNacked
+
+    from calls_worker.adapters.db.events import relay_batch
+    from calls_worker.entrypoints.relay import Publisher
+    from calls_worker.wire import close_app
+    from tests.e2e.conftest import control_app_for
+
+    db = lone_db
+    organization = db.organization(1)
+    for _ in range(5):
+        db.call(db.person(organization), organization, attempts=1)
+    expire_exhausted_calls(lambda: SqlUnitOfWork(db.engine), datetime.now(UTC), 10)
+    name = f"test.full-{uuid.uuid4().hex[:8]}"
+    full = Queue(name, EXCHANGE, routing_key="call.#", durable=True,
+                 queue_arguments={"x-max-length": 2, "x-overflow": "reject-publish"})  # fmt: skip
+    app = control_app_for(broker_url)
+    publisher = Publisher(app, "calls.events.call_changed")
+    try:
+        with Connection(broker_url) as connection:
+            full(connection.default_channel).declare()
+        with pytest.raises(MessageNacked):
+            relay_batch(db.engine, 10, publisher.publish)
+        assert backlog(db.engine).unpublished == 5
+        publisher.close()
+        with Connection(broker_url) as connection:
+            held = full(connection.default_channel)
+            assert held.purge() == 2  # what fitted before it was full
+            held.delete()
+        assert relay_batch(db.engine, 10, publisher.publish) == 5  # nothing bound: accepted
+        assert backlog(db.engine).unpublished == 0
+    finally:
+        publisher.close()
+        close_app(app)
+        with Connection(broker_url) as connection:
+            full(connection.default_channel).delete()

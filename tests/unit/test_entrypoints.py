@@ -110,3 +110,11 @@ def test_the_readme_lists_every_command() -> None:
     table = readme.split("| command | what it does |")[1].split("\n\n")[0]
     for name in main.commands:
         assert f"`calls-worker {name}" in table or f"`{name} " in table, name
+
+
+def test_the_sweeps_batch_follows_events_unless_set() -> None:
+    from calls_worker.config import Settings, sweep_batch_size
+
+    assert sweep_batch_size(Settings(events=True)) == 1000
+    assert sweep_batch_size(Settings(events=False)) == 5000
+    assert sweep_batch_size(Settings(events=True, sweep_batch_size=77)) == 77

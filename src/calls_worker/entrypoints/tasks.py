@@ -21,6 +21,7 @@ from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from calls_worker.adapters.db import journal
 from calls_worker.adapters.db.events import prune_published
 from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.config import sweep_batch_size
 from calls_worker.domain.commands import Command, CommandKind, parse_command, parse_list_calls
 from calls_worker.domain.errors import DomainError, FieldError, InvalidCommand
 from calls_worker.domain.outcome import Outcome, failed
@@ -354,7 +355,7 @@ def run_sweep(runtime: Runtime) -> dict[str, Any]:
         if mine:
             result = expire_exhausted_calls(
                 lambda: SqlUnitOfWork(engine, events=runtime.settings.events), now,
-                runtime.settings.sweep_batch_size,
+                sweep_batch_size(runtime.settings),
             )
         expired, batches = result.expired, result.batches
     duration = time.perf_counter() - started

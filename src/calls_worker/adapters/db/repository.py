@@ -196,6 +196,26 @@ def call_json_sql(call: Any) -> ColumnElement[Any]:
     return func.json_build_object(*[part for name, value in fields for part in (key(name), value)])
 
 
+def swept_event(now: datetime, expired: Any, owner: Any, max_call_attempts: Any) -> list[Any]:
+    """The columns (EVENT_COLUMNS) of the ``call.expired`` event the sweep writes for a row
+    of ``expired`` (calls as the UPDATE left them, RETURNING their columns), whose owning
+    organization and its maximum are ``owner`` and ``max_call_attempts``."""
+    return [
+        func.gen_random_uuid(),
+        literal_column("'call.expired'"),
+        literal(now, call_events.c.occurred_at.type),
+        expired.c.uuid,
+        expired.c.organization_uuid,
+        owner,
+        call_json_sql(expired),
+        func.json_build_object(
+            key("by"), key("sweep"),
+            key("attemptCount"), expired.c.attempt_count,
+            key("maxCallAttempts"), max_call_attempts,
+        ),
+    ]  # fmt: skip
+
+
 EVENT_COLUMNS = [
     "event_id", "kind", "occurred_at", "call_uuid", "organization_uuid",
     "owning_organization_uuid", "call", "expiry",
@@ -295,21 +315,9 @@ def _expire_batch(now: datetime, limit: int, *, events: bool = True) -> Any:
     if events:
         written = insert(call_events).from_select(
             EVENT_COLUMNS,
-            select(
-                func.gen_random_uuid(),
-                literal_column("'call.expired'"),
-                literal(now, call_events.c.occurred_at.type),
-                expired.c.uuid,
-                expired.c.organization_uuid,
-                taken.c.owner,
-                call_json_sql(expired),
-                func.json_build_object(
-                    key("by"), key("sweep"),
-                    key("attemptCount"), expired.c.attempt_count,
-                    key("maxCallAttempts"), taken.c.max_call_attempts,
-                ),
-            ).select_from(expired.join(taken, taken.c.uuid == expired.c.uuid)),
-        ).cte("events")  # fmt: skip
+            select(*swept_event(now, expired, taken.c.owner, taken.c.max_call_attempts))
+            .select_from(expired.join(taken, taken.c.uuid == expired.c.uuid)),
+        ).cte("events")
         statement = statement.add_cte(written)
     return statement
 
