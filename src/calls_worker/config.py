@@ -147,8 +147,8 @@ class Settings(BaseSettings):
     events_retention_hours: PositiveInt = Field(
         default=72,
         description="How long a published event stays in worker_call_events (for `calls-worker"
-        " events tail` and for replays) before calls.prune deletes it. Unpublished events"
-        " are never deleted.",
+        " events tail`, and a subscriber catching up) before calls.prune deletes it."
+        " Unpublished events are never deleted.",
     )
     events_relay_batch_size: int = Field(
         default=500,
