@@ -34,8 +34,6 @@ from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.events import backlog, kept_events
 from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.client import CallsClient
-from calls_worker.domain.commands import CommandKind, parse_command
-from calls_worker.service.handlers import handle
 from calls_worker.service.sweep import expire_exhausted_calls
 from calls_worker.wire import EVENTS_EXCHANGE, SWEEP_TASK, SWEEPS_QUEUE, is_amqp
 from tests.db_world import Db
@@ -177,10 +175,7 @@ def stream(engine: Any, calls: int, seed: int) -> list[UUID]:
     organization = db.organization(2)
     made: list[UUID] = []
 
-    def send(kind: CommandKind, payload: dict[str, Any]) -> Any:
-        command = parse_command(kind, payload)
-        return handle(str(uuid4()), command, SqlUnitOfWork(engine))
-
+    send = db.send
     for n in range(calls):
         person = db.person(organization)
         call = send("create", {"personUuid": str(person),

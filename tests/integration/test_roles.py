@@ -12,6 +12,7 @@ from sqlalchemy import Engine, make_url, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from calls_worker.adapters.db.engine import build_engine
+from calls_worker.adapters.db.events import backlog, prune_published, relay_batch, tail
 from calls_worker.adapters.db.journal import (
     operational_figures,
     reconcile_due_calls,
@@ -94,6 +95,11 @@ def test_the_worker_does_everything_as_the_app_role(roles: tuple[str, str]) -> N
         assert operational_figures(app).exhausted == 1
         result = expire_exhausted_calls(lambda: SqlUnitOfWork(app), datetime.now(UTC), 10)
         assert result.expired == 1
+        # Its call events: written, then published (marked), tailed and pruned, all as the app.
+        assert backlog(app).unpublished == 4  # created, two attempts added, expired
+        assert relay_batch(app, 10, lambda events: None) == 4
+        assert [kept.event["kind"] for kept in tail(app)][-1] == "call.expired"
+        assert prune_published(app, timedelta(0)) == 4
         record_rejected(app, task_name="calls.create", command_id=None, raw_body="{}",
                         reason="test")  # fmt: skip
         assert rotate_processed(app, timedelta(0)).swapped  # its 3 outcomes are previous now

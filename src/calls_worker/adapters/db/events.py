@@ -109,16 +109,9 @@ def tail(
 
 
 def kept_events(engine: Engine, *, call_uuid: UUID | None = None) -> list[dict[str, Any]]:
-    """Every event kept (of ``call_uuid``), in ``seq`` order."""
-    with engine.connect() as connection:
-        rows = connection.execute(
-            text(
-                f"SELECT {_COLUMNS} FROM worker_call_events"
-                " WHERE CAST(:call AS uuid) IS NULL OR call_uuid = :call ORDER BY seq"
-            ),
-            {"call": call_uuid},
-        ).all()
-    return [as_event(row) for row in rows]
+    """Every event kept (of ``call_uuid``), in ``seq`` order (numbers start at 1)."""
+    everything = tail(engine, call_uuid=call_uuid, after=0, limit=2**62)
+    return [kept.event for kept in everything]
 
 
 @dataclass(frozen=True)
