@@ -364,6 +364,9 @@ def send(
     """
     text = _read_command(file)
     servers = _servers()
+    signing = signing_of(servers.settings)
+    if account is not None and signing is not None:
+        _check_signs_as(servers, account, signing.certificate)
     with _client(servers, account) as client:
         if no_validate:
             handle = client.send_unchecked(KINDS[kind], text, command_id=command_id)
@@ -372,6 +375,41 @@ def send(
         outcome = handle.outcome(timeout)
     print_json(outcome)
     sys.exit(0 if outcome["ok"] else 1)
+
+
+def _check_signs_as(servers: Servers, account: UUID, certificate: Path) -> None:
+    """With signing on, a command for ``account`` must be signed with the account's own
+    key: the worker believes no other (not even its own) about who sent it. Refused here,
+    before sending, when this shell's certificate is not the account's; when the database
+    cannot be read, the worker decides."""
+    from calls_worker.adapters.db.directory import list_service_accounts
+    from calls_worker.entrypoints.signer import certificate_sha256
+
+    mine = certificate_sha256(certificate.read_bytes())
+    try:
+        engine = _engine(servers)
+        try:
+            accounts = {a["uuid"]: a for a in list_service_accounts(engine)}
+        finally:
+            engine.dispose()
+    except Exception as error:  # any failure to read it means the same here
+        click.echo(f"warning: service account {account} not checked ({error}); the worker"
+                   " decides", err=True)  # fmt: skip
+        return
+    found = accounts.get(account)
+    if found is None or found["certificateSha256"] == mine:
+        return  # an unknown account: the worker's outcome says so
+    theirs = found["certificateSha256"]
+    click.echo(
+        f"Error: service account {account} "
+        + (f"signs with the certificate {theirs[:16]}…" if theirs else "has no certificate")
+        + f", and this shell signs with {mine[:16]}… ({certificate}): the worker would refuse"
+        " it as forbidden. Sign with the account's own key: set CALLS_WORKER_SIGNING_KEY_FILE"
+        " and CALLS_WORKER_SIGNING_CERTIFICATE_FILE to its key and certificate for this"
+        " command.",
+        err=True,
+    )
+    sys.exit(2)
 
 
 @main.command()

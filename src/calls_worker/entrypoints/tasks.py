@@ -27,7 +27,7 @@ from calls_worker.domain.errors import DomainError, FieldError, InvalidCommand
 from calls_worker.domain.outcome import Outcome, failed
 from calls_worker.entrypoints.metrics import worker_metrics
 from calls_worker.entrypoints.runtime import Runtime, runtime_of
-from calls_worker.entrypoints.signer import SIGNED_BY
+from calls_worker.entrypoints.signer import SIGNED_BY, WORKERS_NAMES, as_sent
 from calls_worker.service.handlers import handle, utc_now
 from calls_worker.service.listing import list_calls
 from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
@@ -196,7 +196,8 @@ def command_payload(
 ) -> tuple[Any, str | None]:  # fmt: skip
     """The ``command`` keyword argument, the only argument a command task takes, besides
     ``signedFor`` when messages are signed; and the fingerprint of the certificate that
-    signed the message (``signedBy``, set by the worker's decoding: entrypoints/signer.py).
+    signed the message (``signedBy``, set by the worker's decoding with ``signedOriginal``:
+    entrypoints/signer.py; unsigned, a body naming either is refused).
 
     Celery's signing covers the body only, not the headers that carry the command id and
     the task name: a captured signed message could be sent again under a new id (a second
@@ -204,7 +205,7 @@ def command_payload(
     body therefore names its id and task in ``signedFor: {"id": ..., "task": ...}``,
     which must match the headers; when signing is on, a body without it is refused.
     """
-    given = set(kwargs) - ({SIGNED_BY} if signed else set())
+    given = set(kwargs) - (WORKERS_NAMES if signed else set())
     expected = {"command", SIGNED_FOR} if SIGNED_FOR in given else {"command"}
     if args or given != expected:
         raise InvalidCommand(
@@ -228,9 +229,8 @@ def command_payload(
 
 def _raw_body(args: Any, kwargs: Mapping[str, Any]) -> str:
     """The message's body as kept among the rejected commands: as the producer sent it
-    (without the ``signedBy`` the worker's decoding added)."""
-    sent = {key: value for key, value in kwargs.items() if key != SIGNED_BY}
-    return journal.dumps([list(args), sent, {}])
+    (without what the worker's decoding added: ``signedBy``, ``signedOriginal``)."""
+    return journal.dumps([list(args), as_sent(kwargs), {}])
 
 
 def run_command(task: Task[Any, Any], kind: CommandKind, args: Any, kwargs: Any) -> Outcome:
@@ -481,7 +481,8 @@ def register_tasks(app: Celery) -> None:
 def run_outcome_query(task: Task[Any, Any], args: Any, kwargs: Any) -> dict[str, Any]:
     runtime = runtime_of(task.app)
     query = kwargs.get("query")
-    if args or set(kwargs) - {"query", SIGNED_FOR} or not isinstance(query, Mapping):
+    sent = as_sent(kwargs) if runtime.signed else kwargs
+    if args or set(sent) - {"query", SIGNED_FOR} or not isinstance(query, Mapping):
         return {"found": False, "error": "an outcome query takes one keyword argument, query"}
     bound = kwargs.get(SIGNED_FOR)
     if runtime.signed and bound != {"id": str(task.request.id), "task": task.name}:
