@@ -27,7 +27,7 @@ from sqlalchemy import Engine, text
 
 from bench.common import Row, _admin, database_url, median, print_table, server_url, write_results
 from calls_worker.adapters.db.engine import build_engine
-from calls_worker.adapters.db.journal import rotate_processed
+from calls_worker.adapters.db.journal import rotate_processed, set_processed_retention
 from calls_worker.adapters.db.migrate import upgrade
 
 # The table of the release before (migration 0001 and 0007), beside the worker's.
@@ -167,7 +167,8 @@ def _fill(engine: Engine, rows: int) -> None:
     fill(engine, "bench_processed_old", rows + 1, recent, "1 hour")
     # Straight into the tables (setting up, not measured): a, then b once a is previous.
     fill(engine, "worker_processed_commands_a", 1, rows, "4 days")
-    rotate_processed(engine, timedelta(0))  # a is previous now (b was empty: swapped)
+    set_processed_retention(engine, timedelta(0))  # every rotation is due at once
+    rotate_processed(engine)  # a is previous now (b was empty: swapped)
     fill(engine, "worker_processed_commands_b", rows + 1, recent, "1 hour")
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
         connection.execute(text("VACUUM ANALYZE"))
@@ -212,7 +213,7 @@ def _measure(engine: Engine, rows: int, statements: int) -> list[Row]:
     checkpoint(engine)
     position = wal_position(engine)
     started = time.perf_counter()
-    rotation = rotate_processed(engine, timedelta(0))
+    rotation = rotate_processed(engine)
     rotate_seconds = time.perf_counter() - started
     rotate_wal = wal_since(engine, position)
     sizes["new_after"] = table_bytes(engine, *new_tables)

@@ -104,7 +104,9 @@ class Settings(BaseSettings):
         default=72,
         description="How long a command's outcome is kept at least to answer a redelivery of "
         "it (far longer than the broker redelivers: its visibility timeout is an hour). "
-        "Outcomes are forgotten a table at a time, so one is kept up to twice this.",
+        "Outcomes are forgotten a table at a time, so one is kept up to twice this. Read by "
+        "`calls-worker migrate`, which stores it where only the database owner writes: the "
+        "worker goes by the stored value (changing it takes a migrate).",
     )
     metrics_port: int = Field(
         default=9808,

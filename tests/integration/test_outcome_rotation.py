@@ -15,7 +15,12 @@ from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
 from calls_worker.adapters.db.engine import build_engine
-from calls_worker.adapters.db.journal import processed_outcome, rotate_processed
+from calls_worker.adapters.db.journal import (
+    Rotation,
+    processed_outcome,
+    rotate_processed,
+    set_processed_retention,
+)
 from calls_worker.adapters.db.migrate import downgrade, upgrade
 from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.domain.commands import parse_command
@@ -25,6 +30,12 @@ from calls_worker.service.handlers import handle
 from tests.db_world import ISSUED, Db
 
 NOW = timedelta(0)  # a rotation due at once
+
+
+def rotate(engine: Engine, keep: timedelta) -> Rotation:
+    """A rotation by the retention ``keep``, set first as the owner sets it (`migrate`)."""
+    set_processed_retention(engine, keep)
+    return rotate_processed(engine)
 
 
 @pytest.fixture
@@ -64,13 +75,13 @@ def test_a_rotation_waits_until_the_current_table_has_been_current_for_the_reten
     db: Db, world: tuple[UUID, UUID]
 ) -> None:
     single(db, "kept", create(world, str(uuid4())))
-    rotation = rotate_processed(db.engine, timedelta(hours=1))
+    rotation = rotate(db.engine, timedelta(hours=1))
     assert not rotation.swapped
     assert table_of(db, "kept") == ["a"]
     db.sql("UPDATE worker_processed_rotation SET current_since = now() - interval '61 minutes'")
-    assert rotate_processed(db.engine, timedelta(hours=1)).swapped
+    assert rotate(db.engine, timedelta(hours=1)).swapped
     assert table_of(db, "kept") == ["a"]  # previous now: kept for another hour at least
-    assert not rotate_processed(db.engine, timedelta(hours=1)).swapped  # b is young
+    assert not rotate(db.engine, timedelta(hours=1)).swapped  # b is young
     assert table_of(db, "kept") == ["a"]
 
 
@@ -81,7 +92,7 @@ def test_a_redelivery_of_an_outcome_in_the_oldest_kept_table_gets_its_first_outc
     call = str(uuid4())
     first = send(db, "oldest", create(world, call))
     assert first["ok"] is True
-    assert rotate_processed(db.engine, NOW).swapped
+    assert rotate(db.engine, NOW).swapped
     assert table_of(db, "oldest") == ["a"]  # the previous table: the oldest kept
     calls_before = db.sql("SELECT count(*) FROM calls").scalar()
 
@@ -100,11 +111,11 @@ def test_the_second_rotation_forgets_the_oldest_and_keeps_the_newer(
     db: Db, world: tuple[UUID, UUID]
 ) -> None:
     single(db, "old", create(world, str(uuid4())))
-    rotate_processed(db.engine, NOW)
+    rotate(db.engine, NOW)
     newer = single(db, "newer", create(world, str(uuid4())))
     assert table_of(db, "newer") == ["b"]
 
-    rotation = rotate_processed(db.engine, NOW)
+    rotation = rotate(db.engine, NOW)
 
     assert rotation.swapped
     assert table_of(db, "old") == []  # past the retention: a command id may be used again
@@ -123,8 +134,8 @@ def test_forgetting_is_a_truncate_not_a_delete_of_each_row(db: Db) -> None:
         " SELECT 'fill-' || n, 'create', '{\"ok\": true}' FROM generate_series(1, 20000) n"
     )
     db.sql(fill)
-    rotate_processed(db.engine, NOW)  # the 20,000 are previous now
-    rotated = wal_written(db.engine, lambda: rotate_processed(db.engine, NOW))
+    rotate(db.engine, NOW)  # the 20,000 are previous now
+    rotated = wal_written(db.engine, lambda: rotate(db.engine, NOW))
     assert db.sql("SELECT count(*) FROM worker_processed_commands").scalar() == 0
     db.sql(fill)  # into the current table, a
     deleted = wal_written(db.engine, lambda: db.sql("DELETE FROM worker_processed_commands_a"))
@@ -161,7 +172,7 @@ def test_a_swap_waits_for_the_writes_of_its_turn_so_a_duplicate_is_never_missed(
     second_ends: list[BaseException | None] = []
 
     def swap() -> None:
-        swapped.append(rotate_processed(db.engine, NOW).swapped)
+        swapped.append(rotate(db.engine, NOW).swapped)
 
     def deliver_again() -> None:
         try:
@@ -222,7 +233,7 @@ def test_an_upgrade_keeps_the_outcomes_recorded_before_it_and_a_downgrade_both_t
         with pytest.raises(Exception, match="worker_processed_commands_pkey"):
             db.sql("INSERT INTO worker_processed_commands (command_id, kind, outcome)"
                    " VALUES ('before', 'create', '{}')")  # fmt: skip
-        rotate_processed(engine, NOW)
+        rotate(engine, NOW)
         db.sql("INSERT INTO worker_processed_commands (command_id, kind, outcome)"
                " VALUES ('after', 'create', '{}')")  # fmt: skip
         with pytest.raises(Exception, match="worker_processed_commands_pkey"):
@@ -243,7 +254,7 @@ def test_a_rotation_gives_up_after_two_seconds_behind_a_reader_and_changes_nothi
     most lock_timeout (2 s), then the rotation fails (calls.prune logs it as busy) and
     the outcomes and the turn are as they were."""
     single(db, "held", create(world, str(uuid4())))
-    rotate_processed(db.engine, NOW)  # "held" is in the previous table now
+    rotate(db.engine, NOW)  # "held" is in the previous table now
     the_turn = "SELECT current_table, current_since FROM worker_processed_rotation"
     turn = db.sql(the_turn).one()
     url = database_url.replace("postgresql+psycopg://", "postgresql://")
@@ -251,7 +262,7 @@ def test_a_rotation_gives_up_after_two_seconds_behind_a_reader_and_changes_nothi
     try:
         reader.execute("SELECT count(*) FROM worker_processed_commands")  # a lookup, open
         with pytest.raises(OperationalError) as refused:
-            rotate_processed(db.engine, NOW)
+            rotate(db.engine, NOW)
         assert isinstance(refused.value.orig, psycopg.errors.LockNotAvailable)
     finally:
         reader.close()

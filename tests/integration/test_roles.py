@@ -18,6 +18,7 @@ from calls_worker.adapters.db.journal import (
     reconcile_due_calls,
     record_rejected,
     rotate_processed,
+    set_processed_retention,
 )
 from calls_worker.adapters.db.migrate import grant_to, upgrade
 from calls_worker.adapters.db.repository import SqlUnitOfWork
@@ -102,7 +103,8 @@ def test_the_worker_does_everything_as_the_app_role(roles: tuple[str, str]) -> N
         assert prune_published(app, timedelta(0)) == 4
         record_rejected(app, task_name="calls.create", command_id=None, raw_body="{}",
                         reason="test")  # fmt: skip
-        assert rotate_processed(app, timedelta(0)).swapped  # its 3 outcomes are previous now
+        set_processed_retention(admin, timedelta(0))  # as the owner sets it
+        assert rotate_processed(app).swapped  # its 3 outcomes are previous now
         assert app_sees(app, "SELECT count(*) FROM worker_processed_commands") == 3
         for forbidden in (
             "DELETE FROM worker_processed_commands",
@@ -111,6 +113,7 @@ def test_the_worker_does_everything_as_the_app_role(roles: tuple[str, str]) -> N
             "INSERT INTO worker_processed_commands_b (command_id, kind, outcome)"
             " VALUES ('around', 'create', '{}')",
             "UPDATE worker_processed_rotation SET current_table = 'a'",
+            "UPDATE worker_processed_rotation SET keep = interval '0'",
         ):
             refused = (ProgrammingError, OperationalError)  # no privilege; a view of a union
             with pytest.raises(refused, match=r"permission denied|cannot delete"), app.begin() as c:
@@ -120,6 +123,35 @@ def test_the_worker_does_everything_as_the_app_role(roles: tuple[str, str]) -> N
             c.execute(text("CREATE TABLE not_allowed (id int)"))
         with pytest.raises(ProgrammingError, match="permission denied"), app.begin() as c:
             c.execute(text("TRUNCATE calls"))
+    finally:
+        app.dispose()
+        admin.dispose()
+
+
+def test_the_app_role_cannot_make_the_worker_forget_an_outcome_early(
+    roles: tuple[str, str],
+) -> None:
+    """As the worker's role: whatever retention it passes, however often it rotates, the
+    outcomes recorded seconds before stay (0011); the owner's retention decides."""
+    app_url, admin_url = roles
+    admin = build_engine(admin_url, pool_size=1)
+    seed = Db(admin)
+    organization = seed.organization(2)
+    person = seed.person(organization)
+    app = build_engine(app_url, pool_size=1)
+    try:
+        command = parse_command("create", {"issuedAt": ISSUED, "personUuid": str(person),
+                                           "organizationUuid": str(organization)})  # fmt: skip
+        assert handle("just-now", command, SqlUnitOfWork(app))["ok"] is True
+        for _ in range(4):
+            with app.begin() as connection:  # the previous release's call, with its own keep
+                connection.execute(text("SELECT calls_worker_rotate_processed_commands('0')"))
+            rotate_processed(app)
+        assert app_sees(app, "SELECT count(*) FROM worker_processed_commands"
+                             " WHERE command_id = 'just-now'") == 1  # fmt: skip
+        assert app_sees(app, "SELECT keep FROM worker_processed_rotation") == timedelta(hours=72)
+        again = handle("just-now", command, SqlUnitOfWork(app))  # a redelivery
+        assert app_sees(app, "SELECT count(*) FROM calls") == 1, again
     finally:
         app.dispose()
         admin.dispose()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, get_args
 from uuid import UUID
@@ -246,6 +247,7 @@ def migrate(grantee: str | None, check: bool, batch_size: int) -> None:
     Where the Calls API's tables exist already, adopts them online (docs/database.md), or
     refuses with every way they differ from what the worker needs, changing nothing.
     """
+    from calls_worker.adapters.db.journal import set_processed_retention
     from calls_worker.adapters.db.migrate import (
         ContractBroken,
         current_revision,
@@ -266,6 +268,9 @@ def migrate(grantee: str | None, check: bool, batch_size: int) -> None:
         except ContractBroken as error:
             raise click.ClickException(str(error)) from None
         click.echo(f"schema at revision {current_revision(engine)}")
+        hours = servers.settings.processed_retention_hours
+        set_processed_retention(engine, timedelta(hours=hours))
+        click.echo(f"command outcomes kept {hours} h at least")
         if grantee is not None:
             try:
                 grant_to(engine, grantee)

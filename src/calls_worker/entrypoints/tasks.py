@@ -424,18 +424,19 @@ def register_tasks(app: Celery) -> None:
         outcomes kept for producers past their expiry; call events published longer ago
         than their retention."""
         runtime = runtime_of(self.app)
-        hours = runtime.settings.processed_retention_hours
         try:
-            rotation = journal.rotate_processed(runtime.engine(), timedelta(hours=hours))
+            # By the retention the owner set (`migrate`), not this worker's setting (0011).
+            rotation = journal.rotate_processed(runtime.engine())
         except OperationalError as error:
             if not isinstance(error.orig, psycopg.errors.LockNotAvailable):
                 raise
             logger.warning("outcome records not rotated: commands held them for 2 s;"
                            " the next run tries again")  # fmt: skip
-            return {"rotated": False, "retentionHours": hours, "busy": True}
+            return {"rotated": False, "busy": True}
+        hours = round(rotation.keep.total_seconds() / 3600, 3)
         kept_since = rotation.kept_since or rotation.current_since
         if rotation.swapped:
-            logger.info("forgot the command outcomes recorded before %s (retention %dh)",
+            logger.info("forgot the command outcomes recorded before %s (retention %gh)",
                         kept_since.isoformat(), hours)  # fmt: skip
         # Outcomes kept for producers in PostgreSQL (results.py), past their expiry.
         expired = journal.forget_expired_results(runtime.engine())

@@ -29,5 +29,8 @@ GRANT USAGE ON SEQUENCE worker_rejected_commands_id_seq, worker_sweep_runs_id_se
     TO calls_worker_app;
 -- Beat's periodic check of the due-calls record (SECURITY DEFINER: it repairs as the owner).
 GRANT EXECUTE ON FUNCTION calls_worker_reconcile_due_calls() TO calls_worker_app;
--- calls.prune: forget the outcomes older than the retention, a table at a time (0008).
+-- calls.prune: forget the outcomes older than the retention, a table at a time (0008), by
+-- the retention the owner set (0011; the worker's role cannot change it).
+GRANT EXECUTE ON FUNCTION calls_worker_rotate_processed_commands() TO calls_worker_app;
+-- The previous release's call (its argument is ignored); revoked with it in the next release.
 GRANT EXECUTE ON FUNCTION calls_worker_rotate_processed_commands(interval) TO calls_worker_app;

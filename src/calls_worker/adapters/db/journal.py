@@ -113,12 +113,15 @@ class Rotation:
     current_since: datetime
     kept_since: datetime | None
     """When the oldest table of outcomes kept became current (None: nothing older)."""
+    keep: timedelta
+    """The retention the rotation went by (the owner's)."""
 
 
-def rotate_processed(engine: Engine, keep: timedelta) -> Rotation:
+def rotate_processed(engine: Engine) -> Rotation:
     """Forget the outcomes of the previous table when the current one has been current for
-    ``keep``: TRUNCATE it (one transaction), then make it current (another); each outcome is
-    thus kept ``keep`` to twice that. No row is deleted one by one.
+    the retention (``worker_processed_rotation.keep``, the owner's: set_processed_retention):
+    TRUNCATE it (one transaction), then make it current (another); each outcome is thus kept
+    the retention to twice that. No row is deleted one by one.
 
     Raises OperationalError (lock_not_available) when the commands in flight held the
     previous table for 2 s: nothing changed, and the next run tries again.
@@ -127,16 +130,29 @@ def rotate_processed(engine: Engine, keep: timedelta) -> Rotation:
     for _ in range(2):  # emptied, then swapped
         with engine.begin() as connection:
             step = connection.execute(
-                text("SELECT calls_worker_rotate_processed_commands(:keep)"), {"keep": keep}
+                text("SELECT calls_worker_rotate_processed_commands()")
             ).scalar_one()
         swapped = step == "swapped"
         if step != "emptied":
             break
     with engine.connect() as connection:
-        current_since, previous_since = connection.execute(
-            text("SELECT current_since, previous_since FROM worker_processed_rotation")
+        current_since, previous_since, keep = connection.execute(
+            text("SELECT current_since, previous_since, keep FROM worker_processed_rotation")
         ).one()
-    return Rotation(swapped=swapped, current_since=current_since, kept_since=previous_since)
+    return Rotation(swapped=swapped, current_since=current_since, kept_since=previous_since,
+                    keep=keep)  # fmt: skip
+
+
+def set_processed_retention(engine: Engine, keep: timedelta) -> None:
+    """Keep command outcomes for ``keep`` at least (to twice that) from the next rotation on.
+
+    Only the owner of the worker's objects may (``calls-worker migrate`` does, from
+    CALLS_WORKER_PROCESSED_RETENTION_HOURS): the worker's role reads it and cannot change it,
+    so nothing holding the worker's credentials can make it forget outcomes early (0011).
+    """
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE worker_processed_rotation SET keep = :keep"),
+                           {"keep": keep})  # fmt: skip
 
 
 def forget_expired_results(engine: Engine) -> int:
