@@ -32,8 +32,10 @@ from calls_worker.domain.commands import (
     parse_command,
     parse_list_calls,
 )
+from calls_worker.domain.errors import FieldError, InvalidCommand
 from calls_worker.domain.outcome import Outcome
 from calls_worker.wire import (
+    COMMAND_ID_LIMIT,
     COMMANDS_QUEUE,
     LIST_TASK,
     OUTCOME_TASK,
@@ -215,6 +217,11 @@ class CallsClient:
         stamped = stamp(kind, payload, datetime.now(UTC))
         parse_command(kind, stamped)
         command_id = command_id or str(uuid4())
+        if not (0 < len(command_id) <= COMMAND_ID_LIMIT and command_id.isprintable()):
+            raise InvalidCommand(
+                f"a command id is a printable string of 1 to {COMMAND_ID_LIMIT} characters",
+                [FieldError("commandId", f"{len(command_id)} characters")],
+            )
         kwargs: dict[str, Any] = {"command": stamped}
         if self._signed:  # the signature covers the body only: bind the id and task into it
             kwargs["signedFor"] = {"id": command_id, "task": TASK_NAMES[kind]}

@@ -40,6 +40,9 @@ TASK_NAMES: Final[dict[CommandKind, str]] = {
     "cancel": "calls.cancel",
     "expire": "calls.expire",
 }
+# A command id (the task message's id header) is a printable string of 1 to this many
+# characters; the worker keeps a message with another one, unapplied (docs/wire-format.md).
+COMMAND_ID_LIMIT: Final = 200
 SWEEP_TASK: Final = "calls.sweep"
 PRUNE_TASK: Final = "calls.prune"
 # A query, not a command: {"commandId": ...} → the outcome the database keeps for it.

@@ -14,13 +14,14 @@ strategy undecoded, which raises where nothing catches it and the worker process
 Celery's strategy raises is kept the same way instead of ending the process.
 
 A message is acknowledged only once it is kept: while the database cannot take it, it
-goes back to the queue (after a pause, so an outage is not a busy loop).
+goes back to the queue (after a pause, so an outage is not a busy loop). What a database
+that answers refuses is kept escaped, or else dropped with an error line and a counter,
+never sent round again (``_record``).
 """
 
 from __future__ import annotations
 
 import logging
-import time
 from typing import Any
 
 from celery import bootsteps
@@ -33,7 +34,9 @@ from calls_worker.entrypoints.batching import CommandBatcher
 from calls_worker.entrypoints.metrics import worker_metrics
 from calls_worker.entrypoints.outage import WATCH_SECONDS, CommandsPause, database_answers
 from calls_worker.entrypoints.runtime import runtime_of
+from calls_worker.entrypoints.tasks import database_away
 from calls_worker.wire import (
+    COMMAND_ID_LIMIT,
     COMMANDS_QUEUE,
     DELIVERY_LIMIT,
     TASK_NAMES,
@@ -66,6 +69,24 @@ def _tolerate_lost_channel(message: Any) -> None:
                 return None
 
         setattr(message, name, tolerant)
+
+
+def unusable_command_id(headers: Any) -> str | None:
+    """Why a task message's ``id`` header cannot be a command id (None: it can). It keys the
+    outcome in the database, so it must be text PostgreSQL can hold, of 1 to
+    COMMAND_ID_LIMIT characters (docs/wire-format.md); a message with another is kept with
+    the reason before it reaches a batch, whose commit it would otherwise fail every time."""
+    if not isinstance(headers, dict) or "task" not in headers:
+        return None  # not a protocol 2 message: Celery's own handling says what it is
+    command_id = headers.get("id")
+    if not isinstance(command_id, str):
+        return f"the id header must be a string (a command id), not {type(command_id).__name__}"
+    if not 0 < len(command_id) <= COMMAND_ID_LIMIT:
+        return (f"the command id has {len(command_id)} characters: a command id has 1 to"
+                f" {COMMAND_ID_LIMIT}")  # fmt: skip
+    if "\x00" in command_id or not command_id.isprintable():
+        return "the command id holds a NUL or another control character"
+    return None
 
 
 # The tasks whose messages are applied in batches (group commit: entrypoints/batching.py).
@@ -141,6 +162,10 @@ class RecordingConsumer(Consumer):
                     limit,
                 )
                 return
+            unusable = unusable_command_id(message.headers)
+            if unusable is not None:
+                self._refuse(message, unusable, limit)
+                return
             _tolerate_lost_channel(message)
             try:
                 handle(message)
@@ -177,35 +202,56 @@ class RecordingConsumer(Consumer):
             message.reject_log_error(logger, self._connection_errors())
 
     def _record(self, message: Any, reason: str, limit: int | None = None) -> bool:
-        """Keep the message with ``reason``; False (and the message back on its queue)
-        when it could not be kept."""
+        """Keep the message with ``reason``; True when the caller may settle it.
+
+        Only a database that does not answer keeps a message waiting: it goes back to its
+        queue after a pause (on the consumer's timer: the loop itself never sleeps, its
+        heartbeats go on), and False. What a database that answers refuses is not the
+        database being away: the values are stored escaped (journal.storable_text), and a
+        message that still cannot be kept is dropped with an error line and the counter
+        ``calls_worker_rejected_commands_total{stage="dropped"}``, so that it never loops.
+        """
         headers = getattr(message, "headers", None) or {}
         if not isinstance(headers, dict):
             headers = {}
         body = message.body or b""
+        task_name = str(headers.get("task") or "?")
+        command_id = None if headers.get("id") is None else str(headers["id"])
+        runtime = runtime_of(self.app)
         try:
-            runtime = runtime_of(self.app)
             rejected_id = journal.record_rejected(
                 runtime.unpooled_engine(),
-                task_name=str(headers.get("task") or "?")[:200],
-                command_id=None if headers.get("id") is None else str(headers["id"])[:200],
+                task_name=task_name,
+                command_id=command_id,
                 raw_body=journal.body_text(body if limit is None else body[:limit]),
-                reason=f"{reason} (content type {message.content_type})",
+                reason=f"{reason} (content type {message.content_type!r})",
             )
-        except Exception:  # the database is away: the broker keeps the message meanwhile
-            runtime_of(self.app).database_watch.report_away()
+        except Exception as error:
+            if not database_away(error):
+                worker_metrics().rejection("dropped")
+                logger.error(
+                    "a rejected message could not be kept and is dropped (%s; the database"
+                    " refused it: %s); task %r, id %r, its body starts: %r",
+                    reason, str(error).splitlines()[0] if str(error) else repr(error),
+                    task_name[:LOGGED_PREFIX], (command_id or "")[:LOGGED_PREFIX],
+                    body[:LOGGED_PREFIX],
+                )  # fmt: skip
+                return True
+            runtime.database_watch.report_away()
             logger.exception(
                 "could not keep a rejected message (%s); it goes back to its queue: %r",
                 reason,
                 body[:LOGGED_PREFIX],
             )
-            time.sleep(REQUEUE_PAUSE_SECONDS)
-            if not message.acknowledged:
-                message.reject_log_error(logger, self._connection_errors(), requeue=True)
+            self.timer.call_after(REQUEUE_PAUSE_SECONDS, lambda: self._requeue(message))
             return False
         worker_metrics().rejection("message")
         logger.warning("message rejected as %s: %s", rejected_id, reason)
         return True
+
+    def _requeue(self, message: Any) -> None:
+        if not message.acknowledged:
+            message.reject_log_error(logger, self._connection_errors(), requeue=True)
 
 
 # Why RabbitMQ dead-letters (x-first-death-reason) a message that needs no keeping: a

@@ -84,7 +84,9 @@ def worker_metrics() -> WorkerMetrics:
         ),
         rejected=Counter(
             "calls_worker_rejected_commands_total",
-            "Commands kept in the rejected-commands table, by where they were stopped.",
+            "Commands kept in the rejected-commands table, by where they were stopped"
+            " (message, task, forbidden, gave_up); dropped: refused by the database even"
+            " escaped, logged and not kept.",
             ["stage"],
         ),
         sweeps=Counter(

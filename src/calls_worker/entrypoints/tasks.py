@@ -32,6 +32,7 @@ from calls_worker.service.handlers import handle, utc_now
 from calls_worker.service.listing import list_calls
 from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
 from calls_worker.wire import (
+    COMMAND_ID_LIMIT,
     COMMANDS_QUEUE,
     LIST_TASK,
     OUTCOME_TASK,
@@ -489,7 +490,7 @@ def run_outcome_query(task: Task[Any, Any], args: Any, kwargs: Any) -> dict[str,
     if runtime.signed and bound != {"id": str(task.request.id), "task": task.name}:
         return {"found": False, "error": "signedFor does not match the message"}
     command_id = query.get("commandId")
-    if not isinstance(command_id, str) or not 0 < len(command_id) <= 200:
+    if not isinstance(command_id, str) or not 0 < len(command_id) <= COMMAND_ID_LIMIT:
         return {"found": False, "error": "query.commandId must be a command id (a string)"}
     kept = journal.processed_outcome(runtime.engine(), command_id)
     if kept is None:

@@ -49,17 +49,23 @@ def record_rejected(
     reason: str,
     details: Sequence[FieldError] = (),
 ) -> int:
-    """Keep a command that could not be handled, with why; its id."""
+    """Keep a command that could not be handled, with why; its id.
+
+    Whatever a sender put in them, the values are made storable first (storable_text,
+    body_text): a database that answers never refuses them for what they hold.
+    """
     with engine.begin() as connection:
         rejected_id: int = connection.execute(
             rejected_commands.insert()
             .values(
                 received_at=func.now(),
-                task_name=task_name,
-                command_id=command_id,
-                raw_body=raw_body,
-                reason=reason,
-                details=[{"field": d.field, "reason": d.reason} for d in details],
+                task_name=storable_text(task_name, NAME_LIMIT),
+                command_id=None if command_id is None else storable_text(command_id, NAME_LIMIT),
+                raw_body=body_text(raw_body),
+                reason=storable_text(reason, REASON_LIMIT),
+                details=[{"field": storable_text(d.field, REASON_LIMIT),
+                          "reason": storable_text(d.reason, REASON_LIMIT)}
+                         for d in details],
             )
             .returning(rejected_commands.c.id)
         ).scalar_one()
@@ -304,13 +310,35 @@ def operational_figures(engine: Engine) -> OperationalFigures:
     )
 
 
+# How much of a header a rejected message keeps (task name, command id), and of a reason.
+NAME_LIMIT = 200
+REASON_LIMIT = 10_000
+
+
+def storable_text(text: str, limit: int) -> str:
+    """``text`` as PostgreSQL's text can hold it: NUL (which it refuses) and lone surrogates
+    (which are no UTF-8) written as escapes, and at most ``limit`` characters (the rest
+    counted, not kept)."""
+    text = str(text)
+    if "\x00" in text:
+        text = text.replace("\x00", "\\x00")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) > limit:
+        kept = limit - 40
+        text = f"{text[:kept]}… ({len(text) - kept} more characters)"
+    return text
+
+
 def body_text(body: bytes | str) -> str:
     """A message body as text to store: UTF-8 as is, anything else (or text with NUL, which
     PostgreSQL's text cannot hold) as ``base64:...``."""
     import base64
 
     if isinstance(body, str):
-        if "\x00" not in body:
+        if "\x00" not in body and body.isascii():
             return body
         body = body.encode("utf-8", "surrogatepass")
     try:
