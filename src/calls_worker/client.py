@@ -103,9 +103,11 @@ class CommandHandle:
     def _wait(self, timeout: float) -> Outcome:
         if self._client is None:
             return _from_backend(self._result, self.command_id, timeout)
+        account = self.command.get(ACCOUNT_FIELD) if isinstance(self.command, dict) else None
         return self._client._await_outcome(
-            self.command_id, None if self.ignored else self._result, timeout, late=False
-        )
+            self.command_id, None if self.ignored else self._result, timeout, late=False,
+            account=None if account is None else str(account),
+        )  # fmt: skip
 
     def _resend(self) -> None:
         if self._client is None or self.kind is None:
@@ -285,17 +287,24 @@ class CallsClient:
             if cursor is None:
                 return
 
-    def outcome(self, command_id: str, timeout: float = 30.0) -> Outcome:
+    def outcome(self, command_id: str, timeout: float = 30.0, *,
+                service_account: str | UUID | None = None) -> Outcome:  # fmt: skip
         """The outcome of a command sent earlier (by this process or another): from the
         result backend while it keeps it, else from the database. Raises TimeoutError if
         there is none within ``timeout`` (not handled yet, or older than the database keeps
-        outcomes), CommandFailed if the worker gave up on it."""
-        return self._await_outcome(command_id, self._app.AsyncResult(command_id), timeout,
-                                   late=True)  # fmt: skip
+        outcomes), CommandFailed if the worker gave up on it.
+
+        ``service_account``: the account that sent it (by default this client's); where
+        accounts are required, the database answers only the account that sent a command."""
+        account = service_account or self._service_account
+        return self._await_outcome(
+            command_id, self._app.AsyncResult(command_id), timeout, late=True,
+            account=None if account is None else str(account),
+        )  # fmt: skip
 
     def _await_outcome(
         self, command_id: str, result: AsyncResult[Any] | None, timeout: float,
-        *, late: bool,
+        *, late: bool, account: str | None = None,
     ) -> Outcome:  # fmt: skip
         """Wait for an outcome. With ``result`` (the backend may hold it): from the backend,
         asking the database first if ``late`` (it may have left the backend), and once more
@@ -304,13 +313,13 @@ class CallsClient:
         deadline = time.monotonic() + timeout
         if result is not None:
             if late and not result.ready():
-                kept = self._ask_database(command_id, min(timeout, 10.0))
+                kept = self._ask_database(command_id, min(timeout, 10.0), account)
                 if kept is not None:
                     return kept
             try:
                 return _from_backend(result, command_id, max(0.1, deadline - time.monotonic()))
             except TimeoutError:
-                kept = self._ask_database(command_id, 5.0)
+                kept = self._ask_database(command_id, 5.0, account)
                 if kept is None:
                     raise
                 return kept
@@ -318,13 +327,14 @@ class CallsClient:
                 # A failure the backend holds may be the worker's, not the command's: its
                 # result could not be stored (the broker's Redis restarting, say) after the
                 # command was applied. The database's outcome, if there is one, is the answer.
-                kept = self._ask_database(command_id, 10.0)
+                kept = self._ask_database(command_id, 10.0, account)
                 if kept is None:
                     raise
                 return kept
         pause = _POLL_SECONDS
         while True:
-            kept = self._ask_database(command_id, max(0.1, min(deadline - time.monotonic(), 10)))
+            wait = max(0.1, min(deadline - time.monotonic(), 10))
+            kept = self._ask_database(command_id, wait, account)
             if kept is not None:
                 return kept
             remaining = deadline - time.monotonic()
@@ -333,11 +343,16 @@ class CallsClient:
             time.sleep(min(pause, remaining))
             pause = min(pause * 2, 2.0)
 
-    def _ask_database(self, command_id: str, timeout: float) -> Outcome | None:
-        """The outcome the database keeps for ``command_id`` (calls.outcome), or None."""
+    def _ask_database(self, command_id: str, timeout: float, account: str | None
+                      ) -> Outcome | None:  # fmt: skip
+        """The outcome the database keeps for ``command_id`` (calls.outcome), asked as the
+        service account ``account`` (the one that sent it), or None."""
         from celery.exceptions import TimeoutError as CeleryTimeout
 
-        kwargs: dict[str, Any] = {"query": {"commandId": command_id}}
+        query: dict[str, Any] = {"commandId": command_id}
+        if account is not None:
+            query[ACCOUNT_FIELD] = account
+        kwargs: dict[str, Any] = {"query": query}
         query_id = f"outcome-{uuid4()}"
         if self._signed:
             kwargs["signedFor"] = {"id": query_id, "task": OUTCOME_TASK}

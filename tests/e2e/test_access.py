@@ -94,6 +94,11 @@ def test_every_access_outcome_through_a_worker_that_requires_accounts(
             with pytest.raises(ListingRefused):
                 list(client.iter_calls())  # no account, and one is required
             sent = _send_as(database_url, strict_broker, account, reached)
+            # The database's outcome (calls.outcome) answers the account that sent it only.
+            own = client.send("create", {**create, "serviceAccountUuid": str(account)})
+            own.outcome(30)
+            read = {who: client._ask_database(own.command_id, 10, who)
+                    for who in (str(account), str(no_cancel), None)}  # fmt: skip
         finally:
             worker.stop()
     codes = {name: o["ok"] or o["error"]["code"] for name, o in outcomes.items()}
@@ -112,6 +117,10 @@ def test_every_access_outcome_through_a_worker_that_requires_accounts(
     # no_cancel may read; of the calls performed by theirs it reaches none (hidden is theirs).
     assert filtered == {"ok": True, "calls": [], "nextCursor": None}
     assert sent["ok"], sent
+    assert read[str(account)] is not None
+    assert read[str(account)]["ok"] is True  # type: ignore[index]
+    assert read[str(no_cancel)] is None  # the same organization, another account
+    assert read[None] is None  # no account, where one is required
     senders = dict(db.sql("SELECT command_id, service_account_uuid FROM worker_processed_commands"
                           " WHERE command_id = :c", c=queued.command_id).all())  # fmt: skip
     assert senders == {queued.command_id: soon_disabled}  # the audit keeps who sent it

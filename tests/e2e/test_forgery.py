@@ -134,9 +134,11 @@ def test_no_body_a_tenant_signs_makes_it_another_tenant(
                 message_id, envelope = forged(template, b_keys, shape, task, {**kwargs, **claims})
                 sent[(shape, task)] = message_id
                 queue.lpush("calls.commands", json.dumps(envelope))
-        for task in ("calls.cancel", "calls.list"):
+        for task in ("calls.cancel", "calls.list", "calls.outcome"):
             answers[("protocol 2", task)] = results.AsyncResult(
                 sent[("protocol 2", task)]).get(timeout=30)
+        with CallsClient(broker, signing=a_keys) as client:  # A reads its own
+            answers[("A", "calls.outcome")] = client._ask_database(created.command_id, 30, str(a))
         hybrid = {message_id for (shape, _), message_id in sent.items() if shape != "protocol 2"}
         wait_until(lambda: hybrid <= set(db.sql(
             "SELECT command_id FROM worker_rejected_commands").scalars()), 30,
@@ -164,6 +166,8 @@ def test_no_body_a_tenant_signs_makes_it_another_tenant(
     assert with_as_key.returncode == 0, with_as_key.stdout + with_as_key.stderr
     assert json.loads(with_as_key.stdout)["ok"] is True
     assert db.attempt_rows(UUID(call)) == 1  # the one sent with A's key
+    assert answers[("protocol 2", "calls.outcome")] == {"found": False}  # as if there were none
+    assert answers[("A", "calls.outcome")] is not None
     kept = dict(db.sql("SELECT command_id, reason FROM worker_rejected_commands").all())
     for (shape, task), message_id in sent.items():
         if shape != "protocol 2":

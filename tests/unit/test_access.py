@@ -9,6 +9,7 @@ from uuid import UUID, uuid4
 
 import pytest
 
+from calls_worker.domain import access
 from calls_worker.domain.access import AccessPolicy, ServiceAccount
 from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.errors import DomainError
@@ -120,3 +121,42 @@ def test_a_pledge_case_of_a_person_out_of_reach_is_missing_to_the_account() -> N
     assert [d["field"] for d in outcome["error"]["details"]] == ["pledgeCaseUuid"]
     del command["serviceAccountUuid"]
     assert handle("c-4", parse_command("create", command), world.uow)["error"]["code"] == "invalid"
+
+
+ME, OTHER = uuid4(), uuid4()
+ORG = uuid4()
+SHA, OTHER_SHA = "a" * 64, "b" * 64
+ACCOUNTS = {
+    ME: ServiceAccount(ME, "me", ORG, frozenset({"calls:create"}), certificate_sha256=SHA),
+    OTHER: ServiceAccount(OTHER, "other", ORG, frozenset(access.SCOPES),
+                          certificate_sha256=OTHER_SHA),
+}  # fmt: skip
+REQUIRED = AccessPolicy(require_service_account=True)
+SIGNED = AccessPolicy(require_service_account=True, signed=True)
+OPEN = AccessPolicy()
+
+# (policy, the account the query names, its signer, who sent the command) → readable
+OUTCOME_CASES: list[tuple[str, AccessPolicy, UUID | None, str | None, UUID | None, bool]] = [
+    ("the sender, accounts required", REQUIRED, ME, None, ME, True),
+    ("another account of the same organization", REQUIRED, OTHER, None, ME, False),
+    ("no account where one is required", REQUIRED, None, None, ME, False),
+    ("an unknown account", REQUIRED, uuid4(), None, None, False),
+    ("a command that named none, asked by an account", REQUIRED, ME, None, None, False),
+    ("the sender, signed by its certificate", SIGNED, ME, SHA, ME, True),
+    ("the sender's name, signed by another's certificate", SIGNED, ME, OTHER_SHA, ME, False),
+    ("the sender's name, unsigned", SIGNED, ME, None, ME, False),
+    ("no account where none is required: anyone's", OPEN, None, None, ME, True),
+    ("no account where none is required: a command without", OPEN, None, None, None, True),
+    ("an account where none is required: only its own", OPEN, OTHER, None, ME, False),
+    ("an account where none is required: its own", OPEN, ME, None, ME, True),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("name", "policy", "named", "signer", "sender", "readable"),
+                         OUTCOME_CASES, ids=[case[0] for case in OUTCOME_CASES])  # fmt: skip
+def test_who_may_read_an_outcome(name: str, policy: AccessPolicy, named: UUID | None,
+                                 signer: str | None, sender: UUID | None,
+                                 readable: bool) -> None:  # fmt: skip
+    account = None if named is None else ACCOUNTS.get(named)
+    caller = access.Caller(named, signer)
+    assert access.may_read_outcome(policy, caller, account, sender) is readable

@@ -84,10 +84,11 @@ OPEN: Final = AccessPolicy()
 
 
 def authorize(
-    policy: AccessPolicy, caller: Caller, account: ServiceAccount | None, scope: Scope
+    policy: AccessPolicy, caller: Caller, account: ServiceAccount | None, scope: Scope | None
 ) -> ServiceAccount | None:
     """Steps 2 and 3: the account acting for ``caller`` (``account`` is what the store holds
-    under the uuid it names), or None when it names none and none is required.
+    under the uuid it names), or None when it names none and none is required. ``scope``:
+    the one the action needs (None: none, such as reading one's own outcome).
     Raises Forbidden (UnauthenticatedClaim for a claim the signature does not back)."""
     named = caller.service_account_uuid
     if named is None:
@@ -113,12 +114,27 @@ def authorize(
         raise UnauthenticatedClaim(
             f"service account {named} {reason}", [FieldError(ACCOUNT_FIELD, reason)]
         )
-    if scope not in account.scopes:
+    if scope is not None and scope not in account.scopes:
         raise Forbidden(
             f"service account {named} lacks the scope {scope}",
             [FieldError(ACCOUNT_FIELD, f"lacks the scope {scope}")],
         )
     return account
+
+
+def may_read_outcome(
+    policy: AccessPolicy, caller: Caller, account: ServiceAccount | None, sent_by: UUID | None
+) -> bool:
+    """Whether ``caller`` may read the outcome of a command sent by the account ``sent_by``
+    (None: a command that named none). Only the account that sent it may, once it is who it
+    says it is (authorize, no scope needed); where accounts are not required, a caller that
+    names none may read any. An outcome one may not read answers as one that does not exist:
+    its command ids are often guessable, and it may be another organization's call."""
+    try:
+        acting = authorize(policy, caller, account, None)
+    except Forbidden:
+        return False
+    return acting is None or acting.uuid == sent_by
 
 
 def reaches_person(account: ServiceAccount | None, owning_organization_uuid: UUID | None) -> bool:

@@ -10,6 +10,7 @@ import time
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
+from uuid import UUID
 
 import psycopg
 from celery import Celery, Task
@@ -22,6 +23,7 @@ from calls_worker.adapters.db import journal
 from calls_worker.adapters.db.events import prune_published
 from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.config import sweep_batch_size
+from calls_worker.domain.access import ACCOUNT_FIELD, Caller, may_read_outcome
 from calls_worker.domain.commands import Command, CommandKind, parse_command, parse_list_calls
 from calls_worker.domain.errors import DomainError, FieldError, InvalidCommand
 from calls_worker.domain.outcome import Outcome, failed
@@ -481,6 +483,11 @@ def register_tasks(app: Celery) -> None:
 
 
 def run_outcome_query(task: Task[Any, Any], args: Any, kwargs: Any) -> dict[str, Any]:
+    """``{"found": true, "outcome": ..., "processedAt": ...}`` when the database keeps an
+    outcome for ``query.commandId`` that this caller may read (access.may_read_outcome: the
+    account that sent it, named in ``query.serviceAccountUuid`` and, where messages are
+    signed, signed by its certificate); ``{"found": false}`` otherwise, whether there is
+    none or it is not the caller's."""
     runtime = runtime_of(task.app)
     query = kwargs.get("query")
     sent = as_sent(kwargs) if runtime.signed else kwargs
@@ -492,8 +499,20 @@ def run_outcome_query(task: Task[Any, Any], args: Any, kwargs: Any) -> dict[str,
     command_id = query.get("commandId")
     if not isinstance(command_id, str) or not 0 < len(command_id) <= COMMAND_ID_LIMIT:
         return {"found": False, "error": "query.commandId must be a command id (a string)"}
+    named = query.get(ACCOUNT_FIELD)
+    try:
+        account_uuid = None if named is None else UUID(str(named))
+    except ValueError:
+        return {"found": False, "error": f"query.{ACCOUNT_FIELD} must be a UUID"}
+    if set(query) - {"commandId", ACCOUNT_FIELD}:
+        return {"found": False, "error": "an outcome query has commandId and serviceAccountUuid"}
     kept = journal.processed_outcome(runtime.engine(), command_id)
     if kept is None:
+        return {"found": False}
+    account = None if account_uuid is None else runtime.call_reader().service_account(account_uuid)
+    signer = kwargs.get(SIGNED_BY) if runtime.signed else None
+    caller = Caller(account_uuid, signer if isinstance(signer, str) else None)
+    if not may_read_outcome(runtime.access_policy, caller, account, kept["serviceAccountUuid"]):
         return {"found": False}
     return {"found": True, "outcome": kept["outcome"],
             "processedAt": kept["processedAt"].isoformat()}  # fmt: skip

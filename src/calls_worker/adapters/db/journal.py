@@ -91,14 +91,16 @@ def get_rejected(engine: Engine, rejected_id: int) -> RejectedCommand | None:
 
 
 def processed_outcome(engine: Engine, command_id: str) -> dict[str, Any] | None:
-    """The outcome stored for ``command_id`` and when (None: not applied, or pruned)."""
+    """The outcome stored for ``command_id``, when, and the service account that sent it
+    (None: not applied, or pruned)."""
     with engine.connect() as connection:
         row = connection.execute(
-            select(processed_commands.c.outcome, processed_commands.c.processed_at).where(
-                processed_commands.c.command_id == command_id
-            )
-        ).one_or_none()
-    return None if row is None else {"outcome": row.outcome, "processedAt": row.processed_at}
+            select(processed_commands.c.outcome, processed_commands.c.processed_at,
+                   processed_commands.c.service_account_uuid)
+            .where(processed_commands.c.command_id == command_id)
+        ).one_or_none()  # fmt: skip
+    return None if row is None else {"outcome": row.outcome, "processedAt": row.processed_at,
+                                     "serviceAccountUuid": row.service_account_uuid}  # fmt: skip
 
 
 def mark_replayed(engine: Engine, rejected_id: int) -> None:
