@@ -12,6 +12,11 @@ applying the command raises instead (a defect after the commit), once.
 ``CALLS_WORKER_TEST_POISON=<command id>``: the pool process handling that command kills
 itself at that moment every time: a message that ends its worker whenever it is delivered.
 
+``CALLS_WORKER_TEST_POISON_BEFORE_COMMIT=<command id>``: the pool process applying a batch
+that holds that command kills itself before the batch's transaction, every time: a
+poison that takes its batch-mates' uncommitted work down with it. Each killed batch's
+command ids are appended, a line a batch, to ``CALLS_WORKER_TEST_FAULT_LOG`` if set.
+
 ``CALLS_WORKER_TEST_RELAY_DIE=<p>``: the worker dies between the relay's publishing of call
 events and its marking them published, in each round with probability p, after holding
 that moment for ``CALLS_WORKER_TEST_RELAY_WINDOW_SECONDS`` (RelayDies).
@@ -26,6 +31,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 
 class AfterCommit(logging.Handler):
@@ -67,7 +73,12 @@ logging.getLogger("calls_worker").addHandler(
 
 
 class RelayDies(logging.Handler):
-    """``CALLS_WORKER_TEST_RELAY_DIE=<p>``: after each round in which the relay published
+    """``CALLS_WORKER_TEST_POISON_BEFORE_COMMIT=<command id>``: the pool process applying a batch
+that holds that command kills itself before the batch's transaction, every time: a
+poison that takes its batch-mates' uncommitted work down with it. Each killed batch's
+command ids are appended, a line a batch, to ``CALLS_WORKER_TEST_FAULT_LOG`` if set.
+
+``CALLS_WORKER_TEST_RELAY_DIE=<p>``: after each round in which the relay published
     events, before it marks them published, the whole worker (its process group) is
     killed with probability p: the relay dies between the broker accepting the events and
     the database recording it."""
@@ -87,3 +98,23 @@ _relay = logging.getLogger("calls_worker.relay")
 _relay.addHandler(RelayDies())
 if os.environ.get("CALLS_WORKER_TEST_RELAY_DIE"):
     _relay.setLevel(logging.DEBUG)  # the relay's line after publishing, before marking
+
+
+def _poison_before_commit() -> None:
+    from calls_worker.entrypoints import batching
+
+    apply = batching.__dict__["handle_batch"]
+
+    def handle_batch(entries: Any, *args: Any, **kwargs: Any) -> Any:
+        target = os.environ.get("CALLS_WORKER_TEST_POISON_BEFORE_COMMIT")
+        if target and any(entry.command_id == target for entry in entries):
+            if log := os.environ.get("CALLS_WORKER_TEST_FAULT_LOG"):
+                with open(log, "a") as killed:  # which commands die with it
+                    killed.write(" ".join(entry.command_id for entry in entries) + "\n")
+            os.kill(os.getpid(), signal.SIGKILL)
+        return apply(entries, *args, **kwargs)
+
+    setattr(batching, "handle_batch", handle_batch)  # noqa: B010 - not exported
+
+
+_poison_before_commit()

@@ -23,6 +23,7 @@ from sqlalchemy import Engine
 from calls_worker.adapters.db.migrate import upgrade
 from calls_worker.client import CallsClient
 from tests.db_world import ISSUED, Db
+from tests.e2e.batch_faults import GOOD, kills, outcome_store_away, poison_among_good_commands
 from tests.e2e.conftest import (
     Process,
     own_worker,
@@ -164,8 +165,9 @@ def test_a_batch_lost_after_its_commit_comes_back_and_answers_with_its_first_out
         assert "WorkerLostError" in output or "exited prematurely" in output
     else:
         assert "raised, they go back to the queue" in output
-    # The batch was applied once and its messages redelivered: 16 outcomes, two batches.
-    assert _batches(worker)[-1] == 16
+    # The batch was applied once, and its messages, redelivered, came back each alone
+    # (batching.py: a redelivered message is applied in a batch of its own).
+    assert _batches(worker)[-16:] == [1] * 16
 
 
 @pytest.mark.slow
@@ -301,3 +303,45 @@ def _raw_burst(api: Engine, database_url: str, redis_url: str, tmp_path: Path) -
                   " > now() - interval '10 minutes'", p=persons).scalar() >= len(persons)
     rejected = db.sql("SELECT command_id, reason FROM worker_rejected_commands").all()
     assert [r.command_id for r in rejected] == ["bad"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_on_redis_a_poison_command_fails_alone_and_its_batch_mates_are_applied(
+    db: Db, database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    """The RabbitMQ test's poison (test_rabbitmq.py) on Redis: its batch-mates are applied;
+    it comes back alone each time (Redis marks a restored message redelivered) and, Redis
+    having no delivery limit, for as long as it kills its pool process (docs/reliability.md)."""
+    broker = redis_database(redis_url, 12)
+    redis.Redis.from_url(broker).flushdb()
+
+    def killed_alone_again(poison: str, workers: list[Any]) -> bool:
+        return kills(workers) >= 4
+
+    seen = poison_among_good_commands(db, database_url, broker, broker, tmp_path,
+                                      until=killed_alone_again,
+                                      what="the poison delivered again and again")  # fmt: skip
+    assert all(outcome["ok"] for outcome in seen["outcomes"]), seen["outcomes"]
+    assert db.sql("SELECT count(*) FROM calls").scalar() == GOOD
+    assert seen["poison_calls"] == 0
+    # Its batch-mates died with it once at most: from its second delivery on, it was alone.
+    _first, *later = seen["killed_batches"]
+    assert later, "the poison was delivered once only"
+    assert all(batch == [seen["poison"].command_id] for batch in later), seen["killed_batches"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_on_redis_an_outcome_store_away_requeues_nothing_and_pauses_the_workers(
+    db: Db, database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    broker = redis_database(redis_url, 12)
+    redis.Redis.from_url(broker).flushdb()
+    seen = outcome_store_away(db, database_url, broker, tmp_path)
+    assert all(outcome is not None and outcome["outcome"]["ok"] for outcome in seen["outcomes"])
+    assert seen["calls"] == len(seen["ids"])
+    assert seen["rejected"] == 0
+    assert "the result backend does not answer" in seen["logs"]
+    assert "raised, they go back to the queue" not in seen["logs"]
+    assert seen["after"]["ok"] is True

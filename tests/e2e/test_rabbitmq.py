@@ -40,6 +40,7 @@ from calls_worker.adapters.embedded import start_postgres
 from calls_worker.client import CallsClient
 from calls_worker.wire import celery_config, close_app, enable_signing
 from tests.db_world import ISSUED, Db
+from tests.e2e.batch_faults import GOOD, outcome_store_away, poison_among_good_commands
 from tests.e2e.conftest import (
     Process,
     forget_rabbitmq_queues,
@@ -448,3 +449,51 @@ def test_a_signing_worker_on_rabbitmq_takes_signed_commands_only(
         worker.stop()
         close_app(control)
         close_app(unsigned)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_poison_command_is_dead_lettered_alone_and_its_batch_mates_are_applied(
+    db: Db, database_url: str, fresh_node: RabbitNode, tmp_path: Path
+) -> None:
+    """A command whose pool process dies before its batch commits, every time, sent with 15
+    creates to two workers: each return of a batch counts toward every message's delivery
+    limit, so the good ones must not stay with it. A redelivered message goes alone (the
+    broker's redelivered flag: whichever worker it reaches)."""
+    def kept(poison: str, workers: list[Any]) -> Any:
+        return db.sql("SELECT reason FROM worker_rejected_commands WHERE command_id = :c",
+                      c=poison).scalar()  # fmt: skip
+
+    seen = poison_among_good_commands(
+        db, database_url, fresh_node.url, database_url, tmp_path,
+        until=kept, what="the poison dead-lettered and kept",
+    )  # fmt: skip
+    assert all(outcome["ok"] for outcome in seen["outcomes"]), seen["outcomes"]
+    calls = db.sql("SELECT count(*) FROM calls").scalar()
+    assert calls == GOOD  # each good one once; the poison never committed
+    assert seen["poison_calls"] == 0
+    # Its batch-mates died with it once at most: from its second delivery on, it was alone.
+    _first, *later = seen["killed_batches"]
+    assert later, "the poison was delivered once only"
+    assert all(batch == [seen["poison"].command_id] for batch in later), seen["killed_batches"]
+    reason = kept(seen["poison"].command_id, [])
+    assert "delivered more than 20 times" in reason
+    assert seen["logs"].count("exited with 'signal 9 (SIGKILL)'") == 21
+    rejected = db.sql("SELECT command_id FROM worker_rejected_commands").scalars().all()
+    assert rejected == [seen["poison"].command_id]  # alone
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_an_outcome_store_away_requeues_nothing_and_pauses_the_workers(
+    db: Db, database_url: str, fresh_node: RabbitNode, tmp_path: Path
+) -> None:
+    seen = outcome_store_away(db, database_url, fresh_node.url, tmp_path)
+    assert all(outcome is not None and outcome["outcome"]["ok"] for outcome in seen["outcomes"])
+    assert seen["calls"] == len(seen["ids"])  # applied once each
+    assert seen["rejected"] == 0  # nothing dead-lettered
+    assert queue_depth(fresh_node.url, "calls.dead-letters") == 0
+    assert "the result backend does not answer" in seen["logs"]
+    assert "raised, they go back to the queue" not in seen["logs"]
+    assert "the result backend answers again" in seen["logs"]
+    assert seen["after"]["ok"] is True  # served again once it answers

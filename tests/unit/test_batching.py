@@ -11,12 +11,12 @@ import pytest
 from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 
+from calls_worker.adapters.db import journal
 from calls_worker.entrypoints import batching
 from calls_worker.entrypoints.batching import (
     DONE,
     GAVE_UP,
     REQUEUE,
-    REQUEUE_ALONE,
     RETRIED,
     BatchRequest,
     CommandBatcher,
@@ -47,8 +47,9 @@ class FakeRequest:
 
     task: Any = None
 
-    def __init__(self, n: int, stored: bool = False) -> None:
+    def __init__(self, n: int, stored: bool = False, redelivered: bool = False) -> None:
         self.id = f"command-{n}"
+        self.delivery_info = {"redelivered": redelivered}
         self.type = "calls.create"
         self.settled: list[str] = []
         self.events: list[str] = []
@@ -86,6 +87,9 @@ def _no_worker_state(monkeypatch: pytest.MonkeyPatch) -> None:
 
 class _Metrics:
     def batch_failed(self, reason: str) -> None:
+        pass
+
+    def rejection(self, stage: str) -> None:
         pass
 
 
@@ -130,13 +134,14 @@ def test_after_a_lost_connection_the_buffer_is_dropped_and_the_next_command_has_
     assert [[r.id for r in s.requests] for s in sent] == [["command-1"]]
 
 
-def test_a_command_to_apply_alone_skips_the_buffer() -> None:
+def test_a_redelivered_command_skips_the_buffer_and_goes_alone() -> None:
+    """The broker's redelivered flag, not this process's memory, says that a message's
+    batch failed: whichever worker it reaches applies it alone."""
     b, sent, _ = batcher(5)
-    b.alone.add("command-7")
     b.add(FakeRequest(0))
-    b.add(FakeRequest(7))
+    b.add(FakeRequest(7, redelivered=True))
     assert [[r.id for r in s.requests] for s in sent] == [["command-7"]]
-    assert "command-7" not in b.alone
+    assert [r.id for r in b.buffer] == ["command-0"]
 
 
 def batch(requests: list[FakeRequest]) -> tuple[BatchRequest, list[tuple[float, Any]]]:
@@ -149,13 +154,12 @@ def test_each_message_is_settled_as_its_pool_process_says() -> None:
     b, _ = batch(requests)
     b.on_accepted(123, 0.0)
     b.on_return([(DONE, "ok"), (RETRIED, "retry"), (GAVE_UP, "kept"), (REQUEUE, "later"),
-                 (REQUEUE_ALONE, "alone")])  # fmt: skip
+                 (REQUEUE, "its batch ran past the soft time limit")])  # fmt: skip
     assert [r.settled for r in requests] == [["accepted", "ack"], ["accepted", "ack"],
                                              ["accepted", "ack"], ["accepted", "requeue"],
                                              ["accepted", "requeue"]]  # fmt: skip
     assert requests[1].events == ["task-retried"]
     assert requests[2].events == ["task-failed"]
-    assert b.alone == {"command-4"}
 
 
 def test_a_lost_pool_process_requeues_what_was_not_stored() -> None:
@@ -180,6 +184,63 @@ def test_a_batch_that_raises_is_never_acknowledged_its_messages_come_back() -> N
     assert pause == batching.REQUEUE_PAUSE_SECONDS
     requeue()
     assert [r.settled for r in requests] == [["requeue"], ["requeue"]]
+
+
+class _Watch:
+    def __init__(self) -> None:
+        self.reported = 0
+
+    def report_away(self, what: str = "the database") -> None:
+        self.reported += 1
+
+
+class _Runtime:
+    def __init__(self) -> None:
+        self.database_watch = _Watch()
+
+    def unpooled_engine(self) -> None:
+        return None
+
+
+@pytest.mark.parametrize("database_keeps_it", [True, False])
+def test_a_command_that_raises_alone_is_given_up_and_kept(
+    monkeypatch: pytest.MonkeyPatch, database_keeps_it: bool
+) -> None:
+    """Alone, a batch that raises is its command's doing: kept and acknowledged, as Celery
+    does for a lone task, instead of coming back for ever (on RabbitMQ, to the dead letters
+    with a false reason). While the database cannot keep it, it goes back to the queue."""
+    kept: list[dict[str, Any]] = []
+
+    def record_rejected(engine: Any, **values: Any) -> int:
+        if not database_keeps_it:
+            raise ConnectionError("the database is away")
+        kept.append(values)
+        return 41
+
+    runtime = _Runtime()
+    monkeypatch.setattr(batching, "runtime_of", lambda app: runtime)
+    monkeypatch.setattr(journal, "record_rejected", record_rejected)
+    monkeypatch.setattr(batching, "worker_metrics", lambda: _Metrics())
+    request = FakeRequest(3, redelivered=True)
+    request.args, request.kwargs = (), {"command": {"callUuid": "x"}}  # type: ignore[attr-defined]
+    b, later = batch([request])
+    b.task = type("Task", (), {"app": None})()
+    try:
+        raise RuntimeError("a defect")
+    except RuntimeError:
+        b.on_error(ExceptionInfo())
+    if database_keeps_it:
+        assert request.settled == ["ack"]
+        assert request.events == ["task-failed"]
+        assert kept[0]["command_id"] == "command-3"
+        assert "a defect" in kept[0]["reason"]
+        assert later == []
+    else:
+        assert request.settled == []
+        (_, requeue), = later
+        requeue()
+        assert request.settled == ["requeue"]
+        assert runtime.database_watch.reported == 1
 
 
 def test_a_hard_time_limit_is_handled_for_each_message_as_celery_does() -> None:

@@ -18,13 +18,25 @@ put back when it was not applied. So the order is commit, store, acknowledge; a 
 that dies in between has its messages redelivered, and a redelivery gets its first
 outcome from the processed-command record.
 
+A message the broker delivers again (``redelivered``: its batch failed, or its worker
+stopped holding it) is applied in a batch of its own. The broker, not this process,
+remembers it, so the rule holds whichever worker process or machine the redelivery
+reaches: a command that ends its batch every time (a poison) fails alone from its second
+delivery on, and its batch-mates are applied.
+
 Failure paths, each settled per message with Celery's own request handling:
 - the pool process dies (SIGKILL, out of memory): every message of the batch goes back
   to the queue (``task_reject_on_worker_lost``), unless its outcome was stored already;
-- the batch job raises (a defect): every message goes back to the queue after a pause;
+  on RabbitMQ a poison then reaches the delivery limit alone and is dead-lettered alone;
+- the batch job raises (a defect): the messages of a batch of several go back to the queue
+  after a pause (and come back alone); a batch of one is given up: kept among the rejected
+  commands, as a lone task that raises is;
 - the soft time limit: the command it interrupted is given up (kept among the rejected
   commands) and the others go back to the queue; the hard limit: each message is
   handled as Celery handles a lone task past it (kept, acknowledged);
+- the result backend does not take the outcomes: the commands are committed, their
+  outcomes in the database; the messages are acknowledged, and the worker stops taking
+  commands until the backend answers (outage.py), as for a database away;
 - the broker connection is lost: the buffer is dropped (the broker redelivers its
   messages; they can no longer be acknowledged on the new channel) and the flush timer
   with it, so nothing waits on a timer of the old connection.
@@ -43,11 +55,13 @@ from celery import Task
 from celery.exceptions import Retry, SoftTimeLimitExceeded
 from celery.worker.state import task_ready
 
+from calls_worker.adapters.db import journal
 from calls_worker.domain.commands import parse_command
 from calls_worker.domain.errors import InvalidCommand
 from calls_worker.domain.outcome import Outcome
 from calls_worker.entrypoints import tasks
 from calls_worker.entrypoints.metrics import worker_metrics
+from calls_worker.entrypoints.outage import OUTCOME_STORE
 from calls_worker.entrypoints.runtime import runtime_of
 from calls_worker.service.batch import BatchEntry, handle_batch
 
@@ -63,9 +77,6 @@ Job = Callable[[Any, list[Item]], list[tuple[str, str]]]
 
 # What became of a message, as the pool process tells the main process.
 DONE, RETRIED, GAVE_UP, REQUEUE = "done", "retried", "gave_up", "requeue"
-# Put back, to be applied alone when it comes again: its batch ran past the soft time limit
-# waiting for the locks of the calls it names, and which command waited is not known.
-REQUEUE_ALONE = "requeue_alone"
 
 
 def apply_batch(task: Task[Any, Any], items: list[Item]
@@ -121,15 +132,25 @@ def apply_batch(task: Task[Any, Any], items: list[Item]
             if e == result.stopped_at or len(entries) == 1:
                 reason = f"ran past its soft time limit: {result.stopped_by!r}"
                 settled[n] = _give_up(app, items[n], result.stopped_by, reason)
-            elif result.stopped_at is None:
-                settled[n] = (REQUEUE_ALONE, "its batch ran past the soft time limit")
-            else:
+            else:  # it comes back redelivered, so alone
                 settled[n] = (REQUEUE, "its batch ran past the soft time limit")
         else:
             assert isinstance(result.stopped_by, Exception)
             settled[n] = _retry(app, items[n], result.stopped_by)
 
-    store_outcomes(app, items, stored)
+    try:
+        store_outcomes(app, items, stored)
+    except Exception as error:
+        # The effects are committed and their outcomes are in the database: put back, the
+        # messages would only be applied again as redeliveries, over and over, each return
+        # counted toward RabbitMQ's delivery limit. Acknowledged; the worker pauses instead.
+        runtime.database_watch.report_away(OUTCOME_STORE)
+        worker_metrics().outcomes_not_stored(len(stored))
+        logger.warning(
+            "the outcomes of %d commands could not be stored in the result backend (%s);"
+            " they are applied and their outcomes kept in the database (calls.outcome)",
+            len(stored), str(error).splitlines()[0] if str(error) else repr(error),
+        )  # fmt: skip
     duration = time.perf_counter() - started
     metrics = worker_metrics()
     metrics.batch(size=len(items), duration=duration,
@@ -251,12 +272,11 @@ class BatchRequest:
 
     def __init__(self, requests: list[Any], task: Task[Any, Any],
                  later: Callable[[float, Callable[[], None]], Any],
-                 alone: set[str] | None = None, job: Job | None = None) -> None:  # fmt: skip
+                 job: Job | None = None) -> None:  # fmt: skip
         self.requests = requests
         self.job: Job = job or apply_batch
         self.task = task
         self.later = later
-        self.alone = alone if alone is not None else set()
         self.id = requests[0].id
 
     def execute_using_pool(self, pool: Any, **_: Any) -> Any:
@@ -296,9 +316,7 @@ class BatchRequest:
             request.on_success((False, detail, runtime))
             return
         task_ready(request)
-        if what in (REQUEUE, REQUEUE_ALONE):
-            if what == REQUEUE_ALONE:
-                self.alone.add(request.id)
+        if what == REQUEUE:
             request.reject(requeue=True)
             return
         request.acknowledge()
@@ -317,6 +335,8 @@ class BatchRequest:
             return
         worker_metrics().batch_failed("raised")
         size = len(self.requests)
+        if size == 1 and self._given_up(self.requests[0], error):
+            return
         logger.error("a batch of %d commands raised, they go back to the queue: %r\n%s", size,
                      error, exc_info.traceback, extra={"batch_size": size})  # fmt: skip
 
@@ -326,6 +346,29 @@ class BatchRequest:
                 request.reject(requeue=True)
 
         self.later(REQUEUE_PAUSE_SECONDS, requeue)
+
+
+    def _given_up(self, request: Any, error: object) -> bool:
+        """A command that raised alone: kept among the rejected commands, acknowledged
+        (as Celery's on_failure does for a lone task; CommandTask.on_failure). False when
+        it cannot be kept now: it goes back to the queue."""
+        runtime = runtime_of(self.task.app)
+        reason = f"failed: {error!r}"
+        try:
+            rejected_id = journal.record_rejected(
+                runtime.unpooled_engine(), task_name=request.type, command_id=request.id,
+                raw_body=tasks.raw_body(request.args, request.kwargs), reason=reason,
+            )  # fmt: skip
+        except Exception:
+            runtime.database_watch.report_away()
+            return False
+        worker_metrics().rejection("gave_up")
+        logger.error("command %s %s; kept as rejected command %s", request.id, reason,
+                     rejected_id, extra={"command_id": request.id})  # fmt: skip
+        task_ready(request)
+        request.acknowledge()
+        request.send_event("task-failed", exception=reason, traceback="")
+        return True
 
 
 class CommandBatcher:
@@ -342,14 +385,13 @@ class CommandBatcher:
         self.generation = 0
         """Bumped whenever the buffer is emptied: a flush timer of an older one does nothing."""
         self.timer_set = False
-        self.alone: set[str] = set()
-        """Commands to apply in a batch of their own when they come again (REQUEUE_ALONE)."""
 
     def add(self, request: Any) -> None:
-        if self.alone and request.id in self.alone:
-            self.alone.discard(request.id)
+        if (request.delivery_info or {}).get("redelivered"):
+            # Its batch failed, or its worker stopped holding it: alone, so that a poison
+            # takes no batch-mates with it (the module's docstring).
             self.process(BatchRequest([request], request.task, self.consumer.timer.call_after,
-                                      self.alone, self.job))  # fmt: skip
+                                      self.job))  # fmt: skip
             return
         self.buffer.append(request)
         if len(self.buffer) >= self.size:
@@ -370,8 +412,7 @@ class CommandBatcher:
         if not batch:
             return
         task = batch[0].task
-        self.process(BatchRequest(batch, task, self.consumer.timer.call_after, self.alone,
-                                  self.job))  # fmt: skip
+        self.process(BatchRequest(batch, task, self.consumer.timer.call_after, self.job))
 
     def route(self, names: frozenset[str]) -> Callable[[Any], Any]:
         """What the consumer hands each request to: those of ``names`` join the buffer,

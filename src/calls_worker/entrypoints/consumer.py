@@ -32,7 +32,7 @@ from vine import promise
 from calls_worker.adapters.db import journal
 from calls_worker.entrypoints.batching import CommandBatcher
 from calls_worker.entrypoints.metrics import worker_metrics
-from calls_worker.entrypoints.outage import WATCH_SECONDS, CommandsPause, database_answers
+from calls_worker.entrypoints.outage import WATCH_SECONDS, CommandsPause, stores_answer
 from calls_worker.entrypoints.runtime import runtime_of
 from calls_worker.entrypoints.tasks import database_away
 from calls_worker.wire import (
@@ -108,7 +108,7 @@ class RecordingConsumer(Consumer):
         runtime = runtime_of(self.app)
         self.commands_pause = CommandsPause(
             self, runtime.database_watch, COMMANDS_QUEUE,
-            lambda: database_answers(runtime.unpooled_engine()),
+            lambda: stores_answer(runtime.unpooled_engine(), self.app.backend),
         )  # fmt: skip
         self.timer.call_repeatedly(WATCH_SECONDS, self.commands_pause.check)
 

@@ -46,6 +46,7 @@ class WorkerMetrics:
     batch_sizes: Any
     batch_durations: Any
     batches_failed: Any
+    outcomes_unstored: Any
 
     def batch(self, *, size: int, duration: float, result: str) -> None:
         self.batch_sizes.labels(result=result).observe(size)
@@ -53,6 +54,9 @@ class WorkerMetrics:
 
     def batch_failed(self, reason: str) -> None:
         self.batches_failed.labels(reason=reason).inc()
+
+    def outcomes_not_stored(self, count: int) -> None:
+        self.outcomes_unstored.inc(count)
 
     def command(self, kind: CommandKind, outcome: str) -> None:
         self.commands.labels(kind=kind, outcome=outcome).inc()
@@ -125,8 +129,13 @@ def worker_metrics() -> WorkerMetrics:
         batches_failed=Counter(
             "calls_worker_command_batches_failed_total",
             "Batches whose pool process died (worker_lost: their messages were requeued) or"
-            " that raised (raised: requeued after a pause). Should stay 0.",
+            " that raised (raised: requeued after a pause, or kept when alone). Should stay 0.",
             ["reason"],
+        ),
+        outcomes_unstored=Counter(
+            "calls_worker_outcomes_not_stored_total",
+            "Outcomes of applied commands the result backend did not take (they are in the"
+            " database; the worker paused until the backend answered). Should stay 0.",
         ),
     )
 

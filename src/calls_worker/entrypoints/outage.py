@@ -22,7 +22,7 @@ import multiprocessing
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from sqlalchemy import text
 
@@ -34,20 +34,31 @@ PROBE_SECONDS = 5.0
 WATCH_SECONDS = 1.0
 
 
+DATABASE: Final = "the database"
+OUTCOME_STORE: Final = "the result backend"
+
+
 class DatabaseWatch:
-    """When a process of this worker last found the database away (shared by the pool)."""
+    """When a process of this worker last found the database, or the result backend that
+    takes the outcomes, away (shared by the pool)."""
 
     def __init__(self) -> None:
-        # Made in the main process before the pool forks; lock-free: one double, written
+        # Made in the main process before the pool forks; lock-free: a double each, written
         # whole by whoever saw the outage last.
-        self._away_at = multiprocessing.get_context("fork").Value("d", 0.0, lock=False)
+        context = multiprocessing.get_context("fork")
+        self._away_at = {what: context.Value("d", 0.0, lock=False)
+                         for what in (DATABASE, OUTCOME_STORE)}  # fmt: skip
 
-    def report_away(self) -> None:
-        self._away_at.value = time.time()
+    def report_away(self, what: str = DATABASE) -> None:
+        self._away_at[what].value = time.time()
 
     @property
     def away_at(self) -> float:
-        return float(self._away_at.value)
+        return max(float(value.value) for value in self._away_at.values())
+
+    def away_since(self, seen: float) -> list[str]:
+        """What was reported away after ``seen``."""
+        return [what for what, value in self._away_at.items() if value.value > seen]
 
 
 class CommandsPause:
@@ -62,6 +73,7 @@ class CommandsPause:
         self.paused_since: float | None = None
         self._answered = threading.Event()
         self._seen = watch.away_at
+        self._away = DATABASE
 
     def check(self) -> None:
         """Called every WATCH_SECONDS from the worker's timer."""
@@ -79,14 +91,16 @@ class CommandsPause:
         return task_consumer is not None and task_consumer.consuming_from(self.queue)
 
     def _pause(self) -> None:
+        away = " and ".join(self.watch.away_since(self._seen)) or DATABASE
         self._seen = self.watch.away_at
         if not self._consuming():
             return
         self.consumer.cancel_task_queue(self.queue)
         self.paused_since = time.monotonic()
+        self._away = away
         self._answered.clear()
-        logger.warning("the database does not answer: this worker takes no more commands off"
-                       " %s until it does (they wait there)", self.queue)  # fmt: skip
+        logger.warning("%s does not answer: this worker takes no more commands off"
+                       " %s until it does (they wait there)", away, self.queue)  # fmt: skip
         threading.Thread(target=self._probe, name="database-probe", daemon=True).start()
 
     def _probe(self) -> None:
@@ -97,7 +111,7 @@ class CommandsPause:
                     self._answered.set()
                     return
             except Exception as error:  # still away
-                logger.info("the database still does not answer: %s",
+                logger.info("%s still does not answer: %s", self._away,
                             str(error).splitlines()[0] if str(error) else repr(error))
 
     def _resume(self) -> None:
@@ -105,11 +119,21 @@ class CommandsPause:
         self.paused_since = None
         self._seen = self.watch.away_at
         self.consumer.add_task_queue(self.queue)
-        logger.warning("the database answers again after %.0f s: taking commands off %s",
-                       paused_for, self.queue)  # fmt: skip
+        logger.warning("%s answers again after %.0f s: taking commands off %s",
+                       self._away, paused_for, self.queue)  # fmt: skip
 
 
 def database_answers(engine: Any) -> bool:
     with engine.connect() as connection:
         connection.execute(text("SELECT 1"))
+    return True
+
+
+def stores_answer(engine: Any, backend: Any) -> bool:
+    """The database answers, and so does the result backend when it is Redis (a PostgreSQL
+    one is the database): raises while either does not."""
+    database_answers(engine)
+    client = getattr(backend, "client", None)
+    if client is not None and hasattr(client, "ping"):
+        client.ping()
     return True

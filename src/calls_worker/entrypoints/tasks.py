@@ -119,19 +119,19 @@ class CommandTask(Task[Any, Outcome]):
         if isinstance(exc, CommandGaveUp):
             return  # kept already
         worker_metrics().rejection("gave_up")
-        raw_body = _raw_body(args, kwargs)
+        body = raw_body(args, kwargs)
         reason = f"failed: {exc!r}"
         try:
             journal.record_rejected(
                 runtime_of(self.app).unpooled_engine(),
                 task_name=self.name,
                 command_id=task_id,
-                raw_body=raw_body,
+                raw_body=body,
                 reason=reason,
             )
         except Exception:  # nowhere else to keep it: the log has what fits in a line
             logger.exception("could not keep failed command %s (%s); its body starts: %s",
-                             task_id, reason, raw_body[:LOGGED_PREFIX])  # fmt: skip
+                             task_id, reason, body[:LOGGED_PREFIX])  # fmt: skip
 
 
 def retry_or_give_up(task: Task[Any, Any], error: Exception, args: Any, kwargs: Any) -> Exception:
@@ -172,7 +172,7 @@ def give_up(
             runtime.unpooled_engine(),
             task_name=task.name,
             command_id=command_id,
-            raw_body=_raw_body(args, kwargs),
+            raw_body=raw_body(args, kwargs),
             reason=reason,
         )
     except Exception as unkept:  # the database is away: the broker keeps the command
@@ -230,7 +230,7 @@ def command_payload(
     return kwargs["command"], signer if isinstance(signer, str) else None
 
 
-def _raw_body(args: Any, kwargs: Mapping[str, Any]) -> str:
+def raw_body(args: Any, kwargs: Mapping[str, Any]) -> str:
     """The message's body as kept among the rejected commands: as the producer sent it
     (without what the worker's decoding added: ``signedBy``, ``signedOriginal``)."""
     return journal.dumps([list(args), as_sent(kwargs), {}])
@@ -268,7 +268,7 @@ def reject_invalid(
         runtime.engine(),
         task_name=task_name,
         command_id=command_id,
-        raw_body=_raw_body(args, kwargs),
+        raw_body=raw_body(args, kwargs),
         reason=error.message,
         details=error.details,
     )
@@ -291,7 +291,7 @@ def keep_refused(
     """A refusal an operator must see (a claim the signature does not back), kept."""
     rejected_id = journal.record_rejected(
         runtime.engine(), task_name=task_name, command_id=command_id,
-        raw_body=_raw_body(args, kwargs), reason=error.message, details=error.details,
+        raw_body=raw_body(args, kwargs), reason=error.message, details=error.details,
     )  # fmt: skip
     worker_metrics().rejection("forbidden")
     logger.warning("command %s %s refused and kept as %s: %s", KIND_BY_TASK.get(task_name),
