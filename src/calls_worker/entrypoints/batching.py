@@ -347,7 +347,6 @@ class BatchRequest:
 
         self.later(REQUEUE_PAUSE_SECONDS, requeue)
 
-
     def _given_up(self, request: Any, error: object) -> bool:
         """A command that raised alone: kept among the rejected commands, acknowledged
         (as Celery's on_failure does for a lone task; CommandTask.on_failure). False when
