@@ -173,6 +173,20 @@ def run_online(connection: Connection, sql: str) -> None:
         connection.exec_driver_sql(statement)
 
 
+def run_functions(connection: Connection, sql: str) -> None:
+    """The statements of ``sql`` (functions and their grants, nothing that locks a table of
+    the API's) in one transaction, on a connection in autocommit mode.
+
+    A function a trigger calls must be whole whenever a trigger can call it: SECURITY
+    DEFINER and its search path said in the statement that creates it (CREATE OR REPLACE,
+    which a resumed adoption runs, resets whatever the statement does not say), and EXECUTE
+    revoked in the same transaction, so that no caller ever finds it open to PUBLIC.
+    """
+    with _transaction(connection):
+        for statement in statements(repeatable(sql)):
+            connection.exec_driver_sql(statement)
+
+
 def build_index_concurrently(connection: Connection, name: str, definition: str) -> None:
     """CREATE INDEX CONCURRENTLY, on a connection in autocommit mode; one that an
     interrupted build left invalid is dropped and built again."""

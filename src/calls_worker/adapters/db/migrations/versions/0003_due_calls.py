@@ -7,6 +7,12 @@ or not due any more: an attempt (through ``attempt_count``), a change of status 
 person, a new maximum for an organization, a person moving to another organization.
 The sweep then reads this small table instead of scanning every requested call.
 
+Whoever writes a call (the API's role included) must keep the record without being granted
+anything on it: the trigger functions are SECURITY DEFINER, with a search path that no
+caller can slip its own objects into, from the statement that creates them. On adopted
+tables each statement is a transaction of its own (adoption.run_online), and a function
+made whole only afterwards would run as its caller in between: the API's writes would fail.
+
 Revision ID: 0003
 Revises: 0002
 """
@@ -20,7 +26,11 @@ down_revision = "0002"
 branch_labels = None
 depends_on = None
 
-UPGRADE = """
+# pg_temp last: searched first for relations when it is not named at all (see 0005).
+SEARCH_PATH = "pg_catalog, public, pg_temp"
+DEFINER = f"SECURITY DEFINER SET search_path = {SEARCH_PATH}"
+
+UPGRADE = f"""
 CREATE TABLE worker_due_calls (
     call_uuid uuid PRIMARY KEY REFERENCES calls (uuid) ON DELETE CASCADE,
     due_since timestamptz NOT NULL DEFAULT clock_timestamp()
@@ -46,7 +56,7 @@ $$;
 -- The sweep keeps the table itself and says so with the setting calls_worker.sweeping, so
 -- the trigger is not even called for the calls it expires.
 CREATE FUNCTION calls_worker_track_due_call() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 BEGIN
     IF calls_worker_is_exhausted(NEW.status, NEW.external_metadata, NEW.attempt_count,
                                  NEW.person_uuid) THEN
@@ -69,7 +79,7 @@ CREATE TRIGGER calls_track_due
 
 -- A new maximum, or a new owner of a person: recompute the calls concerned.
 CREATE FUNCTION calls_worker_recheck_calls_of_persons(people uuid[]) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE sql {DEFINER} AS $$
     DELETE FROM worker_due_calls d
     USING calls c
     WHERE d.call_uuid = c.uuid
@@ -86,7 +96,7 @@ LANGUAGE sql AS $$
 $$;
 
 CREATE FUNCTION calls_worker_organization_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 BEGIN
     PERFORM calls_worker_recheck_calls_of_persons(
         ARRAY(SELECT p.uuid FROM persons p
@@ -102,7 +112,7 @@ CREATE TRIGGER organizations_track_due
     FOR EACH STATEMENT EXECUTE FUNCTION calls_worker_organization_changed();
 
 CREATE FUNCTION calls_worker_person_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 BEGIN
     PERFORM calls_worker_recheck_calls_of_persons(
         ARRAY(SELECT n.uuid FROM changed n JOIN before b ON b.uuid = n.uuid

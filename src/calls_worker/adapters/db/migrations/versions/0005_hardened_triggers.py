@@ -37,13 +37,19 @@ depends_on = None
 # The class half of the advisory lock key (the other half is the organization's hash):
 # any constant will do, as long as nothing else in the database uses it.
 LOCK_CLASS = 730_411
+# pg_temp last: searched first for relations when it is not named at all.
+SEARCH_PATH = "pg_catalog, public, pg_temp"
+# Every function is created whole, in the statement that creates it: CREATE OR REPLACE
+# resets what it does not say, and a trigger's function that ran as its caller even for a
+# moment would fail the API's writes.
+DEFINER = f"SECURITY DEFINER SET search_path = {SEARCH_PATH}"
 
 UPGRADE = f"""
 -- The maximum that applies to calls of PERSON, read with its owning organization locked
 -- (shared; exclusively by a change of the maximum or of the owner). A person who moved
 -- while we waited is read again, until the owner we hold is the owner we read.
 CREATE FUNCTION calls_worker_locked_maximum(person uuid) RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 DECLARE
     owner uuid;
     held uuid;
@@ -67,7 +73,7 @@ $$;
 -- The exclusive side: taken by a change of maximums or owners, in a fixed order so that two
 -- such changes cannot deadlock on each other.
 CREATE FUNCTION calls_worker_lock_organizations(owners uuid[]) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE sql {DEFINER} AS $$
     SELECT pg_catalog.pg_advisory_xact_lock({LOCK_CLASS}, key)
     FROM (SELECT DISTINCT pg_catalog.hashtext(o::text) AS key
           FROM pg_catalog.unnest(owners) AS o WHERE o IS NOT NULL ORDER BY 1) AS keys;
@@ -77,7 +83,7 @@ $$;
 -- The owner is locked whatever the call's state: a completed call's row must not be
 -- removed before a concurrent recheck that saw it requested has added it.
 CREATE FUNCTION calls_worker_refresh_due_call(call uuid) RETURNS boolean
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 DECLARE
     person uuid;
     c record;
@@ -102,7 +108,7 @@ END;
 $$;
 
 CREATE OR REPLACE FUNCTION calls_worker_track_due_call() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 BEGIN
     PERFORM public.calls_worker_refresh_due_call(NEW.uuid);
     RETURN NULL;
@@ -110,7 +116,7 @@ END;
 $$;
 
 CREATE OR REPLACE FUNCTION calls_worker_recheck_calls_of_persons(people uuid[]) RETURNS void
-LANGUAGE sql AS $$
+LANGUAGE sql {DEFINER} AS $$
     DELETE FROM public.worker_due_calls d
     USING public.calls c
     WHERE d.call_uuid = c.uuid
@@ -129,7 +135,7 @@ $$;
 CREATE OR REPLACE FUNCTION calls_worker_is_exhausted(
     status text, external_metadata jsonb, attempt_count integer, person uuid
 ) RETURNS boolean
-LANGUAGE sql STABLE AS $$
+LANGUAGE sql STABLE SET search_path = {SEARCH_PATH} AS $$
     SELECT status = 'requested'
        AND external_metadata IS NULL
        AND coalesce(attempt_count >= (
@@ -140,7 +146,7 @@ LANGUAGE sql STABLE AS $$
 $$;
 
 CREATE OR REPLACE FUNCTION calls_worker_organization_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 DECLARE
     changed_organizations uuid[];
 BEGIN
@@ -159,7 +165,7 @@ END;
 $$;
 
 CREATE OR REPLACE FUNCTION calls_worker_person_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 DECLARE
     moved uuid[];
 BEGIN
@@ -179,7 +185,7 @@ END;
 $$;
 
 CREATE OR REPLACE FUNCTION calls_worker_count_attempts() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         UPDATE public.calls SET attempt_count = attempt_count - 1 WHERE uuid = OLD.call_uuid;
@@ -192,7 +198,7 @@ END;
 $$;
 
 CREATE OR REPLACE FUNCTION calls_worker_reset_attempt_counts() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 BEGIN
     UPDATE public.calls SET attempt_count = 0 WHERE attempt_count <> 0;
     RETURN NULL;
@@ -204,7 +210,7 @@ $$;
 -- were missing and how many were listed but not due. Nothing differs while the triggers
 -- hold; a difference means something went around them.
 CREATE FUNCTION calls_worker_reconcile_due_calls(OUT missing integer, OUT stale integer)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 DECLARE
     candidate record;
 BEGIN
@@ -250,8 +256,6 @@ DEFINERS = (
     "calls_worker_refresh_due_call(uuid)",
     "calls_worker_reconcile_due_calls()",
 )
-# pg_temp last: searched first for relations when it is not named at all.
-SEARCH_PATH = "pg_catalog, public, pg_temp"
 
 DOWNGRADE = """
 DROP FUNCTION calls_worker_reconcile_due_calls();
@@ -263,12 +267,6 @@ DROP FUNCTION calls_worker_locked_maximum(uuid);
 
 def upgrade() -> None:
     op.execute(UPGRADE)
-    for function in DEFINERS:
-        op.execute(f"ALTER FUNCTION {function} SECURITY DEFINER SET search_path = {SEARCH_PATH}")
-    op.execute(
-        "ALTER FUNCTION calls_worker_is_exhausted(text, jsonb, integer, uuid)"
-        f" SET search_path = {SEARCH_PATH}"
-    )
     # Nobody but the definer's own functions needs these (deploy/sql grants the worker's
     # role the reconciliation).
     for function in DEFINERS[5:]:
@@ -279,9 +277,9 @@ def downgrade() -> None:
     # The hardened bodies stay (they do what 0004's did, with the locks); what 0005 added
     # goes, once the functions that call it no longer do.
     op.execute(
-        """
+        f"""
         CREATE OR REPLACE FUNCTION calls_worker_track_due_call() RETURNS trigger
-        LANGUAGE plpgsql AS $$
+        LANGUAGE plpgsql {DEFINER} AS $$
         BEGIN
             IF public.calls_worker_is_exhausted(NEW.status, NEW.external_metadata,
                                                 NEW.attempt_count, NEW.person_uuid) THEN
@@ -294,7 +292,7 @@ def downgrade() -> None:
         END;
         $$;
         CREATE OR REPLACE FUNCTION calls_worker_organization_changed() RETURNS trigger
-        LANGUAGE plpgsql AS $$
+        LANGUAGE plpgsql {DEFINER} AS $$
         BEGIN
             PERFORM public.calls_worker_recheck_calls_of_persons(
                 ARRAY(SELECT p.uuid FROM public.persons p
@@ -305,7 +303,7 @@ def downgrade() -> None:
         END;
         $$;
         CREATE OR REPLACE FUNCTION calls_worker_person_changed() RETURNS trigger
-        LANGUAGE plpgsql AS $$
+        LANGUAGE plpgsql {DEFINER} AS $$
         BEGIN
             PERFORM public.calls_worker_recheck_calls_of_persons(
                 ARRAY(SELECT n.uuid FROM changed n JOIN before b ON b.uuid = n.uuid

@@ -35,6 +35,8 @@ depends_on = None
 
 # pg_temp last: searched first for relations when it is not named at all (see 0005).
 SEARCH_PATH = "pg_catalog, public, pg_temp"
+# Every function is created whole, in the statement that creates it (adoption.py says why).
+DEFINER = f"SECURITY DEFINER SET search_path = {SEARCH_PATH}"
 
 TABLES = """
 CREATE TABLE worker_service_accounts (
@@ -62,11 +64,11 @@ CREATE TABLE worker_call_reach (
 );
 """
 
-FUNCTIONS = """
+FUNCTIONS = f"""
 -- The organization owning PERSON, locked (shared) while it is read: a person moving to
 -- another owner takes the old and the new owner's lock exclusively (0005).
 CREATE FUNCTION calls_worker_locked_owner(person uuid) RETURNS uuid
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 DECLARE
     owner uuid;
 BEGIN
@@ -80,7 +82,7 @@ $$;
 -- be. plpgsql, so that the statement after the lock reads with a snapshot taken after it.
 CREATE FUNCTION calls_worker_add_call_reach(call uuid, org uuid, person uuid,
                                             created timestamptz) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 DECLARE
     owner uuid := public.calls_worker_locked_owner(person);
 BEGIN
@@ -93,7 +95,7 @@ $$;
 
 CREATE FUNCTION calls_worker_drop_call_reach(call uuid, org uuid, person uuid,
                                              created timestamptz) RETURNS void
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 DECLARE
     owner uuid := public.calls_worker_locked_owner(person);
 BEGIN
@@ -103,7 +105,7 @@ END;
 $$;
 
 CREATE FUNCTION calls_worker_call_reach_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 BEGIN
     IF TG_OP IN ('UPDATE', 'DELETE') THEN
         PERFORM public.calls_worker_drop_call_reach(OLD.uuid, OLD.organization_uuid,
@@ -118,7 +120,7 @@ END;
 $$;
 
 CREATE FUNCTION calls_worker_calls_truncated() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 BEGIN
     TRUNCATE public.worker_call_reach;
     RETURN NULL;
@@ -128,7 +130,7 @@ $$;
 -- A person moved to another owner: their calls move with them, under the owners' locks
 -- (exclusive, in a fixed order), like the due-calls record's recheck (0005).
 CREATE FUNCTION calls_worker_person_reach_changed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 DECLARE
     moved uuid[];
 BEGIN
@@ -160,7 +162,7 @@ $$;
 -- The backfill's batch: the rows of these calls, each owner locked (shared) first, then
 -- read by a statement of its own; how many rows it added.
 CREATE FUNCTION calls_worker_fill_call_reach(targets uuid[]) RETURNS integer
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 DECLARE
     added integer;
 BEGIN
@@ -183,7 +185,9 @@ BEGIN
     RETURN added;
 END;
 $$;
+"""
 
+TRIGGERS = """
 CREATE TRIGGER calls_reach
     AFTER INSERT OR DELETE ON calls
     FOR EACH ROW EXECUTE FUNCTION calls_worker_call_reach_changed();
@@ -244,13 +248,12 @@ def upgrade() -> None:
     connection = op.get_bind()
     batch_size = int(context.config.attributes.get("batch_size", adoption.DEFAULT_BATCH_SIZE))
     with op.get_context().autocommit_block():
-        adoption.run_online(connection, TABLES + FUNCTIONS)
-        for function in DEFINERS:
-            connection.exec_driver_sql(
-                f"ALTER FUNCTION {function} SECURITY DEFINER SET search_path = {SEARCH_PATH}"
-            )
-            if not function.endswith("()"):  # nobody but the triggers calls these
-                connection.exec_driver_sql(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
+        adoption.run_online(connection, TABLES)
+        # Nobody but the triggers calls the functions that take arguments.
+        revoke = "".join(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC;\n"
+                         for function in DEFINERS if not function.endswith("()"))  # fmt: skip
+        adoption.run_functions(connection, FUNCTIONS + revoke)
+        adoption.run_online(connection, TRIGGERS)
         connection.exec_driver_sql(
             "INSERT INTO worker_secrets (name, value) VALUES (%(name)s, %(value)s)"
             " ON CONFLICT (name) DO NOTHING",

@@ -48,6 +48,8 @@ branch_labels = None
 depends_on = None
 
 SEARCH_PATH = "pg_catalog, public, pg_temp"
+# Every function is created whole, in the statement that creates it (see 0005).
+DEFINER = f"SECURITY DEFINER SET search_path = {SEARCH_PATH}"
 LOCK = "730412, 1"
 COLUMNS = "command_id, kind, call_uuid, outcome, processed_at, service_account_uuid"
 
@@ -104,7 +106,7 @@ def _write(into: str, other: str) -> str:
 
 FUNCTIONS = f"""
 CREATE FUNCTION calls_worker_record_processed() RETURNS trigger
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} AS $$
 DECLARE
     into_b boolean;
 BEGIN
@@ -126,8 +128,9 @@ CREATE TRIGGER worker_processed_commands_write
 -- 'emptied'  the previous table was emptied (commit, then call again to swap);
 -- 'swapped'  the empty previous table is current now;
 -- 'not due'  the current table has not been current for keep yet.
+-- Never holds up the commands for long (lock_timeout): the next hourly run tries again.
 CREATE FUNCTION calls_worker_rotate_processed_commands(keep interval) RETURNS text
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql {DEFINER} SET lock_timeout = '2s' AS $$
 DECLARE
     turn public.worker_processed_rotation;
     previous_empty boolean;
@@ -209,12 +212,7 @@ def upgrade() -> None:
     op.execute(VIEW)
     op.execute(FUNCTIONS)
     for function in DEFINERS:
-        op.execute(f"ALTER FUNCTION {function} SECURITY DEFINER SET search_path = {SEARCH_PATH}")
         op.execute(f"REVOKE ALL ON FUNCTION {function} FROM PUBLIC")
-    # Never hold up the commands for long: the next hourly run tries again.
-    op.execute(
-        "ALTER FUNCTION calls_worker_rotate_processed_commands(interval) SET lock_timeout = '2s'"
-    )
 
 
 def downgrade() -> None:
