@@ -138,7 +138,10 @@ def _together(
             calls = [c for i in indices
                      if not isinstance(entries[i].command, CreateCall)
                      and (c := entries[i].command.call_uuid_or_none) is not None]  # fmt: skip
-            recorded = uow.begin_batch(sorted({entries[i].command_id for i in indices}), calls)
+            people = [create.person_uuid for i in indices
+                      if isinstance(create := entries[i].command, CreateCall)]  # fmt: skip
+            recorded = uow.begin_batch(sorted({entries[i].command_id for i in indices}), calls,
+                                       people)  # fmt: skip
             for i in indices:
                 entry = entries[i]
                 if (before := recorded.get(entry.command_id)) is not None:

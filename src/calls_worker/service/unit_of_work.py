@@ -186,9 +186,13 @@ class UnitOfWork(abc.ABC):
     # Until ``commit`` or ``rollback``, a statement the database refuses raises
     # CommandRefused naming the commands whose writes it carried.
 
-    def begin_batch(self, command_ids: list[str], call_uuids: list[UUID]) -> dict[str, Outcome]:
+    def begin_batch(
+        self, command_ids: list[str], call_uuids: list[UUID], person_uuids: list[UUID]
+    ) -> dict[str, Outcome]:
         """Open the batch's transaction: the outcomes recorded already for any of
-        ``command_ids``, by command id; the calls ``call_uuids`` locked until it ends."""
+        ``command_ids``, by command id; the calls ``call_uuids`` locked until it ends, and
+        before them whatever the changes of those calls and of new calls for
+        ``person_uuids`` will need, in an order every writer follows."""
         raise NotImplementedError(f"{type(self).__name__} does not apply batches")
 
     def start_command(self, tag: object) -> None:

@@ -51,6 +51,7 @@ from calls_worker.service.unit_of_work import (
     UnitOfWork,
 )
 
+from .adoption import OWNER_LOCK_CLASS
 from .tables import (
     call_attempts,
     call_events,
@@ -88,6 +89,21 @@ def calls_with_owning_organization() -> Any:
 # subquery would miss an attempt that the transaction we waited for added. Nobody adds an
 # attempt to a call without updating its row (the counting trigger), so once we hold the
 # row, the attempts read next are all there are.
+# The owning organizations of the people whose calls a transaction is about to change,
+# locked (shared) in key order, before any call is locked. The triggers take the same locks
+# when the changes are written (and then hold them already); a change of a person's owner or
+# of a maximum takes them exclusively, in the same order, before it rechecks (and so locks)
+# calls (migration 0005). Taken in command order, after the calls, they could close a
+# cycle with such a change of the API's, and PostgreSQL would break it by failing one of
+# the two transactions, perhaps the API's. The second statement, with a snapshot taken
+# after the first's locks, adds the owner of anyone who moved meanwhile.
+_LOCK_OWNERS = (
+    f"SELECT count(pg_advisory_xact_lock_shared({OWNER_LOCK_CLASS}, key)) AS locked FROM ("
+    " SELECT DISTINCT hashtext(p.owning_organization_uuid::text) AS key FROM persons p"
+    " WHERE p.uuid = ANY(%(persons)s)"
+    " OR p.uuid IN (SELECT c.person_uuid FROM calls c WHERE c.uuid = ANY(%(calls)s))"
+    " ORDER BY 1) AS keys"
+)
 _LOCK_CALL = (
     "SELECT c.uuid, c.status, c.type, c.person_uuid, c.organization_uuid, c.pledge_case_uuid,"
     " c.requested_by, c.result, c.notes, c.external_metadata, c.completed_by, c.created_at,"
@@ -574,8 +590,9 @@ class SqlCallRepository(CallRepository):
     def get_for_update(self, call_uuid: UUID) -> Call | None:
         if (loaded := self._transaction.loaded.pop(call_uuid, None)) is not None:
             return loaded  # locked and read at the start of the batch, untouched since
-        row, attempts = self._transaction.read_each(
-            [_LOCK_CALL, _LOAD_ATTEMPTS], {"uuid": call_uuid}
+        _, _, row, attempts = self._transaction.read_each(
+            [_LOCK_OWNERS, _LOCK_OWNERS, _LOCK_CALL, _LOAD_ATTEMPTS],
+            {"uuid": call_uuid, "calls": [call_uuid], "persons": []},
         )
         return None if row is None else call_from_row(row, attempts.attempts_json)
 
@@ -747,13 +764,17 @@ class SqlUnitOfWork(UnitOfWork):
         """Write what is pending without committing (its row locks are then held)."""
         self._send(commit=False)
 
-    def begin_batch(self, command_ids: list[str], call_uuids: list[UUID]) -> dict[str, Outcome]:
-        # One message: BEGIN, the outcomes recorded already, the calls locked in uuid order.
+    def begin_batch(
+        self, command_ids: list[str], call_uuids: list[UUID], person_uuids: list[UUID]
+    ) -> dict[str, Outcome]:
+        # One message: BEGIN, the outcomes recorded already, the owners locked in key order,
+        # then the calls in uuid order.
         self._transaction.batch = True
-        outcomes, _, calls = self._transaction.read_all(
-            [_PROCESSED_OUTCOMES, _LOCK_CALLS, _LOAD_CALLS],
-            {"ids": command_ids, "calls": sorted(set(call_uuids))},
-        )
+        outcomes, _, _, _, calls = self._transaction.read_all(
+            [_PROCESSED_OUTCOMES, _LOCK_OWNERS, _LOCK_OWNERS, _LOCK_CALLS, _LOAD_CALLS],
+            {"ids": command_ids, "calls": sorted(set(call_uuids)),
+             "persons": sorted(set(person_uuids))},
+        )  # fmt: skip
         self._transaction.loaded = {row.uuid: call_from_row(row, row.attempts_json)
                                     for row in calls}  # fmt: skip
         return {command_id: dict(outcome) for command_id, outcome in outcomes[0].outcomes.items()}
