@@ -4,13 +4,18 @@ while the database is away (no server: a fake consumer and a fake database)."""
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
 
 from calls_worker.config import Settings
 from calls_worker.entrypoints import outage
-from calls_worker.entrypoints.consumer import ALREADY_SETTLED, dead_letter_reason
+from calls_worker.entrypoints.consumer import (
+    already_settled,
+    dead_letter_reason,
+    expired_command,
+)
 from calls_worker.entrypoints.outage import CommandsPause, DatabaseWatch
 from calls_worker.entrypoints.servers import Servers
 from calls_worker.wire import (
@@ -72,8 +77,56 @@ def test_why_rabbitmq_dead_lettered_a_message() -> None:
     limit = dead_letter_reason({"x-first-death-reason": "delivery_limit",
                                 "x-first-death-queue": "calls.commands"})  # fmt: skip
     assert "from calls.commands: delivered more than 20 times" in limit
-    # A message a worker rejected was kept first; an expired one is a superseded sweep.
-    assert {"rejected", "expired"} == ALREADY_SETTLED
+    expired = dead_letter_reason({"x-first-death-reason": "expired",
+                                  "x-first-death-queue": "calls.commands"})  # fmt: skip
+    assert "from calls.commands: expired there before a worker took it" in expired
+
+
+@pytest.mark.parametrize(
+    ("reason", "queue", "settled"),
+    [
+        ("rejected", "calls.commands", True),  # a worker rejects only what it has kept
+        ("rejected", "calls.sweeps", True),
+        ("expired", "calls.sweeps", True),  # a superseded sweep
+        ("expired", "calls.commands", False),  # a command sent with expires: kept
+        ("expired", None, False),
+        ("delivery_limit", "calls.commands", False),
+        ("maxlen", "calls.commands", False),
+        (None, None, False),
+    ],
+)
+def test_which_dead_letters_need_no_keeping(
+    reason: str | None, queue: str | None, settled: bool
+) -> None:
+    headers = {k: v for k, v in (("x-first-death-reason", reason),
+                                 ("x-first-death-queue", queue)) if v is not None}  # fmt: skip
+    assert already_settled(headers) is settled
+
+
+NOW = datetime(2026, 12, 4, 12, 0, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("headers", "kept"),
+    [
+        ({"task": "calls.create", "expires": "2026-12-04T11:59:59+00:00"}, True),
+        ({"task": "calls.cancel", "expires": "2026-12-04T11:59:59"}, True),  # naive: UTC
+        ({"task": "calls.cancel", "expires": "2026-12-04T13:59:59+02:00"}, True),
+        ({"task": "calls.create", "expires": "2026-12-04T12:00:01+00:00"}, False),
+        ({"task": "calls.create", "expires": None}, False),
+        ({"task": "calls.create"}, False),
+        ({"task": "calls.create", "expires": "not a time"}, False),  # Celery refuses it
+        ({"task": "calls.sweep", "expires": "2026-12-04T11:00:00+00:00"}, False),  # dropped
+        ({"task": "calls.list", "expires": "2026-12-04T11:00:00+00:00"}, False),
+        ("not a dict", False),
+    ],
+)
+def test_a_command_past_its_expires_is_kept_unapplied(headers: Any, kept: bool) -> None:
+    reason = expired_command(headers, NOW)
+    assert (reason is not None) is kept
+    if kept:
+        assert reason is not None
+        assert reason.startswith("expired: its expires (2026-12-04T")
 
 
 class FakeTaskConsumer:

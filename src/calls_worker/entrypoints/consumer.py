@@ -22,9 +22,11 @@ never sent round again (``_record``).
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
 
 from celery import bootsteps
+from celery.utils.time import maybe_iso8601, maybe_make_aware
 from celery.worker.consumer import Consumer
 from kombu import serialization
 from vine import promise
@@ -39,6 +41,7 @@ from calls_worker.wire import (
     COMMAND_ID_LIMIT,
     COMMANDS_QUEUE,
     DELIVERY_LIMIT,
+    SWEEPS_QUEUE,
     TASK_NAMES,
     dead_letters_queue,
     is_amqp,
@@ -91,6 +94,30 @@ def unusable_command_id(headers: Any) -> str | None:
 
 # The tasks whose messages are applied in batches (group commit: entrypoints/batching.py).
 BATCHED_TASKS = frozenset(TASK_NAMES.values())
+
+
+def expired_command(headers: Any, now: datetime | None = None) -> str | None:
+    """Why a command message is not applied because its ``expires`` has passed (None: it has
+    none, or it has not passed). Celery would acknowledge such a message and mark it revoked
+    in the result backend, leaving no trace an operator sees; the worker keeps it instead,
+    unapplied, with this reason (docs/wire-format.md, "Delivery"). A value that is not a
+    time is left to Celery, which refuses the message as invalid (also kept)."""
+    if not isinstance(headers, dict) or headers.get("task") not in BATCHED_TASKS:
+        return None
+    expires = headers.get("expires")
+    if expires is None:
+        return None
+    try:
+        parsed = maybe_iso8601(expires)
+    except (TypeError, ValueError):
+        return None
+    if parsed is None:
+        return None
+    deadline = maybe_make_aware(parsed)
+    if deadline >= (now or datetime.now(UTC)):
+        return None
+    return (f"expired: its expires ({deadline.isoformat()}) had passed when a worker took it;"
+            " not applied")  # fmt: skip
 
 
 class RecordingConsumer(Consumer):
@@ -162,7 +189,7 @@ class RecordingConsumer(Consumer):
                     limit,
                 )
                 return
-            unusable = unusable_command_id(message.headers)
+            unusable = unusable_command_id(message.headers) or expired_command(message.headers)
             if unusable is not None:
                 self._refuse(message, unusable, limit)
                 return
@@ -254,15 +281,24 @@ class RecordingConsumer(Consumer):
             message.reject_log_error(logger, self._connection_errors(), requeue=True)
 
 
-# Why RabbitMQ dead-letters (x-first-death-reason) a message that needs no keeping: a
-# worker rejects only a message it has kept; an expired message is a superseded sweep.
-ALREADY_SETTLED = frozenset({"rejected", "expired"})
+def already_settled(headers: dict[str, Any]) -> bool:
+    """Whether RabbitMQ dead-lettered a message that needs no keeping: one a worker rejected
+    (it rejects only a message it has kept), or a sweep that expired in the sweeps' queue (the
+    next one supersedes it). A message that expired anywhere else (a command sent with
+    Celery's ``expires``, which RabbitMQ turns into a per-message expiration) is kept."""
+    reason = headers.get("x-first-death-reason")
+    if reason == "rejected":
+        return True
+    return reason == "expired" and headers.get("x-first-death-queue") == SWEEPS_QUEUE
 
 
 def dead_letter_reason(headers: dict[str, Any]) -> str:
     """Why RabbitMQ dead-lettered a message, from the headers it added."""
     reason = headers.get("x-first-death-reason", "?")
     queue = headers.get("x-first-death-queue", "?")
+    if reason == "expired":
+        return (f"dead-lettered by RabbitMQ from {queue}: expired there before a worker took it"
+                " (the producer's expires); not applied")  # fmt: skip
     if reason == "delivery_limit":
         return (
             f"dead-lettered by RabbitMQ from {queue}: delivered more than {DELIVERY_LIMIT} times"
@@ -296,12 +332,9 @@ class DeadLetters(bootsteps.ConsumerStep):
     def _on_message(self, message: Any) -> None:
         consumer = self._consumer
         headers = message.headers if isinstance(message.headers, dict) else {}
-        reason = headers.get("x-first-death-reason")
-        if reason in ALREADY_SETTLED:
-            # Rejected by a worker, which kept it first (RecordingConsumer._refuse), or a
-            # sweep past its expiry (the next one supersedes it): nothing to keep again.
+        if already_settled(headers):
             logger.info("dead letter %s (%s) needs nothing more",
-                        headers.get("id"), reason)  # fmt: skip
+                        headers.get("id"), headers.get("x-first-death-reason"))  # fmt: skip
             message.ack()
             return
         if consumer._record(message, dead_letter_reason(headers)) and not message.acknowledged:
