@@ -84,7 +84,8 @@ def test_a_command_that_expires_in_its_queue_is_dead_lettered_and_kept(
         queue.bind(connection.default_channel).declare()
         try:
             control_app.send_task(TASK_NAMES["create"], kwargs={"command": person},
-                                  task_id=command_id, expires=1.0, queue=queue)  # fmt: skip
+                                  task_id=command_id, expires=1.0,
+                                  queue=queue)  # type: ignore[arg-type]  # fmt: skip
             wait_until(lambda: kept(db, command_id), TIMEOUT, "the dead letter kept")
             time.sleep(2)
             ((task, reason),) = kept(db, command_id)
