@@ -8,8 +8,10 @@ import subprocess
 import sys
 import urllib.error
 import urllib.request
+import warnings
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
 from celery import Celery
@@ -205,14 +207,19 @@ def test_an_operator_lists_and_replays_a_rejected_command(
     replays = [calls_worker(env, "dead-letters", "replay", str(rejected["id"]), str(corrected))
                for _ in range(2)]  # fmt: skip
     outcomes = [json.loads(r.stdout) for r in replays]
-    assert outcomes[0]["ok"] is True, replays[0].stderr
+    assert outcomes[0]["ok"] is True, (replays[0].stdout, replays[0].stderr)
     assert outcomes[1] == outcomes[0]  # the same replay twice: one call
     assert db.sql("SELECT count(*) FROM calls").scalar() == 1
     assert waiting() == []  # replayed: no longer waiting
     everything = json.loads(calls_worker(env, "dead-letters", "list", "--all").stdout)
     assert everything[0]["replayedAt"] is not None
     assert set(everything[0]) == {"id", "receivedAt", "taskName", "commandId", "rawBody",
-                                  "reason", "details", "replayedAt"}  # fmt: skip
+                                  "reason", "details", "replayedAt", "dismissedAt",
+                                  "replayedAs"}  # fmt: skip
+    # Refused as invalid, nothing recorded under its own id: replayed under it.
+    assert everything[0]["replayedAs"] == everything[0]["commandId"]
+    assert replays[0].returncode == 0
+    assert replays[1].returncode == 1  # applied already: shown, not sent again
 
 
 def test_a_replay_never_applies_a_command_that_was_applied(
@@ -242,3 +249,104 @@ def test_a_replay_never_applies_a_command_that_was_applied(
     assert f"command {sent.command_id} was applied" in replay.stderr
     assert json.loads(replay.stdout) == first
     assert db.attempt_rows(call) == 1
+
+
+def given_up(db: Db, control_app: Celery, task: str, command: dict[str, Any],
+             command_id: str, reason: str = "failed after 8 retries") -> int:  # fmt: skip
+    """What the worker leaves of a command it gave up on: kept among the rejected commands,
+    no outcome in the database, the failure in the result backend."""
+    rejected: int = db.sql(
+        "INSERT INTO worker_rejected_commands (task_name, command_id, raw_body, reason)"
+        " VALUES (:t, :c, :b, :r) RETURNING id", t=task, c=command_id,
+        b=json.dumps([[], {"command": command}, {}]), r=reason).scalar()  # fmt: skip
+    with warnings.catch_warnings():  # Celery's Redis backend calls redis-py's old setex
+        warnings.simplefilter("ignore", DeprecationWarning)
+        control_app.backend.mark_as_failure(command_id, RuntimeError(reason))
+    return rejected
+
+
+@pytest.mark.parametrize("first", ["replay", "resend"])
+def test_a_replay_and_a_resend_of_a_given_up_command_apply_it_once(
+    first: str, db: Db, worker: Process, client: CallsClient, control_app: Celery,
+    database_url: str, broker_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """The worker gave up on an attempt; an operator replays it and its producer sends it
+    again under its id (as the wire format says to after a wait), in either order: one
+    attempt, and whichever comes second gets the first's outcome."""
+    organization = db.organization(5)
+    person = db.person(organization)
+    call = db.call(person, organization)
+    command = {"callUuid": str(call), "userUuid": str(person),
+               "attemptedAt": "2026-03-01T09:00:00Z"}  # fmt: skip
+    command_id = f"order-7-attempt-{uuid4()}"
+    rejected = given_up(db, control_app, "calls.add_attempt", command, command_id)
+    env = worker_env(database_url, broker_url, tmp_path)
+
+    def replay() -> subprocess.CompletedProcess[str]:
+        return calls_worker(env, "dead-letters", "replay", str(rejected))
+
+    if first == "replay":
+        replayed = replay()
+        assert replayed.returncode == 0, replayed.stderr
+        outcome = json.loads(replayed.stdout)
+        assert outcome["ok"] is True
+        assert client.send("add_attempt", command, command_id=command_id).outcome(
+            TIMEOUT) == outcome  # fmt: skip
+    else:
+        outcome = client.send("add_attempt", command, command_id=command_id).outcome(TIMEOUT)
+        assert outcome["ok"] is True
+        replayed = replay()
+        assert replayed.returncode == 1, replayed.stderr
+        assert f"command {command_id} was applied" in replayed.stderr
+        assert json.loads(replayed.stdout) == outcome
+    assert db.attempt_rows(call) == 1
+    assert outcome["call"]["attemptCount"] == 1
+    (kept,) = json.loads(calls_worker(env, "dead-letters", "list", "--all").stdout)
+    if first == "replay":
+        assert kept["replayedAs"] == command_id  # under its own id
+    assert json.loads(calls_worker(env, "dead-letters", "list").stdout) == (
+        [] if first == "replay" else [kept])
+
+
+def test_an_operator_replays_and_dismisses_by_selection(
+    db: Db, worker: Process, client: CallsClient, control_app: Celery,
+    database_url: str, broker_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    """Three given up during an outage and one refused for another reason: the three are
+    replayed at once (--reason), the other dismissed (--all); none waits after, the gauge's
+    figure says 0, and a resend of the dismissed command's id is applied as new."""
+    from calls_worker.adapters.db.journal import operational_figures
+
+    organization = db.organization(5)
+    calls = [db.call(db.person(organization), organization) for _ in range(4)]
+    commands = [{"callUuid": str(call), "userUuid": str(uuid4()),
+                 "attemptedAt": "2026-03-01T09:00:00Z"} for call in calls]  # fmt: skip
+    ids = [f"bulk-{n}-{uuid4()}" for n in range(4)]
+    for n in range(3):
+        given_up(db, control_app, "calls.add_attempt", commands[n], ids[n],
+                 reason="database away: failed after 8 retries")  # fmt: skip
+    other = given_up(db, control_app, "calls.add_attempt", commands[3], ids[3],
+                     reason="the soft time limit")  # fmt: skip
+    env = worker_env(database_url, broker_url, tmp_path)
+    assert operational_figures(db.engine).rejected_waiting == 4
+
+    replayed = calls_worker(env, "dead-letters", "replay", "--reason", "DATABASE AWAY")
+    assert replayed.returncode == 0, replayed.stderr
+    lines = json.loads(replayed.stdout)
+    assert sorted(line["commandId"] for line in lines) == sorted(ids[:3])
+    assert all(line["outcome"]["ok"] for line in lines)
+    assert [db.attempt_rows(call) for call in calls] == [1, 1, 1, 0]
+
+    dismissed = calls_worker(env, "dead-letters", "dismiss", "--all")
+    assert json.loads(dismissed.stdout) == {"dismissed": [other]}, dismissed.stderr
+    assert json.loads(calls_worker(env, "dead-letters", "list").stdout) == []
+    assert operational_figures(db.engine).rejected_waiting == 0
+    again = calls_worker(env, "dead-letters", "dismiss", str(other))  # settled already
+    assert json.loads(again.stdout) == {"dismissed": []}
+    # Dismissed: nothing recorded under its id; its producer's resend is applied as new.
+    resent = client.send("add_attempt", commands[3], command_id=ids[3]).outcome(TIMEOUT)
+    assert resent["ok"] is True
+    assert db.attempt_rows(calls[3]) == 1
+    usage = calls_worker(env, "dead-letters", "replay", "1", "--all")
+    assert usage.returncode == 2
+    assert "give REJECTED_ID, or choose" in usage.stderr

@@ -175,6 +175,7 @@ def test_alert_rules_pass_promtool_and_their_tests() -> None:
         "CallsWorkerSweepNotRunning",
         "CallsWorkerSweepLagHigh",
         "CallsWorkerRejectedCommandsRising",
+        "CallsWorkerRejectedCommandsWaiting",
         "CallsWorkerTaskFailureRate",
         "CallsWorkerDueRecordDrift",
         "CallsWorkerRedisMemoryHigh",

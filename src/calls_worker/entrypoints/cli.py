@@ -13,10 +13,11 @@ import click
 
 from calls_worker.config import get_settings, signing_of
 from calls_worker.domain.commands import CommandKind
+from calls_worker.entrypoints.cli_dead_letters import COMMANDS as DEAD_LETTERS_COMMANDS
 from calls_worker.entrypoints.cli_directory import COMMANDS as DIRECTORY_COMMANDS
 from calls_worker.entrypoints.cli_events import COMMANDS as EVENTS_COMMANDS
 from calls_worker.entrypoints.logs import LogFormat
-from calls_worker.entrypoints.output import camel_keys, print_json
+from calls_worker.entrypoints.output import print_json
 from calls_worker.entrypoints.servers import Servers
 
 log_format_option = click.option(
@@ -438,83 +439,6 @@ def outcome(command_id: str) -> None:
     print_json(kept["outcome"])
 
 
-@main.group(name="dead-letters")
-def dead_letters() -> None:
-    """Commands the worker could not handle, kept with the reason."""
-
-
-@dead_letters.command(name="list")
-@click.option("--all", "include_replayed", is_flag=True, help="Include those replayed already.")
-@click.option("--limit", type=int, default=100, show_default=True)
-def dead_letters_list(include_replayed: bool, limit: int) -> None:
-    """Print the rejected commands waiting for an operator, oldest first, as JSON."""
-    from dataclasses import asdict
-
-    from calls_worker.adapters.db.journal import list_rejected
-
-    servers = _servers()
-    engine = _engine(servers)
-    try:
-        print_json(
-            [
-                camel_keys(asdict(r))
-                for r in list_rejected(engine, include_replayed=include_replayed, limit=limit)
-            ]
-        )
-    finally:
-        engine.dispose()
-        servers.stop()
-
-
-@dead_letters.command(name="replay")
-@click.argument("rejected_id", type=int)
-@click.argument("file", type=click.File("rb"), required=False)
-@click.option("--timeout", type=float, default=30.0, show_default=True)
-def dead_letters_replay(rejected_id: int, file: Any, timeout: float) -> None:
-    """Send rejected command REJECTED_ID again, as it was or as corrected in FILE (- for stdin).
-
-    Its command id is derived from REJECTED_ID and the command, so replaying the same
-    command twice has its effect once. A command whose own id has an outcome already (its
-    commit reached the database, and only the answer was lost before it was given up) is
-    not sent again: its outcome is printed, and the exit status is 1. Outcomes are kept
-    CALLS_WORKER_PROCESSED_RETENTION_HOURS (72 h): replay sooner than that.
-    """
-    from calls_worker.adapters.db.journal import get_rejected, mark_replayed, processed_outcome
-    from calls_worker.entrypoints.replay import command_of, replay_id
-    from calls_worker.wire import TASK_NAMES
-
-    servers = _servers()
-    engine = _engine(servers)
-    try:
-        rejected = get_rejected(engine, rejected_id)
-        if rejected is None:
-            raise click.ClickException(f"no rejected command {rejected_id}")
-        kinds = {name: kind for kind, name in TASK_NAMES.items()}
-        if rejected.task_name not in kinds:
-            raise click.ClickException(
-                f"{rejected.task_name!r} is not a command task; nothing to replay"
-            )
-        applied = (
-            None if rejected.command_id is None else processed_outcome(engine, rejected.command_id)
-        )
-        if applied is not None:
-            print_json(applied["outcome"])
-            raise click.ClickException(
-                f"command {rejected.command_id} was applied at {applied['processedAt']}"
-                " (its outcome is above); it is not sent again"
-            )
-        command = _read_command(file) if file is not None else command_of(rejected.raw_body)
-        with _client(servers) as client:
-            handle = _queue(
-                client, kinds[rejected.task_name], command, replay_id(rejected_id, command)
-            )
-            mark_replayed(engine, rejected_id)
-            print_json(handle.outcome(timeout))
-    finally:
-        engine.dispose()
-        servers.stop()
-
-
 @main.command(name="settings")
 def settings_command() -> None:
     """The settings this worker reads, as a Markdown table."""
@@ -549,5 +473,5 @@ def schema(out: Path | None) -> None:
     click.echo(f"wrote {len(schemas)} schemas to {out}")
 
 
-for _command in [*DIRECTORY_COMMANDS, *EVENTS_COMMANDS]:
+for _command in [*DIRECTORY_COMMANDS, *EVENTS_COMMANDS, *DEAD_LETTERS_COMMANDS]:
     main.add_command(_command)

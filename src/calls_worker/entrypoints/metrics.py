@@ -224,7 +224,7 @@ class DatabaseCollector:
         )
         yield GaugeMetricFamily(
             "calls_worker_rejected_commands_waiting",
-            "Rejected commands not replayed yet.",
+            "Rejected commands waiting for an operator: neither replayed nor dismissed.",
             figures.rejected_waiting,
         )
         if figures.last_sweep_at is not None:

@@ -12,7 +12,7 @@ GRANT SELECT, INSERT ON call_attempts TO calls_worker_app;
 -- A view of the two tables of outcomes; its trigger writes the current one (0008).
 GRANT SELECT, INSERT ON worker_processed_commands TO calls_worker_app;
 GRANT SELECT ON worker_processed_rotation TO calls_worker_app;                   -- status
-GRANT SELECT, INSERT, UPDATE ON worker_rejected_commands TO calls_worker_app;   -- UPDATE: replayed
+GRANT SELECT, INSERT, UPDATE ON worker_rejected_commands TO calls_worker_app;   -- UPDATE: replayed, dismissed
 GRANT SELECT, INSERT ON worker_sweep_runs TO calls_worker_app;
 -- UPDATE: the sweep locks the rows it takes (SELECT … FOR UPDATE).
 GRANT SELECT, UPDATE, DELETE ON worker_due_calls TO calls_worker_app;

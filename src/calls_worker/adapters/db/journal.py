@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Engine, func, select, text, update
+from sqlalchemy import ColumnElement, Engine, and_, func, select, text, update
 
 from calls_worker.domain.errors import FieldError
 
@@ -38,6 +38,9 @@ class RejectedCommand:
     reason: str
     details: list[dict[str, str]]
     replayed_at: datetime | None
+    dismissed_at: datetime | None = None
+    replayed_as: str | None = None
+    """The command id a replay sent it under (its own, or a replay id)."""
 
 
 def record_rejected(
@@ -72,14 +75,44 @@ def record_rejected(
         return rejected_id
 
 
+def _waiting() -> ColumnElement[bool]:
+    """A rejected command neither replayed nor dismissed: it waits for an operator."""
+    return and_(rejected_commands.c.replayed_at.is_(None),
+                rejected_commands.c.dismissed_at.is_(None))  # fmt: skip
+
+
 def list_rejected(
-    engine: Engine, *, include_replayed: bool = False, limit: int = 100
+    engine: Engine,
+    *,
+    include_settled: bool = False,
+    limit: int | None = 100,
+    since: datetime | None = None,
+    reason: str | None = None,
 ) -> list[RejectedCommand]:
+    """The rejected commands waiting for an operator (with ``include_settled``, the replayed
+    and dismissed ones too), oldest first; received at ``since`` or later, and whose reason
+    contains ``reason`` (any case), when given."""
     query = select(rejected_commands).order_by(rejected_commands.c.id).limit(limit)
-    if not include_replayed:
-        query = query.where(rejected_commands.c.replayed_at.is_(None))
+    if not include_settled:
+        query = query.where(_waiting())
+    if since is not None:
+        query = query.where(rejected_commands.c.received_at >= since)
+    if reason is not None:
+        query = query.where(rejected_commands.c.reason.icontains(reason, autoescape=True))
     with engine.connect() as connection:
         return [RejectedCommand(**row._mapping) for row in connection.execute(query)]
+
+
+def dismiss_rejected(engine: Engine, ids: Sequence[int]) -> list[int]:
+    """Mark these rejected commands dismissed (an operator decided they need nothing more);
+    the ids of those that were waiting, and now are not."""
+    with engine.begin() as connection:
+        return list(connection.execute(
+            update(rejected_commands)
+            .where(rejected_commands.c.id.in_(list(ids)), _waiting())
+            .values(dismissed_at=func.now())
+            .returning(rejected_commands.c.id)
+        ).scalars())  # fmt: skip
 
 
 def get_rejected(engine: Engine, rejected_id: int) -> RejectedCommand | None:
@@ -103,12 +136,13 @@ def processed_outcome(engine: Engine, command_id: str) -> dict[str, Any] | None:
                                      "serviceAccountUuid": row.service_account_uuid}  # fmt: skip
 
 
-def mark_replayed(engine: Engine, rejected_id: int) -> None:
+def mark_replayed(engine: Engine, rejected_id: int, command_id: str) -> None:
+    """Record that the rejected command was sent again, under ``command_id``."""
     with engine.begin() as connection:
         connection.execute(
             update(rejected_commands)
             .where(rejected_commands.c.id == rejected_id)
-            .values(replayed_at=func.now())
+            .values(replayed_at=func.now(), replayed_as=command_id)
         )
 
 
@@ -301,7 +335,7 @@ def operational_figures(engine: Engine) -> OperationalFigures:
         rejected_waiting = connection.execute(
             select(func.count())
             .select_from(rejected_commands)
-            .where(rejected_commands.c.replayed_at.is_(None))
+            .where(_waiting())
         ).scalar_one()
     return OperationalFigures(
         requested=requested,

@@ -123,6 +123,8 @@ rejected_commands = Table(
     Column("reason", Text, nullable=False),
     Column("details", JSONB, nullable=False),
     Column("replayed_at", DateTime(timezone=True)),
+    Column("dismissed_at", DateTime(timezone=True)),
+    Column("replayed_as", Text),
 )
 
 sweep_runs = Table(
