@@ -126,7 +126,10 @@ def _replay(engine: Any, client: Any, servers: Any, rejected: Any, file: Any) ->
     account = _account_of(command)
     signing = signing_of(servers.settings)
     if account is not None and signing is not None:  # refused before anything is recorded
-        cli._check_signs_as(servers, account, signing.certificate)
+        try:
+            cli._check_signs_as(servers, account, signing.certificate)
+        except SystemExit:  # it said why
+            raise NotSent(f"not signed with service account {account}'s key") from None
     # Under its own id when the database has no outcome for it (given up, or refused before
     # it was applied): a resend by its producer and this replay then have one effect between
     # them. What the result backend answered under that id (a give-up, `invalid`) goes.

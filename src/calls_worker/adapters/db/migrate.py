@@ -26,7 +26,7 @@ logger = logging.getLogger("calls_worker")
 # The Calls API shares this database and may use alembic itself: keep our own version table.
 VERSION_TABLE = "calls_worker_alembic_version"
 # Any constant will do; two migrating processes take turns on it.
-_MIGRATION_LOCK = 7_304_118_001
+MIGRATION_LOCK = 7_304_118_001
 
 
 def _config() -> Config:
@@ -163,7 +163,7 @@ def _take_turn(connection: Connection) -> None:
     """
     while True:
         taken = connection.execute(
-            text("SELECT pg_try_advisory_lock(:key)"), {"key": _MIGRATION_LOCK}
+            text("SELECT pg_try_advisory_lock(:key)"), {"key": MIGRATION_LOCK}
         ).scalar()
         connection.commit()
         if taken:
@@ -185,5 +185,5 @@ def _run(engine: Engine, action: Callable[[Config], object]) -> None:
             action(config)
             connection.commit()
         finally:
-            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": _MIGRATION_LOCK})
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
             connection.commit()
