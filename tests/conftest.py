@@ -9,6 +9,7 @@ testing nothing.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -181,7 +182,38 @@ def reliability() -> Reliability:
     return _RELIABILITY
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test of a scenario (marked ``scenario(NAME)``) shows in the table, whether it
+    failed before or after it counted."""
+    report = yield
+    marker = item.get_closest_marker("scenario")
+    if marker is not None and report.failed and report.when in ("setup", "call"):
+        _RELIABILITY.fail(marker.args[0])
+    return report
+
+
+def whole_suite(config: pytest.Config) -> bool:
+    """Whether the session runs every test (no paths, keywords, markers or last-failed)."""
+    option = config.option
+    return (config.args_source == pytest.Config.ArgsSource.TESTPATHS
+            and not option.keyword and not option.markexpr and not option.deselect
+            and not getattr(option, "lf", False))  # fmt: skip
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """A run of the whole suite fails when a scenario of the table went unrecorded (a test
+    that stopped counting, or was left out)."""
+    if whole_suite(session.config) and exitstatus == 0 and not _RELIABILITY.complete():
+        print(f"\nthe scenarios {_RELIABILITY.missing()} were not recorded by any test",
+              file=sys.stderr)  # fmt: skip
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """What the single-scenario fault tests counted (docs/reliability.md is the soak's)."""
     if _RELIABILITY.records:
         terminalreporter.write_line(_RELIABILITY.markdown())
+    if whole_suite(terminalreporter.config) and not _RELIABILITY.complete():
+        terminalreporter.write_line(
+            f"Scenarios no test recorded: {', '.join(_RELIABILITY.missing())}")

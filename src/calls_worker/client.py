@@ -213,21 +213,17 @@ class CallsClient:
         new UUID. Sending the same command id twice has the effect once, as long as the
         worker still keeps the first one's outcome: for
         ``CALLS_WORKER_PROCESSED_RETENTION_HOURS`` (72 h by default). A resend after that is
-        applied again. Sending under an id the worker gave up on (the backend holds a
-        failure) drops that failure first, so this sending waits for its own outcome.
+        applied again.
         """
         payload = self._for_account(_decoded(kind, command))
         stamped = stamp(kind, payload, datetime.now(UTC))
         parse_command(kind, stamped)
-        given = command_id is not None
         command_id = command_id or str(uuid4())
         if not (0 < len(command_id) <= COMMAND_ID_LIMIT and command_id.isprintable()):
             raise InvalidCommand(
                 f"a command id is a printable string of 1 to {COMMAND_ID_LIMIT} characters",
                 [FieldError("commandId", f"{len(command_id)} characters")],
             )
-        if given:
-            self._forget_failure(command_id)
         kwargs: dict[str, Any] = {"command": stamped}
         if self._signed:  # the signature covers the body only: bind the id and task into it
             kwargs["signedFor"] = {"id": command_id, "task": TASK_NAMES[kind]}
@@ -236,14 +232,6 @@ class CallsClient:
             ignore_result=ignore_result,
         )  # fmt: skip
         return CommandHandle(command_id, stamped, result, self, ignore_result, kind)
-
-    def _forget_failure(self, command_id: str) -> None:
-        """A command sent again under its id after the worker gave up on it: the give-up
-        the result backend holds there is not the answer to this sending (which the worker
-        stores there in its turn), so it goes. An outcome stays: it is the answer."""
-        earlier = self._app.AsyncResult(command_id)
-        if earlier.failed():
-            earlier.forget()
 
     def forget(self, command_id: str) -> None:
         """Drop whatever the result backend holds for ``command_id`` (the database's record

@@ -28,6 +28,7 @@ def sends(beat: Process) -> list[datetime]:
             for t in SENT.findall(beat.output())]
 
 
+@pytest.mark.scenario("two-beats")
 @pytest.mark.slow
 def test_two_beats_expire_each_call_once(
     db: Db,

@@ -209,6 +209,7 @@ def relay_worker(database_url: str, broker_url: str, tmp: Path, name: str) -> Pr
     )  # fmt: skip
 
 
+@pytest.mark.scenario("relay-kill")
 @pytest.mark.slow
 def test_relays_killed_between_publishing_and_marking_never_skip_nor_reorder(
     lone_db: Db, broker_url: str, tmp_path: Path, reliability: Reliability

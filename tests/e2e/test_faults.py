@@ -51,6 +51,7 @@ def attempt(call: str) -> dict[str, str]:
     return {"callUuid": call, "userUuid": str(uuid4()), "attemptedAt": ISSUED}
 
 
+@pytest.mark.scenario("killed-before-commit")
 @pytest.mark.slow
 def test_killed_before_commit_the_command_is_redelivered_and_applied_once(
     db: Db, worker: Process, client: CallsClient, control_app: Celery, database_url: str,
@@ -76,6 +77,7 @@ def test_killed_before_commit_the_command_is_redelivered_and_applied_once(
     assert db.row(UUID(call))["attempt_count"] == applied == 1
 
 
+@pytest.mark.scenario("killed-after-commit")
 @pytest.mark.slow
 def test_killed_after_commit_before_ack_the_redelivery_changes_nothing(
     db: Db, worker: Process, client: CallsClient, control_app: Celery, database_url: str,
@@ -107,6 +109,7 @@ def test_killed_after_commit_before_ack_the_redelivery_changes_nothing(
     assert db.row(UUID(call))["attempt_count"] == applied == 1
 
 
+@pytest.mark.scenario("warm-shutdown")
 @pytest.mark.slow
 @pytest.mark.parametrize("batch_size", [1, 32])
 def test_warm_shutdown_finishes_or_returns_every_command(

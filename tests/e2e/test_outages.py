@@ -39,6 +39,7 @@ TIMEOUT = 120
 BROKER_AWAY = (OperationalError, redis.exceptions.ConnectionError)
 
 
+@pytest.mark.scenario("database-outage")
 @pytest.mark.slow
 def test_commands_survive_a_database_outage(
     redis_url: str, tmp_path: Path, reliability: Reliability
@@ -143,6 +144,7 @@ def test_commands_survive_a_database_outage(
         server.stop()
 
 
+@pytest.mark.scenario("broker-restart")
 @pytest.mark.slow
 def test_every_accepted_command_survives_a_broker_restart(
     db: Db, database_url: str, tmp_path: Path, reliability: Reliability

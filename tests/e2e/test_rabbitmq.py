@@ -262,6 +262,7 @@ def _stream(client: CallsClient, calls: list[str], count: int, pause: float,
     return thread
 
 
+@pytest.mark.scenario("rabbitmq-worker-killed")
 @pytest.mark.slow
 def test_workers_killed_at_random_moments_lose_and_double_nothing(
     db: Db, database_url: str, fresh_node: RabbitNode, tmp_path: Path, reliability: Reliability
@@ -310,6 +311,7 @@ def test_workers_killed_at_random_moments_lose_and_double_nothing(
     assert elapsed < 600  # nothing waited for a visibility timeout (3,600 s)
 
 
+@pytest.mark.scenario("rabbitmq-node-restart")
 @pytest.mark.slow
 def test_every_confirmed_send_survives_broker_node_restarts(
     db: Db, database_url: str, fresh_node: RabbitNode, tmp_path: Path, reliability: Reliability
@@ -354,6 +356,7 @@ def queue_depth(url: str, queue: str) -> int:
     return int(ready)
 
 
+@pytest.mark.scenario("rabbitmq-database-outage")
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_a_five_minute_database_outage_dead_letters_nothing(

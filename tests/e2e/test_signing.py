@@ -56,6 +56,7 @@ def key_and_certificate(directory: Path, name: str) -> Signing:
     return Signing(key=key_file, certificate=cert_file, cert_store=str(cert_file))
 
 
+@pytest.mark.scenario("signed-messages")
 @pytest.mark.slow
 def test_only_commands_signed_by_a_trusted_key_are_handled(
     db: Db,

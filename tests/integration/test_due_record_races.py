@@ -144,6 +144,7 @@ SCENARIOS: dict[str, tuple[dict[str, int], Statement, Statement]] = {
 }  # fmt: skip
 
 
+@pytest.mark.scenario("due-record-race")
 @pytest.mark.slow
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_the_record_holds_when_a_maximum_and_a_call_change_at_once(

@@ -158,6 +158,7 @@ def command_all(engine: Engine, calls: list[UUID]) -> list[tuple[str, Outcome]]:
     return outcomes
 
 
+@pytest.mark.scenario("sweep-command-race")
 def test_sweep_and_commands_collide_many_times(
     db: Db, engine: Engine, reliability: Reliability
 ) -> None:

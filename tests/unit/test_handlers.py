@@ -272,6 +272,7 @@ def test_created_at_can_be_given(world: World) -> None:
     assert datetime.fromisoformat(call["createdAt"]).tzinfo == UTC
 
 
+@pytest.mark.scenario("clock-skew")
 def test_an_absurd_future_timestamp_is_refused_and_skew_is_not(
     world: World, reliability: Reliability
 ) -> None:
