@@ -98,7 +98,7 @@ class CommandHandle:
             except TimeoutError:
                 if resend_after is None or time.monotonic() >= deadline:
                     raise
-                self._resend()
+                self.resend()
 
     def _wait(self, timeout: float) -> Outcome:
         if self._client is None:
@@ -109,7 +109,10 @@ class CommandHandle:
             account=None if account is None else str(account),
         )  # fmt: skip
 
-    def _resend(self) -> None:
+    def resend(self) -> None:
+        """Send the command again, as it was and under its command id (applied once all the
+        same): what ``outcome(resend_after=…)`` does, for a producer that keeps the time of
+        many commands itself instead of waiting for one at a time."""
         if self._client is None or self.kind is None:
             raise TimeoutError(f"no outcome for command {self.command_id}, and it cannot be"
                                " sent again from this handle")  # fmt: skip

@@ -121,7 +121,7 @@ class Findings:
         self.doubled += doubled
 
 
-def _canonical(call: dict[str, Any]) -> str:
+def _canonical(call: Any) -> str:
     return json.dumps(call, sort_keys=True)
 
 
@@ -269,7 +269,13 @@ def _events(told: Sequence[Told], first: dict[str, Told], held: Held,
                           f" comes after {before.sequence} ({before.kind},"
                           f" {before.call['status']}, {before.call['attemptCount']})")
         if uuid in held.calls and _canonical(held.calls[uuid]) != _canonical(events[-1].call):
-            found.add(f"call {uuid} differs from its last event's call")
+            differ = sorted(k for k in {*held.calls[uuid], *events[-1].call}
+                            if _canonical(held.calls[uuid].get(k))
+                            != _canonical(events[-1].call.get(k)))  # fmt: skip
+            found.add(f"call {uuid} differs from its last event's call"
+                      f" ({events[-1].kind}, sequence {events[-1].sequence}) in"
+                      + "".join(f" {k}: {held.calls[uuid].get(k)!r} against"
+                                f" {events[-1].call.get(k)!r};" for k in differ))  # fmt: skip
     if held.received is not None:
         outbox, received = {e.event_id for e in held.events}, set(held.received)
         if outbox - received:

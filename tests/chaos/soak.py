@@ -4,18 +4,13 @@ injected at a random moment, each iteration reconciled by an independent checker
 Every iteration draws its plan (the stream and the moment of the fault) from a seed it
 logs, so a failing one can be replayed: ``python -m tests.chaos --fault pool-kill --seed S``.
 
-The checker reads only the database and what the producer was told:
-
-- every command the producer saw accepted has exactly one processed record (or, if
-  invalid, is kept among the rejected commands with its reason), and the outcome the
-  producer got is that record's;
-- a duplicate (the same command id sent again) got the first outcome;
-- each attempt, known by its own identity (its userUuid), is stored once if its outcome
-  was ok and not at all otherwise; each create likewise;
-- each call is in the end state its commands' outcomes say, and in one end state only;
-- every call the sweep expired had reached its owning organization's maximum, and no call
-  left requested has;
-- no session of the worker is idle in a transaction once the fault is over.
+The checker (tests/chaos/checker.py, a pure function with unit tests of its own) reads only
+the database and what the producer was told: every outcome against its record, every
+effect against its outcome, the outbox against the ok changes and the sweep, each call's
+events in order, and every resend (for a kill that can lose a message Redis handed out,
+explained by a snapshot, taken just before the kill, of the commands the worker had taken
+and not acknowledged; for any other fault, none). No session of the worker may be idle in
+a transaction once the fault is over.
 
 Whether the fault hit work in flight is recorded too: commands sent and not yet processed
 at that moment, while the worker was processing (a kill between commands proves little).
@@ -40,35 +35,59 @@ from uuid import UUID, uuid4
 
 import psutil
 import redis.exceptions
+import sqlalchemy.exc
 from celery import Celery
+from kombu import Connection, Exchange, Queue
 from kombu.exceptions import OperationalError
-from sqlalchemy import text
+from sqlalchemy import select, text
 
 from calls_worker.adapters.db.engine import build_engine
-from calls_worker.adapters.embedded import EmbeddedPostgres, EmbeddedRedis, start_redis
+from calls_worker.adapters.db.repository import call_json_sql
+from calls_worker.adapters.db.tables import calls as calls_table
+from calls_worker.adapters.db.tables import organizations, persons
+from calls_worker.adapters.embedded import EmbeddedPostgres, start_redis
 from calls_worker.client import CallsClient, CommandFailed
 from calls_worker.domain.commands import CommandKind
-from calls_worker.wire import celery_config
+from calls_worker.wire import COMMANDS_QUEUE, EVENTS_EXCHANGE, celery_config
+from tests.chaos.checker import Held, HeldEvent, Role, Rules, Told, reconcile
 from tests.e2e.conftest import Process, free_ports, wait_for_worker, worker_env
+from tests.e2e.rabbitmq_node import RabbitNode
 
-FAULTS = (
+REDIS_FAULTS = (
     "pool-kill", "main-kill", "sigterm", "postgres-restart", "broker-restart", "two-beats",
     "clock-jump",
     # Group commit's own: the producer sends in bursts, so the worker holds batches, and the
     # fault strikes while it holds at least BATCHED_AT_LEAST messages unacknowledged.
     "batch-main-kill", "batch-pool-kill", "batch-postgres-stop", "batch-broker-restart",
 )  # fmt: skip
+# On a RabbitMQ node of the soak's own, commands sent in bursts: the worker's main process
+# killed, the node stopped and started, PostgreSQL away, and a poison among the commands
+# (its pool process dies before its batch commits, every time it is delivered).
+RABBITMQ_FAULTS = ("rabbitmq-main-kill", "rabbitmq-node-restart", "rabbitmq-postgres-stop",
+                   "rabbitmq-poison")  # fmt: skip
+FAULTS = REDIS_FAULTS + RABBITMQ_FAULTS
 # The batch faults' producer sends this many commands back to back, then pauses (same pace).
 BURST = 40
 BATCHED_AT_LEAST = 4
 BROKER_AWAY = (OperationalError, redis.exceptions.ConnectionError, ConnectionError)
 OUTCOME_WAIT = 180.0
-MAXIMUM = 3  # the owning organizations' maximum of the calls that have one
+# The owning organizations' maxima (None: no limit); the API changes them, among the first
+# three, while the stream runs.
+MAXIMA = (2, 3, 4, None)
+# How often the API changes a maximum or moves a donor to another owner, seconds.
+API_CHANGE_EVERY = 0.3
 # The producer's pace: faster than one worker process keeps up with, so that commands wait
 # in the queue while others run (a fault then finds work in flight).
 SENDS_PER_SECOND = 150
 # A command without an outcome this long is sent again under its id (see CommandHandle).
 RESEND_AFTER = 20.0
+# Two subscribers of the events exchange, each with its queue, bound for the whole soak.
+SUBSCRIBERS = ("soak.subscriber-a", "soak.subscriber-b")
+EVENTS = Exchange(EVENTS_EXCHANGE, type="topic", durable=True)
+
+
+def broker_of(fault: str) -> str:
+    return "rabbitmq" if fault.startswith("rabbitmq-") else "redis"
 
 
 @dataclass
@@ -82,6 +101,25 @@ class Sent:
     role: str  # "command", "duplicate" (of an earlier command id) or "invalid"
     handle: Any = None
     outcome: dict[str, Any] | None = None
+    resent: int = 0
+    """How many times the producer sent it again, for want of an outcome in RESEND_AFTER."""
+    sent_at: float = 0.0
+    """When (monotonic seconds) it was last sent."""
+
+    @property
+    def call_uuid(self) -> str | None:
+        if not isinstance(self.payload, dict):
+            return None
+        return str(self.payload["uuid" if self.kind == "create" else "callUuid"])
+
+
+@dataclass(frozen=True)
+class Poison:
+    """A create the workers die on, every time, before its batch commits: its id, and its
+    place in the stream."""
+
+    command_id: str
+    at: int
 
 
 @dataclass
@@ -112,15 +150,77 @@ class Result:
 def plan(seed: int, commands: int) -> Plan:
     rng = random.Random(seed)
     duration = commands / SENDS_PER_SECOND
-    return Plan(seed, commands, fault_at=rng.uniform(0.15, 0.75) * duration,
+    return Plan(seed, commands, fault_at=rng.uniform(0.0, 1.0) * duration,
                 fault_for=rng.uniform(1.5, 4.0))  # fmt: skip
 
 
-class Scene:
-    """The servers of a soak: a throw-away PostgreSQL and Redis of its own, and the worker
-    and beat processes of the current iteration."""
+class RedisBroker:
+    """The soak's own Redis (append-only), stopped and started again by its faults."""
 
-    def __init__(self, root: Path, database: EmbeddedPostgres, broker: EmbeddedRedis) -> None:
+    kind = "redis"
+
+    def __init__(self, folder: Path) -> None:
+        self.server = start_redis(folder)
+        self.stops = 0
+        """How many times the soak stopped it (each one SHUTDOWN in its log)."""
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def results_url(self, database_url: str) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.stops += 1
+
+    def start(self) -> None:
+        self.server = start_redis(self.server.data_dir, port=self.server.port)
+
+    def close(self) -> None:
+        self.server.stop()
+
+    def shutdowns_logged(self) -> int:
+        log = self.server.data_dir / "redis.log"
+        return log.read_text(errors="replace").count("User requested shutdown")
+
+
+class RabbitBroker:
+    """A RabbitMQ node of the soak's own (outcomes in the database), stopped and started
+    again by its faults."""
+
+    kind = "rabbitmq"
+
+    def __init__(self, folder: Path) -> None:
+        self.node = RabbitNode(folder)
+        self.node.start()
+
+    @property
+    def url(self) -> str:
+        return self.node.url
+
+    def results_url(self, database_url: str) -> str:
+        return database_url
+
+    def stop(self) -> None:
+        self.node.stop()
+
+    def start(self) -> None:
+        self.node.start()
+
+    def close(self) -> None:
+        self.node.stop()
+
+
+Broker = RedisBroker | RabbitBroker
+
+
+class Scene:
+    """The servers of a soak: a throw-away PostgreSQL and broker of its own, and the worker
+    and beat processes, kept from one iteration to the next while they live."""
+
+    def __init__(self, root: Path, database: EmbeddedPostgres, broker: Broker) -> None:
         self.root = root
         self.database = database
         self.broker = broker
@@ -128,6 +228,91 @@ class Scene:
         self.workers: list[Process] = []
         self.beats: list[Process] = []
         self.count = 0
+        self.stale: set[str] = set()
+        """The delivery tags of messages held unacknowledged when the iteration began."""
+        self.poison: str | None = None
+        """The command id the workers running now are told to die on (rabbitmq-poison)."""
+
+    @property
+    def results_url(self) -> str:
+        return self.broker.results_url(self.database.url)
+
+    def note_stale(self) -> None:
+        if self.broker.kind != "redis":
+            return
+        connection = redis.Redis.from_url(self.broker.url)
+        try:
+            self.stale = {str(tag) for tag in connection.hkeys("unacked")}
+        finally:
+            connection.close()
+
+    def redis_ports_of(self, worker: Process) -> set[int]:
+        """The local ports of ``worker``'s connections to Redis (its main process's and its
+        pool's)."""
+        if not isinstance(self.broker, RedisBroker):
+            return set()
+        port = self.broker.server.port
+        ports = set()
+        main = psutil.Process(worker.popen.pid)
+        for process in [main, *main.children(recursive=True)]:
+            with suppress(psutil.Error):
+                ports |= {c.laddr.port for c in process.net_connections("tcp")
+                          if c.raddr and c.raddr.port == port}  # fmt: skip
+        return ports
+
+    def wait_for_clients_gone(self, ports: set[int], timeout: float = 10) -> None:
+        """Until Redis has dropped its clients connected from ``ports`` (a killed worker's:
+        until then it may still hand one of them a message)."""
+        if not ports:
+            return
+        connection = redis.Redis.from_url(self.broker.url)
+        try:
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                clients = connection.client_list()
+                if not any(int(c["addr"].rsplit(":", 1)[1]) in ports for c in clients):
+                    return
+                time.sleep(0.01)
+        finally:
+            connection.close()
+
+    def ready(self, poison: str | None) -> None:
+        """Two live workers (told to die on ``poison``, if given) and one beat that has sent
+        a sweep: those of the last iteration if they still run and fit."""
+        if poison != self.poison:
+            self.stop_all()
+            self.poison = poison
+        self.workers = self.live_workers()
+        while len(self.workers) < 2:
+            self.start_worker()
+        for beat in self.beats[1:]:  # a second beat (two-beats) lasts one iteration
+            beat.stop(signal.SIGTERM, timeout=60)
+        self.beats = [beat for beat in self.beats[:1] if beat.popen.poll() is None]
+        if not self.beats:
+            # Sweeping before the stream starts: a beat takes seconds to start, longer than
+            # a reduced iteration's stream lasts, and the sweeps are part of what runs
+            # under a fault.
+            _wait_for_first_sweep(self.start_beat())
+
+    def subscribe(self) -> None:
+        """Each subscriber's queue, bound to the events exchange for the whole soak."""
+        with Connection(self.broker.url) as connection:
+            for name in SUBSCRIBERS:
+                Queue(name, EVENTS, routing_key="call.#", durable=True)(
+                    connection.default_channel).declare()
+
+    def drain(self, name: str, calls: set[str]) -> list[str]:
+        """The ids of the events of ``calls`` waiting in subscriber ``name``'s queue (taken
+        off it, with the rest)."""
+        received = []
+        with Connection(self.broker.url) as connection:
+            bound = Queue(name, EVENTS, routing_key="call.#", durable=True)(
+                connection.default_channel)
+            while (message := bound.get(no_ack=True)) is not None:
+                _args, kwargs, _embed = message.decode()
+                if kwargs["event"]["callUuid"] in calls:
+                    received.append(str(kwargs["event"]["eventId"]))
+        return received
 
     def env(self, **extra: str) -> dict[str, str]:
         return worker_env(self.database.url, self.broker.url, self.root / "data",
@@ -139,9 +324,13 @@ class Scene:
     def start_worker(self) -> Process:
         self.count += 1
         name = f"soak{self.count}"
-        # One pool process: a kill of it lands on the command it runs.
-        worker = Process(["worker", "-c", "1", "-n", f"{name}@%h"], self.env(),
-                         self.root / f"{name}.log")  # fmt: skip
+        poisoned = ["--include", "tests.e2e.faults"] if self.poison else []
+        extra = {"CALLS_WORKER_TEST_POISON_BEFORE_COMMIT": self.poison,
+                 "CALLS_WORKER_TEST_FAULT_LOG": str(self.root / f"{self.poison}.killed")
+                 } if self.poison else {}  # fmt: skip
+        # Two pool processes: commands and sweeps run at the same time as each other.
+        worker = Process(["worker", "-c", "2", "-n", f"{name}@%h", *poisoned],
+                         self.env(**extra), self.root / f"{name}.log")  # fmt: skip
         control = self.control()
         try:
             wait_for_worker(control, name, worker)
@@ -160,8 +349,11 @@ class Scene:
 
     def control(self) -> Celery:
         app = Celery("soak-control", set_as_current=False)
-        app.conf.update(celery_config(self.broker.url, self.broker.url))
+        app.conf.update(celery_config(self.broker.url, self.results_url))
         return app
+
+    def live_workers(self) -> list[Process]:
+        return [worker for worker in self.workers if worker.popen.poll() is None]
 
     def stop_all(self) -> None:
         for process in [*self.workers, *self.beats]:
@@ -174,36 +366,86 @@ class Scene:
             return connection.execute(text(statement), params)
 
 
-def _world(scene: Scene) -> tuple[list[dict[str, str]], UUID]:
-    """Organizations (some with a maximum, some without) and their persons."""
-    people = []
-    for n in range(4):
+def _world(scene: Scene) -> tuple[list[dict[str, str]], list[str]]:
+    """Organizations with different maxima (one without), and their persons: each person
+    with the organization that owns them."""
+    people, organizations = [], []
+    for maximum in MAXIMA:
         organization = uuid4()
+        organizations.append(str(organization))
         scene.sql("INSERT INTO organizations (uuid, name, max_call_attempts) VALUES (:o, 's', :m)",
-                  o=organization, m=MAXIMUM if n % 2 == 0 else None)  # fmt: skip
+                  o=organization, m=maximum)  # fmt: skip
         for _ in range(3):
             person = uuid4()
             scene.sql("INSERT INTO persons (uuid, owning_organization_uuid) VALUES (:p, :o)",
                       p=person, o=organization)  # fmt: skip
             people.append({"personUuid": str(person), "organizationUuid": str(organization)})
-    return people, organization
+    return people, organizations
+
+
+class Api(threading.Thread):
+    """The Calls API at work while the stream runs: every API_CHANGE_EVERY seconds it changes
+    an organization's maximum, or moves a donor to another owning organization, in plain
+    SQL, each in a transaction of its own."""
+
+    def __init__(self, scene: Scene, people: list[dict[str, str]], organizations: list[str],
+                 rng: random.Random) -> None:  # fmt: skip
+        super().__init__(daemon=True)
+        self.scene, self.people, self.organizations = scene, people, organizations
+        self.rng = random.Random(rng.random())
+        self.stop = threading.Event()
+        self.changes = 0
+        self.refused = 0
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        limited = [o for o, m in zip(self.organizations, MAXIMA, strict=True) if m is not None]
+        try:
+            while not self.stop.wait(API_CHANGE_EVERY):
+                try:
+                    self._change(limited)
+                except sqlalchemy.exc.OperationalError:
+                    self.refused += 1  # PostgreSQL away (a fault): the API tries again
+        except BaseException as error:  # reported by the iteration
+            self.error = error
+
+    def _change(self, limited: list[str]) -> None:
+        if self.rng.random() < 0.5:
+            self.scene.sql("UPDATE organizations SET max_call_attempts = :m WHERE uuid = :o",
+                           m=self.rng.choice((2, 3, 4)), o=self.rng.choice(limited))  # fmt: skip
+        else:
+            self.scene.sql("UPDATE persons SET owning_organization_uuid = :o WHERE uuid = :p",
+                           o=self.rng.choice(self.organizations),
+                           p=self.rng.choice(self.people)["personUuid"])  # fmt: skip
+        self.changes += 1
 
 
 def stream(rng: random.Random, count: int, people: list[dict[str, str]],
-           clock: Callable[[], datetime]) -> Iterator[Sent]:  # fmt: skip
+           organizations: list[str], clock: Callable[[], datetime],
+           poison: Poison | None = None) -> Iterator[Sent]:  # fmt: skip
     """``count`` commands: creates, attempts, completes, cancels, duplicates by command id
-    and invalid ones, drawn from ``rng``; timestamps from ``clock`` (the producer's)."""
+    and invalid ones, drawn from ``rng``; timestamps from ``clock`` (the producer's). Each
+    call is performed by an organization other than its person's owner."""
     calls: list[str] = []
     sent: list[Sent] = []
     for n in range(count):
         roll = rng.random()
         stamp = clock().isoformat()
-        if not calls or roll < 0.2:
+        if poison is not None and n == poison.at:
+            person = rng.choice(people)
+            item = Sent(n, "create", poison.command_id,
+                        {"personUuid": person["personUuid"], "uuid": str(uuid4()),
+                         "organizationUuid": rng.choice([o for o in organizations
+                                                         if o != person["organizationUuid"]]),
+                         "issuedAt": stamp}, "poison")  # fmt: skip
+        elif not calls or roll < 0.2:
             uuid = str(uuid4())
             calls.append(uuid)
+            person = rng.choice(people)
+            performer = rng.choice([o for o in organizations if o != person["organizationUuid"]])
             item = Sent(n, "create", str(uuid4()),
-                        {**rng.choice(people), "uuid": uuid, "issuedAt": stamp},
-                        "command")  # fmt: skip
+                        {"personUuid": person["personUuid"], "organizationUuid": performer,
+                         "uuid": uuid, "issuedAt": stamp}, "command")  # fmt: skip
         elif roll < 0.62:
             item = Sent(n, "add_attempt", str(uuid4()), {
                 "callUuid": rng.choice(calls), "userUuid": str(uuid4()),
@@ -233,21 +475,29 @@ class Producer(threading.Thread):
         super().__init__(daemon=True)
         self.client, self.items, self.burst = client, items, burst
         self.sent: list[Sent] = []
+        self.sending: Sent | None = None
+        """The command being handed over right now (the broker may have it already)."""
         self.resent = 0
         self.error: BaseException | None = None
+        self.lock = threading.Lock()
+        """Held while a command is handed over: whoever holds it has the producer paused."""
 
     def run(self) -> None:
         try:
             started = time.monotonic()
             for item in self.items:
-                while True:
-                    try:
-                        item.handle = self._send(item)
-                        break
-                    except BROKER_AWAY:
-                        self.resent += 1
-                        time.sleep(0.2)
-                self.sent.append(item)
+                with self.lock:
+                    self.sending = item
+                    while True:
+                        try:
+                            item.handle = self._send(item)
+                            break
+                        except BROKER_AWAY:
+                            self.resent += 1
+                            time.sleep(0.2)
+                    item.sent_at = time.monotonic()
+                    self.sent.append(item)
+                    self.sending = None
                 if len(self.sent) % self.burst:
                     continue  # within a burst: no pause
                 pause = started + len(self.sent) / SENDS_PER_SECOND - time.monotonic()
@@ -272,17 +522,16 @@ def _a_command_running(scene: Scene) -> bool:
         " AND pid <> pg_backend_pid()").scalar())  # fmt: skip
 
 
-def processed_count(scene: Scene) -> int:
-    return int(scene.sql("SELECT count(*) FROM worker_processed_commands").scalar()
-               + scene.sql("SELECT count(*) FROM worker_rejected_commands").scalar())  # fmt: skip
-
-
 def _held(scene: Scene) -> int:
-    """Messages the worker took from the queue and has not acknowledged (kombu's record)."""
+    """Messages a worker took from the queue and has not acknowledged (kombu's record), but
+    for those a worker killed in an earlier iteration left there (``Scene.stale``): Redis
+    gives them back only when a worker restores them, a minute or more later."""
+    if scene.broker.kind != "redis":
+        return 0
     try:
         connection = redis.Redis.from_url(scene.broker.url)
         try:
-            return int(connection.hlen("unacked"))
+            return len({str(tag) for tag in connection.hkeys("unacked")} - scene.stale)
         finally:
             connection.close()
     except redis.exceptions.ConnectionError:
@@ -292,53 +541,168 @@ def _held(scene: Scene) -> int:
 @dataclass
 class Injection:
     hit_in_flight: bool = False
-    lost_task_reported_by: Process | None = None
-    """The worker whose log says whether the process killed was running a task."""
+    lost_task_reported_by: list[Process] | None = None
+    """The workers whose logs say whether a pool process killed was running a task."""
+    taken: set[str] | None = None
+    """The commands the worker had taken and not acknowledged just before a kill."""
+    logs_from: dict[int, int] = field(default_factory=dict)
+    """Where, in each of those workers' logs (by pid), what it says of this fault begins."""
+
+
+# The faults that can lose a message Redis handed out (kombu takes it off the queue, then
+# records it as unacknowledged: a kill of the worker's main process, or Redis itself, in
+# between loses it), and so may explain a resend; any other fault must cause none.
+LOSES_TAKEN = frozenset({"main-kill", "batch-main-kill", "broker-restart",
+                         "batch-broker-restart"})  # fmt: skip
+
+
+def taken_not_acknowledged(scene: Scene, producer: Producer) -> set[str]:
+    """The commands sent that are neither in the queue any more nor answered: taken by a
+    worker and not acknowledged (kombu's unacked ones, and any it is between taking and
+    recording). Exact only while the workers are stopped (see ``frozen``)."""
+    sending = producer.sending
+    sent = {item.command_id for item in [*producer.sent, *([sending] if sending else [])]}
+    connection = redis.Redis.from_url(scene.broker.url)
+    try:
+        queued = set()
+        for key in connection.scan_iter(match=f"{COMMANDS_QUEUE}*"):
+            if connection.type(key) == b"list":
+                for raw in connection.lrange(key, 0, -1):
+                    queued.add(json.loads(raw)["headers"]["id"])
+    finally:
+        connection.close()
+    answered = set(scene.sql(
+        "SELECT command_id FROM worker_processed_commands WHERE command_id = ANY(:ids)"
+        " UNION SELECT command_id FROM worker_rejected_commands WHERE command_id = ANY(:ids)",
+        ids=sorted(sent)).scalars())  # fmt: skip
+    return sent - queued - answered
+
+
+class Frozen:
+    """The producer paused between two sends and every process of the workers stopped
+    (SIGSTOP): nothing is handed over, taken or answered while the soak looks, so what it
+    sees is what the fault strikes. (A worker blocked in BRPOP takes a message even while
+    stopped, the server completing the pop: hence the producer paused too.)"""
+
+    def __init__(self, scene: Scene, producer: Producer) -> None:
+        self.scene, self.producer = scene, producer
+        self.groups: list[int] = []
+
+    def __enter__(self) -> Frozen:
+        assert self.producer.lock.acquire(timeout=60), "the producer did not pause"
+        self.groups = [worker.popen.pid for worker in self.scene.live_workers()]
+        for group in self.groups:
+            with suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGSTOP)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        for group in self.groups:
+            with suppress(ProcessLookupError):
+                os.killpg(group, signal.SIGCONT)
+        self.producer.lock.release()
+
+
+# How long after the drawn moment the fault waits for work in flight before the iteration
+# counts as missed.
+IN_FLIGHT_WITHIN = 10.0
+
+
+def work_in_flight(scene: Scene, at_least: int = 1) -> bool:
+    """Whether the workers hold work right now: ``at_least`` messages delivered and not
+    acknowledged (Redis's record; RabbitMQ keeps its own), or, when one is enough, a
+    transaction of a command or a sweep open."""
+    if at_least > 1 and scene.broker.kind == "redis":
+        return _held(scene) >= at_least
+    return _held(scene) > 0 or _a_command_running(scene)
+
+
+def wait_for_moment(the_plan: Plan, started: float) -> None:
+    while time.monotonic() < started + the_plan.fault_at:
+        time.sleep(0.02)
+
+
+def strike_when_in_flight(scene: Scene, at_least: int = 1) -> bool:
+    """From now, the first instant at which work is in flight (at most IN_FLIGHT_WITHIN
+    seconds); whether there was one."""
+    until = time.monotonic() + IN_FLIGHT_WITHIN
+    while time.monotonic() < until:
+        if work_in_flight(scene, at_least):
+            return True
+        time.sleep(0.001)
+    return False
+
+
+def freeze_in_flight(scene: Scene, producer: Producer, at_least: int) -> tuple[Frozen, bool]:
+    """The first instant from now at which work is in flight, seen with everything frozen
+    (at most IN_FLIGHT_WITHIN seconds): frozen, and whether there was one."""
+    until = time.monotonic() + IN_FLIGHT_WITHIN
+    while True:
+        if strike_when_in_flight(scene, at_least):
+            frozen = Frozen(scene, producer).__enter__()
+            if work_in_flight(scene, at_least):
+                return frozen, True
+            frozen.__exit__()
+        if time.monotonic() > until:
+            return Frozen(scene, producer).__enter__(), False
 
 
 def inject(fault: str, scene: Scene, the_plan: Plan, producer: Producer,
-           rng: random.Random, baseline: int) -> Injection:  # fmt: skip
-    """Wait for the plan's moment, then inject ``fault``; whether it hit work in flight.
-    ``baseline``: the commands processed before this iteration."""
-    started = time.monotonic()
-    while time.monotonic() < started + the_plan.fault_at:
-        time.sleep(0.05)
-    before = processed_count(scene) - baseline
-    time.sleep(0.3)
-    at = processed_count(scene) - baseline
-    in_flight = len(producer.sent) > at > before  # sent, not done, and the worker busy
-    worker = scene.workers[-1]
-    if fault.startswith("batch-"):
-        # At a moment the worker holds batches: messages delivered and not acknowledged
-        # (buffered in its main process, or in the batch a pool process applies).
-        deadline = time.monotonic() + 10
-        held = _held(scene)
-        while time.monotonic() < deadline and held < BATCHED_AT_LEAST:
-            time.sleep(0.002)
-            held = _held(scene)
-        in_flight = held >= BATCHED_AT_LEAST
-        fault = fault.removeprefix("batch-").replace("postgres-stop", "postgres-restart")
-        if fault == "pool-kill":
-            while time.monotonic() < deadline + 5 and not _a_command_running(scene):
-                time.sleep(0.001)
-            for child in psutil.Process(worker.popen.pid).children():
-                child.kill()
-            return Injection(hit_in_flight=in_flight, lost_task_reported_by=worker)
+           rng: random.Random, started: float) -> Injection:  # fmt: skip
+    """Wait for the plan's moment and work in flight, then inject ``fault``; whether it hit
+    work in flight."""
+    batch = fault.startswith("batch-")
+    at_least = BATCHED_AT_LEAST if batch else 1
+    fault = (fault.removeprefix("batch-").removeprefix("rabbitmq-")
+             .replace("postgres-stop", "postgres-restart").replace("node-", "broker-"))  # fmt: skip
+    wait_for_moment(the_plan, started)
+    if fault in ("main-kill", "broker-restart"):
+        frozen, in_flight = freeze_in_flight(scene, producer, at_least)
+        try:
+            taken = (taken_not_acknowledged(scene, producer) if scene.broker.kind == "redis"
+                     else None)  # fmt: skip
+            worker = rng.choice(scene.live_workers())
+            if fault == "main-kill":
+                ports = scene.redis_ports_of(worker)
+                with suppress(ProcessLookupError):
+                    os.killpg(worker.popen.pid, signal.SIGKILL)
+                # Still paused until the dead worker's connections are gone from Redis: a
+                # BRPOP it left pending would take the next message sent, lost with it
+                # (a loss no snapshot before the kill could show).
+                worker.popen.wait(30)
+                scene.wait_for_clients_gone(ports)
+            else:
+                # The broker stops while the workers are stopped wherever they were (between
+                # taking a message and recording it, perhaps): they meet its absence when
+                # they go on.
+                scene.broker.stop()
+        finally:
+            frozen.__exit__()
+        if fault == "main-kill":
+            scene.start_worker()
+        else:
+            time.sleep(the_plan.fault_for)
+            scene.broker.start()
+        return Injection(hit_in_flight=in_flight, taken=taken)
+    in_flight = strike_when_in_flight(scene, at_least)
+    worker = rng.choice(scene.live_workers())
     if fault == "pool-kill":
-        children = psutil.Process(worker.popen.pid).children()
-        assert children, "the worker has no pool process"
         deadline = time.monotonic() + 5
         while time.monotonic() < deadline and not _a_command_running(scene):
             time.sleep(0.001)
-        rng.choice(children).kill()
-        # Celery says so when the process it lost was running a task (read once the
-        # iteration is over: the worker may take a moment to notice).
-        return Injection(lost_task_reported_by=worker)
-    elif fault == "main-kill":
-        with suppress(ProcessLookupError):
-            os.killpg(worker.popen.pid, signal.SIGKILL)
-        worker.popen.wait(30)
-        scene.start_worker()
+        # Every pool process of every worker: the one running the command among them
+        # (which one it is, the soak cannot tell from outside). Celery says so when a
+        # process it lost was running a task (read once the iteration is over: the worker
+        # may take a moment to notice).
+        workers = scene.live_workers()
+        logs_from = {worker.popen.pid: len(worker.output()) for worker in workers}
+        children = [child for worker in workers
+                    for child in psutil.Process(worker.popen.pid).children()]  # fmt: skip
+        assert children, "the workers have no pool process"
+        for child in children:
+            child.kill()
+        return Injection(hit_in_flight=in_flight, lost_task_reported_by=workers,
+                         logs_from=logs_from)  # fmt: skip
     elif fault == "sigterm":
         assert worker.stop(signal.SIGTERM, timeout=120) == 0
         scene.start_worker()
@@ -352,21 +716,15 @@ def inject(fault: str, scene: Scene, the_plan: Plan, producer: Producer,
                user=server.system_user)  # fmt: skip
         time.sleep(the_plan.fault_for)
         server.ensure_postgres_running()
-    elif fault == "broker-restart":
-        scene.broker.stop()
-        time.sleep(the_plan.fault_for)
-        scene.broker = start_redis(scene.broker.data_dir, port=scene.broker.port)
     elif fault == "two-beats":
-        started = time.monotonic()
+        begun = time.monotonic()
         beat = scene.start_beat()
         _wait_for_first_sweep(beat)  # a beat takes seconds to start on a loaded machine
         time.sleep(the_plan.fault_for)
-        window = time.monotonic() - started
+        window = time.monotonic() - begun
         sweeps = scene.sql("SELECT count(*) FROM worker_sweep_runs WHERE swept_at > now() - "
                            "make_interval(secs => :s)", s=window).scalar()  # fmt: skip
         in_flight = in_flight and sweeps >= 2
-    elif fault == "clock-jump":
-        pass  # the producer's clock jumps (see run_iteration): nothing to do to the servers
     return Injection(hit_in_flight=in_flight)
 
 
@@ -379,7 +737,7 @@ def _wait_for_first_sweep(beat: Process, timeout: float = 60) -> None:
 
 def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
     rng = random.Random(the_plan.seed)
-    people, _ = _world(scene)
+    people, organizations = _world(scene)
     jumps = {"clock-jump": rng.choice([timedelta(hours=3), timedelta(hours=-5),
                                        timedelta(hours=30)])}  # fmt: skip
     jumped = threading.Event()
@@ -388,38 +746,40 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
         now = datetime.now(UTC)
         return now + jumps[fault] if fault in jumps and jumped.is_set() else now
 
-    scene.start_worker()
-    # Sweeping before the stream starts: a beat takes seconds to start, longer than a
-    # reduced iteration's stream lasts, and the sweeps are part of what runs under a fault.
-    _wait_for_first_sweep(scene.start_beat())
-    baseline = processed_count(scene)
-    client = CallsClient(scene.broker.url)
-    producer = Producer(client, stream(rng, the_plan.commands, people, clock),
-                        burst=BURST if fault.startswith("batch-") else 1)  # fmt: skip
+    poison = None
+    if fault.endswith("poison"):
+        # Its place in the stream is the fault's moment.
+        poison = Poison(f"poison-{the_plan.seed}",
+                        min(the_plan.commands - 1, int(the_plan.fault_at * SENDS_PER_SECOND)))
+    scene.note_stale()
+    scene.ready(poison.command_id if poison else None)
+    client = CallsClient(scene.broker.url, scene.results_url)
+    bursts = fault.startswith(("batch-", "rabbitmq-"))
+    producer = Producer(client, stream(rng, the_plan.commands, people, organizations, clock,
+                                       poison),
+                        burst=BURST if bursts else 1)  # fmt: skip
+    api = Api(scene, people, organizations, rng)
+    started = time.monotonic()
     producer.start()
+    api.start()
     if fault == "clock-jump":
-        time.sleep(the_plan.fault_at)
-        in_flight = len(producer.sent) > 0
+        wait_for_moment(the_plan, started)
+        in_flight = strike_when_in_flight(scene)
         jumped.set()
         injection = Injection(hit_in_flight=in_flight)
+    elif poison is not None:
+        injection = Injection()  # the poison is in the stream; what it hit, its log says
     else:
-        injection = inject(fault, scene, the_plan, producer, rng, baseline)
+        injection = inject(fault, scene, the_plan, producer, rng, started)
     producer.join()
+    api.stop.set()
+    api.join(30)
     problems: list[str] = []
     if producer.error is not None:
         problems.append(f"the producer failed: {producer.error!r}")
-    for item in producer.sent:
-        current = scene.workers[-1]  # those before it were stopped by the fault
-        if current.popen.poll() is not None:  # nothing will answer: say so, do not wait
-            problems.append(f"the worker exited (code {current.popen.returncode}):"
-                            f" {current.output()[-2000:]}")  # fmt: skip
-            break
-        try:
-            item.outcome = item.handle.outcome(OUTCOME_WAIT, resend_after=RESEND_AFTER)
-        except CommandFailed as error:
-            problems.append(f"command {item.command_id} failed: {error}")
-        except TimeoutError:
-            problems.append(f"no outcome for command {item.command_id} ({item.kind})")
+    if api.error is not None:
+        problems.append(f"the API's changes failed: {api.error!r}")
+    problems += collect_outcomes(scene, producer.sent)
     # Left in a transaction by the fault: a session idle in one for seconds (a command or a
     # sweep between two of its statements is so for a moment, and the worker is still on).
     idle = scene.sql(
@@ -428,157 +788,218 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
         " AND state_change < now() - interval '5 seconds'").scalar()  # fmt: skip
     if idle:
         problems.append(f"{idle} worker sessions idle in transaction for 5 s after the fault")
+    # Only the soak stops its Redis: any other SHUTDOWN is a defect, of the harness or of the
+    # worker.
+    if (isinstance(scene.broker, RedisBroker)
+            and (shutdowns := scene.broker.shutdowns_logged()) != scene.broker.stops):  # fmt: skip
+        problems.append(f"Redis logged {shutdowns} SHUTDOWNs; the soak sent"
+                            f" {scene.broker.stops}")  # fmt: skip
     time.sleep(2.5)  # a last sweep or two, for the calls the stream took to their limit
-    resent = sum(bool(item.handle.resent) for item in producer.sent)
+    for item in producer.sent:
+        item.resent = len(item.handle.resent)
+    resent = sum(bool(item.resent) for item in producer.sent)
     # Celery's results unsubscribe from their backend when collected: while it is there.
     for item in producer.sent:
         item.handle = None
     gc.collect()
     client.close()
-    scene.stop_all()
     if injection.lost_task_reported_by is not None:
-        lost_a_task = "WorkerLostError" in injection.lost_task_reported_by.output()
-        injection.hit_in_flight = lost_a_task and (injection.hit_in_flight
-                                                   or not fault.startswith("batch-"))  # fmt: skip
-    lost, doubled, found = check(scene, producer.sent, jumps.get(fault))
+        said = "".join(worker.output()[injection.logs_from.get(worker.popen.pid, 0):]
+                       for worker in injection.lost_task_reported_by)  # fmt: skip
+        injection.hit_in_flight = "WorkerLostError" in said and (
+            injection.hit_in_flight or not fault.startswith("batch-"))
+    if poison is not None:
+        # In flight: the poison's batch, the first time it died, held other commands too.
+        killed = scene.root / f"{poison.command_id}.killed"
+        batches = killed.read_text().splitlines() if killed.exists() else []
+        injection.hit_in_flight = bool(batches) and len(batches[0].split()) > 1
+        if any(line.split() != [poison.command_id] for line in batches[1:]):
+            problems.append(f"the poison's batch-mates died with it more than once: {batches}")
+    calls = {item.call_uuid for item in producer.sent if item.call_uuid is not None}
+    received = subscribers_received(scene, calls, problems)
+    rules = Rules("explained" if fault in LOSES_TAKEN else "none")
+    lost, doubled, found = check(scene, producer.sent, jumps.get(fault), rules, injection.taken,
+                                 received)  # fmt: skip
     return Result(fault, the_plan.seed, len(producer.sent), injection.hit_in_flight, lost,
                   doubled, problems + found, resent)  # fmt: skip
 
 
-def check(scene: Scene, sent: list[Sent], jump: timedelta | None) -> tuple[int, int, list[str]]:
-    """The independent checker: what the producer was told against what the database holds."""
+def collect_outcomes(scene: Scene, sent: list[Sent]) -> list[str]:
+    """Every command's outcome, waited for together as a producer with many in flight does:
+    a command without one RESEND_AFTER seconds after it was last sent is sent again under
+    its id (but the poison, whose fate is the broker's delivery limit's, not a matter of
+    time). The problems: a command the worker failed, one with no outcome in OUTCOME_WAIT,
+    and every worker gone."""
     problems: list[str] = []
-    lost = doubled = 0
+    pending = list(sent)
+    deadline = time.monotonic() + OUTCOME_WAIT
+    while pending:
+        if not scene.live_workers():  # nothing will answer: say so, do not wait
+            last = scene.workers[-1]
+            return [*problems, f"every worker exited (the last with code"
+                    f" {last.popen.returncode}): {last.output()[-2000:]}"]  # fmt: skip
+        if time.monotonic() > deadline:
+            return [*problems, *(f"no outcome for command {item.command_id} ({item.kind})"
+                                 for item in pending)]  # fmt: skip
+        for item in list(pending):
+            try:
+                item.outcome = item.handle.outcome(0.01)
+            except CommandFailed as error:
+                if item.role == "poison":
+                    item.outcome = {"failed": str(error)}
+                else:
+                    problems.append(f"command {item.command_id} failed: {error}")
+            except TimeoutError:
+                if item.role != "poison" and time.monotonic() - item.sent_at >= RESEND_AFTER:
+                    item.handle.resend()
+                    item.sent_at = time.monotonic()
+                continue
+            pending.remove(item)
+        time.sleep(0.1)
+    return problems
+
+
+# How long the relay may take to publish the iteration's events once its commands are done.
+PUBLISHED_WITHIN = 60.0
+
+
+def subscribers_received(scene: Scene, calls: set[str], problems: list[str]) -> list[str]:
+    """Once the relay has published every event of ``calls``: what the first subscriber
+    received of them (a problem if the second received other events)."""
+    deadline = time.monotonic() + PUBLISHED_WITHIN
+    while scene.sql("SELECT count(*) FROM worker_call_events WHERE published_at IS NULL"
+                    " AND call_uuid = ANY(CAST(:c AS uuid[]))", c=sorted(calls)).scalar():
+        if time.monotonic() > deadline:
+            problems.append(f"events of the iteration unpublished after {PUBLISHED_WITHIN} s")
+            break
+        time.sleep(0.1)
+    first, *others = [scene.drain(name, calls) for name in SUBSCRIBERS]
+    for name, other in zip(SUBSCRIBERS[1:], others, strict=True):
+        if set(other) != set(first):
+            problems.append(f"subscriber {name} received {len(set(other))} events,"
+                            f" {SUBSCRIBERS[0]} {len(set(first))}")  # fmt: skip
+    return first
+
+
+def check(scene: Scene, sent: list[Sent], jump: timedelta | None, rules: Rules | None = None,
+          taken: set[str] | None = None,
+          received: list[str] | None = None) -> tuple[int, int, list[str]]:  # fmt: skip
+    """What the producer was told against what the database holds (tests/chaos/checker.py
+    decides; this reads the database for it)."""
     ids = sorted({s.command_id for s in sent})
-    processed = {row.command_id: row for row in scene.sql(
+    processed = {row.command_id: row.outcome for row in scene.sql(
         "SELECT command_id, outcome FROM worker_processed_commands"
         " WHERE command_id = ANY(:ids)", ids=ids)}  # fmt: skip
-    rejected: dict[str, list[Any]] = {}
+    rejected: dict[str, list[str]] = {}
     for row in scene.sql("SELECT command_id, reason FROM worker_rejected_commands"
                          " WHERE command_id = ANY(:ids)", ids=ids):  # fmt: skip
         rejected.setdefault(row.command_id, []).append(row.reason)
-    first: dict[str, dict[str, Any]] = {}
-    for item in sent:
-        if item.outcome is None:
-            lost += 1
-            continue
-        if item.role == "invalid":
-            if item.command_id not in rejected:
-                lost += 1
-                problems.append(f"invalid command {item.command_id} not kept")
-            elif item.outcome.get("error", {}).get("code") != "invalid":
-                problems.append(f"invalid command {item.command_id} answered {item.outcome}")
-            continue
-        record = processed.get(item.command_id)
-        if record is None:
-            lost += 1
-            problems.append(f"command {item.command_id} ({item.kind}) has no processed record")
-            continue
-        if item.outcome != record.outcome:
-            doubled += 1
-            problems.append(f"command {item.command_id}: told {item.outcome}, recorded "
-                            f"{record.outcome}")  # fmt: skip
-        if item.role == "duplicate" and item.outcome != first.get(item.command_id, item.outcome):
-            doubled += 1
-            problems.append(f"duplicate {item.command_id} got another outcome")
-        first.setdefault(item.command_id, item.outcome)
     calls = sorted({str(s.payload["uuid"] if s.kind == "create" else s.payload["callUuid"])
                     for s in sent if isinstance(s.payload, dict)})  # fmt: skip
-    rows = {str(r.uuid): r for r in scene.sql(
-        "SELECT c.uuid, c.status, c.attempt_count, c.completed_at, c.cancelled_at, c.expired_at,"
-        " o.max_call_attempts FROM calls c JOIN persons p ON p.uuid = c.person_uuid"
-        " JOIN organizations o ON o.uuid = p.owning_organization_uuid"
-        " WHERE c.uuid = ANY(CAST(:c AS uuid[]))", c=calls)}  # fmt: skip
-    attempts: dict[tuple[str, str], int] = {}
+    held = Held(processed=processed, rejected=rejected, calls={}, maxima={}, attempts={},
+                events=[], received=received, in_flight=taken)  # fmt: skip
+    shown = call_json_sql(calls_table).label("call")
+    with scene.engine.connect() as connection:
+        for row in connection.execute(
+            select(calls_table.c.uuid, shown, organizations.c.max_call_attempts)
+            .select_from(calls_table.join(persons, persons.c.uuid == calls_table.c.person_uuid)
+                         .join(organizations,
+                               organizations.c.uuid == persons.c.owning_organization_uuid))
+            .where(calls_table.c.uuid.in_([UUID(c) for c in calls]))
+        ):  # fmt: skip
+            held.calls[str(row.uuid)] = row.call
+            held.maxima[str(row.uuid)] = row.max_call_attempts
     for row in scene.sql("SELECT call_uuid::text AS c, user_uuid::text AS u FROM call_attempts"
                          " WHERE call_uuid = ANY(CAST(:c AS uuid[]))", c=calls):  # fmt: skip
-        attempts[(row.c, row.u)] = attempts.get((row.c, row.u), 0) + 1
-    ended_by: dict[str, list[str]] = {}
-    for command_id, outcome in first.items():
-        item = next(s for s in sent if s.command_id == command_id and s.role == "command")
-        payload = item.payload
-        assert isinstance(payload, dict)
-        ok = bool(outcome.get("ok"))
-        if item.kind == "create":
-            exists = payload["uuid"] in rows
-            lost += ok and not exists
-            doubled += (not ok) and exists and not _created_elsewhere(first, sent, payload["uuid"])
-        elif item.kind == "add_attempt":
-            stored = attempts.get((payload["callUuid"], payload["userUuid"]), 0)
-            lost += ok and stored == 0
-            doubled += max(0, stored - (1 if ok else 0))
-        elif ok:
-            ended_by.setdefault(payload["callUuid"], []).append(item.kind)
-    expected_state = {"complete": "completed", "cancel": "cancelled"}
-    for uuid, row in rows.items():
-        ends = [row.completed_at, row.cancelled_at, row.expired_at]
-        if sum(e is not None for e in ends) > 1:
-            doubled += 1
-            problems.append(f"call {uuid} in two end states")
-        commands = ended_by.get(uuid, [])
-        if len(commands) > 1:
-            doubled += 1
-            problems.append(f"call {uuid} ended by {commands}")
-        elif commands and row.status != expected_state[commands[0]]:
-            lost += 1
-            problems.append(f"call {uuid} is {row.status}, its {commands[0]} said ok")
-        limit = row.max_call_attempts
-        if row.status == "expired" and not commands and (limit is None
-                                                         or row.attempt_count < limit):  # fmt: skip
-            doubled += 1
-            problems.append(f"call {uuid} expired below its maximum")
-        if row.status == "requested" and limit is not None and row.attempt_count >= limit:
-            lost += 1
-            problems.append(f"call {uuid} at its maximum was not expired")
-    if jump is not None and jump > timedelta(hours=24):
-        # Commands stamped a day and more ahead are refused, not applied.
-        refused = sum(1 for o in first.values() if o.get("error", {}).get("code") == "invalid")
-        if refused == 0:
-            problems.append("no command stamped past the tolerance was refused")
-    return lost, doubled, problems
+        held.attempts[(row.c, row.u)] = held.attempts.get((row.c, row.u), 0) + 1
+    held.events = [HeldEvent(row.seq, str(row.event_id), row.kind, str(row.call_uuid), row.call,
+                             row.expiry)
+                   for row in scene.sql(
+                       "SELECT seq, event_id, kind, call_uuid, call, expiry"
+                       " FROM worker_call_events WHERE call_uuid = ANY(CAST(:c AS uuid[]))"
+                       " ORDER BY seq", c=calls)]  # fmt: skip
+    future = datetime.now(UTC) + timedelta(hours=12)
+    told = [Told(s.command_id, s.kind, s.payload, _role(s, jump, future), s.outcome, s.resent)
+            for s in sent]  # fmt: skip
+    found = reconcile(told, held, rules or Rules())
+    jumped_ahead = jump is not None and jump > timedelta(hours=24)
+    if jumped_ahead and not any(t.role == "future" for t in told):
+        found.problems.append("the clock jumped, and no command was stamped past the tolerance")
+    return found.lost, found.doubled, found.problems
 
 
-def _created_elsewhere(first: dict[str, Any], sent: list[Sent], uuid: str) -> bool:
-    return any(s.kind == "create" and isinstance(s.payload, dict) and s.payload["uuid"] == uuid
-               and first.get(s.command_id, {}).get("ok") for s in sent)  # fmt: skip
+def _role(item: Sent, jump: timedelta | None, future: datetime) -> Role:
+    """A command stamped past the tolerance (a day) by a producer whose clock jumped ahead
+    must be refused: its role says so."""
+    if (item.role == "command" and jump is not None and isinstance(item.payload, dict)
+            and datetime.fromisoformat(item.payload["issuedAt"]) > future):  # fmt: skip
+        return "future"
+    role: Role = item.role  # type: ignore[assignment]
+    return role
 
 
 @contextmanager
-def scene_for(root: Path) -> Iterator[Scene]:
+def scene_for(root: Path, kind: str = "redis") -> Iterator[Scene]:
+    """A throw-away PostgreSQL and broker (``kind``: redis or rabbitmq) under ``root``, the
+    schema at head and the subscribers bound."""
     from calls_worker.adapters.db.migrate import upgrade
     from calls_worker.adapters.embedded import start_postgres
 
+    root.mkdir(parents=True, exist_ok=True)
     database = start_postgres(root / "pg" / "data", delete=True)
-    broker = start_redis(root / "redis")
-    scene = Scene(root, database, broker)
+    broker: Broker | None = None
+    scene: Scene | None = None
     try:
+        broker = RabbitBroker(root / "rabbitmq") if kind == "rabbitmq" else RedisBroker(
+            root / "redis")
+        scene = Scene(root, database, broker)
         upgrade(scene.engine)
+        scene.subscribe()
         yield scene
     finally:
-        scene.stop_all()
-        scene.engine.dispose()
+        if scene is not None:
+            scene.stop_all()
+            scene.engine.dispose()
         gc.collect()  # whatever still holds a result, before its backend goes
-        scene.broker.stop()
+        if broker is not None:
+            broker.close()
         database.stop()
+
+
+def soak_in(scene: Scene, faults: tuple[str, ...], iterations: int, commands: int,
+            master: random.Random, log: Callable[[str], None] = print,
+            replay: int | None = None) -> list[Result]:  # fmt: skip
+    """The iterations of ``faults`` (all on ``scene``'s broker), their seeds drawn from
+    ``master`` and logged as they are drawn."""
+    results = []
+    for fault in faults:
+        assert broker_of(fault) == scene.broker.kind, f"{fault} is not a fault of this broker"
+        for _ in range(1 if replay is not None else iterations):
+            iteration_seed = replay if replay is not None else master.randrange(2**32)
+            log(f"soak: {fault} seed={iteration_seed} commands={commands}")
+            result = run_iteration(scene, fault, plan(iteration_seed, commands))
+            log(f"soak: {fault} seed={iteration_seed} -> in flight={result.hit_in_flight}"
+                f" lost={result.lost} doubled={result.doubled} resent={result.resent}"
+                f" {result.problems[:3]}")  # fmt: skip
+            results.append(result)
+    return results
 
 
 def soak(root: Path, faults: tuple[str, ...], iterations: int, commands: int,
          seed: int | None = None, log: Callable[[str], None] = print,
          replay: int | None = None) -> list[Result]:  # fmt: skip
-    """Run the soak; every iteration's result (seeds logged as they are drawn). ``replay``:
-    run the iteration of this seed (once per fault given) instead of drawing seeds."""
+    """Run the soak, a scene for each broker the faults need; every iteration's result.
+    ``replay``: run the iteration of this seed (once per fault given) instead of drawing
+    seeds."""
+    if not faults or (replay is None and iterations < 1) or commands < 1:
+        raise ValueError("a soak runs at least one iteration of at least one command")
     master = random.Random(seed)
     results = []
-    with scene_for(root) as scene:
-        for fault in faults:
-            for _ in range(1 if replay is not None else iterations):
-                iteration_seed = replay if replay is not None else master.randrange(2**32)
-                log(f"soak: {fault} seed={iteration_seed} commands={commands}")
-                result = run_iteration(scene, fault, plan(iteration_seed, commands))
-                log(f"soak: {fault} seed={iteration_seed} -> in flight={result.hit_in_flight}"
-                    f" lost={result.lost} doubled={result.doubled} resent={result.resent}"
-                    f" {result.problems[:3]}")  # fmt: skip
-                results.append(result)
+    for kind in ("redis", "rabbitmq"):
+        mine = tuple(fault for fault in faults if broker_of(fault) == kind)
+        if mine:
+            with scene_for(root / kind, kind) as scene:
+                results += soak_in(scene, mine, iterations, commands, master, log, replay)
     return results
 
 
@@ -598,13 +1019,15 @@ def summary(results: list[Result]) -> dict[str, dict[str, int]]:
 
 
 def failures(results: list[Result]) -> list[str]:
-    """Why this soak fails: any loss, double or problem; a fault that hit work in flight in
-    fewer than half its iterations."""
+    """Why this soak fails: any loss, double or problem; an iteration whose fault found no
+    work in flight; no iteration at all."""
     found = [f"{r.fault} seed={r.seed}: lost={r.lost} doubled={r.doubled} {r.problems[:5]}"
              for r in results if r.lost or r.doubled or r.problems]  # fmt: skip
     for fault, row in summary(results).items():
-        if row["hits"] * 2 < row["iterations"]:
+        if row["hits"] < row["iterations"]:
             found.append(f"{fault}: hit work in flight in {row['hits']} of {row['iterations']}")
+    if not results:
+        found.append("no iteration ran")
     return found
 
 

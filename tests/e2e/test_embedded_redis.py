@@ -4,6 +4,8 @@ only a client with its password may talk to it."""
 from __future__ import annotations
 
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +37,29 @@ def test_the_embedded_redis_is_private_and_asks_for_a_password(tmp_path: Path) -
         assert redis.Redis.from_url(restarted.url).lrange("calls.commands", 0, -1) == [b"a command"]
     finally:
         restarted.stop()
+
+
+def test_a_stop_never_reaches_the_server_started_after_it(tmp_path: Path) -> None:
+    """SHUTDOWN is sent once: the server closes the connection as it exits, and a client
+    that took that for a fault to retry (redis-py does, for seconds) shut down the server
+    started again on the same port meanwhile, as a soak's broker restart does."""
+    data_dir = tmp_path / "redis"
+    server = start_redis(data_dir)
+    pid = int((data_dir / "redis.pid").read_text())
+    stopping = threading.Thread(target=server.stop)
+    stopping.start()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, "the server did not exit"
+        time.sleep(0.01)
+    restarted = start_redis(data_dir, port=server.port)
+    try:
+        stopping.join(30)
+        assert not stopping.is_alive()
+        time.sleep(1)
+        assert redis.Redis.from_url(restarted.url, socket_timeout=5).ping()
+        log = (data_dir / "redis.log").read_text()
+        assert log.count("User requested shutdown") == 1
+    finally:
+        restarted.stop()
+    assert not (data_dir / "redis.pid").exists()  # stop returns once the server has exited

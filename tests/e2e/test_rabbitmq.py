@@ -209,6 +209,9 @@ def test_a_poison_message_is_dead_lettered_after_the_limit_and_listed(
             assert "delivered more than 20 times" in row
             assert "from calls.commands" in row
             assert client.send("create", person_of(db)).outcome(TIMEOUT)["ok"] is True
+            # Dead-lettered, and its failure stored as its outcome; but it was applied (its
+            # process died after the commit each time): the database's outcome wins.
+            assert poison.outcome(TIMEOUT)["ok"] is True
         listed = subprocess.run(
             [sys.executable, "-m", "calls_worker", "dead-letters", "list"],
             env=worker_env(database_url, fresh_node.url, tmp_path),
@@ -469,9 +472,11 @@ def test_a_poison_command_is_dead_lettered_alone_and_its_batch_mates_are_applied
 
     seen = poison_among_good_commands(
         db, database_url, fresh_node.url, database_url, tmp_path,
-        until=kept, what="the poison dead-lettered and kept",
+        until=kept, what="the poison dead-lettered and kept", ask_poison=True,
     )  # fmt: skip
     assert all(outcome["ok"] for outcome in seen["outcomes"]), seen["outcomes"]
+    # Its producer hears that it was not applied, instead of waiting for ever.
+    assert "delivered more than 20 times" in seen["poison_told"]["failed"], seen["poison_told"]
     calls = db.sql("SELECT count(*) FROM calls").scalar()
     assert calls == GOOD  # each good one once; the poison never committed
     assert seen["poison_calls"] == 0
@@ -494,7 +499,8 @@ def test_an_outcome_store_away_requeues_nothing_and_pauses_the_workers(
     seen = outcome_store_away(db, database_url, fresh_node.url, tmp_path)
     assert all(outcome is not None and outcome["outcome"]["ok"] for outcome in seen["outcomes"])
     assert seen["calls"] == len(seen["ids"])  # applied once each
-    assert seen["rejected"] == 0  # nothing dead-lettered
+    assert seen["rejected"] == 1  # the invalid command, kept once however often it came
+    assert seen["invalid_told"]["error"]["code"] == "invalid", seen["invalid_told"]
     assert queue_depth(fresh_node.url, "calls.dead-letters") == 0
     assert "the result backend does not answer" in seen["logs"]
     assert "raised, they go back to the queue" not in seen["logs"]

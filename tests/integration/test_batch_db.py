@@ -10,8 +10,10 @@ from uuid import UUID, uuid4
 
 import psycopg
 import pytest
+from sqlalchemy import select
 
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.repository import SqlUnitOfWork, call_json_sql
+from calls_worker.adapters.db.tables import calls
 from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome
 from calls_worker.service.batch import BatchEntry, BatchResult, handle_batch
@@ -211,3 +213,43 @@ def test_a_batch_answers_as_the_commands_one_after_the_other(
     assert together.outcomes == [rename(o) for o in alone]
     for old, new in renamed.items():
         assert db.attempt_rows(UUID(new)) == db.attempt_rows(UUID(old))
+
+
+def _read(db: Db, call: str) -> Any:
+    with db.engine.connect() as connection:
+        return connection.execute(select(call_json_sql(calls)).where(
+            calls.c.uuid == UUID(call))).scalar()
+
+
+def _same(a: Any, b: Any) -> bool:
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+
+@pytest.mark.parametrize("apply", [batch, one_by_one], ids=["batch", "one-by-one"])
+def test_an_earlier_attempt_arriving_later_shows_where_a_read_shows_it(
+    db: Db, world: tuple[UUID, UUID], apply: Any
+) -> None:
+    """An outcome's call, and its event's, list the attempts as a read of the call does: by
+    attemptedAt, however the commands arrived (the soak found them in arrival order). So
+    does a call managed externally, created with its attempts in any order."""
+    call, external = str(uuid4()), str(uuid4())
+    sent: list[Sent] = [
+        ("c", "create", create(world, call)),
+        ("late", "add_attempt", attempt(call, "2026-03-01T09:00:00+00:00")),
+        ("early", "add_attempt", attempt(call, "2026-03-01T08:00:00+00:00")),
+        ("x", "create", create(world, external, externalMetadata={},
+                               attempts=[
+            {"userUuid": str(uuid4()), "attemptedAt": "2026-03-01T10:00:00+00:00"},
+            {"userUuid": str(uuid4()), "attemptedAt": "2026-03-01T07:00:00+00:00"}])),
+    ]  # fmt: skip
+    done = apply(db, sent)
+    outcomes = done.outcomes if isinstance(done, BatchResult) else done
+    assert all(o["ok"] for o in outcomes), outcomes
+    for outcome, uuid, hours in ((outcomes[2], call, ["08", "09"]),
+                                 (outcomes[3], external, ["07", "10"])):  # fmt: skip
+        shown, stored = outcome["call"], _read(db, uuid)
+        assert [a["attemptedAt"][11:13] for a in shown["attempts"]] == hours
+        assert _same(shown, stored)
+        last_event = db.sql("SELECT call FROM worker_call_events WHERE call_uuid = :u"
+                            " ORDER BY seq DESC LIMIT 1", u=uuid).scalar()  # fmt: skip
+        assert _same(last_event, stored)

@@ -44,3 +44,23 @@ def test_a_value_it_can_hold_is_kept_as_it_is() -> None:
     cut = journal.storable_text("y" * 300, 200)
     assert cut.startswith("y" * 160)
     assert cut.endswith("(140 more characters)")
+
+
+@pytest.mark.parametrize("value", ["plain", UNSTORABLE["NUL, surrogate and long"]],
+                         ids=["plain", "unstorable"])  # fmt: skip
+def test_an_invalid_command_that_comes_again_is_kept_once(db: Db, value: str) -> None:
+    """``once``: the same command (id, body, reason) waiting for an operator is not kept a
+    second time; one replayed or dismissed, or with another body or reason, is."""
+
+    def keep(body: str = value, reason: str = "invalid") -> int:
+        return journal.record_rejected(db.engine, task_name="calls.cancel", command_id=value,
+                                       raw_body=body, reason=reason, once=True)  # fmt: skip
+
+    first = keep()
+    assert keep() == first
+    assert keep(body=value + "!") != first
+    assert keep(reason="other") != first
+    assert journal.dismiss_rejected(db.engine, [first]) == [first]
+    assert keep() != first
+    kept = db.sql("SELECT count(*) FROM worker_rejected_commands").scalar()
+    assert kept == 4

@@ -87,13 +87,46 @@ class EmbeddedRedis:
         """The URL without its password, for banners and logs."""
         return f"redis://:***@127.0.0.1:{self.port}/0"
 
-    def stop(self) -> None:
-        """Shut the server down, writing its data first."""
-        import redis
+    def stop(self, timeout: float = 30) -> None:
+        """Shut the server down, writing its data first; returns once it has exited.
 
+        SHUTDOWN is sent once. The server closes the connection as it exits, which redis-py
+        takes for a fault and retries, for seconds: a retried SHUTDOWN reached the server
+        started again on this port after it (a restart within those seconds)."""
+        import redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        pid = self._pid()
+        client = redis.Redis(port=self.port, password=self.password, socket_timeout=5,
+                             retry=Retry(NoBackoff(), 0))  # fmt: skip
         # SHUTDOWN closes the connection as the server exits; gone already is fine too.
         with contextlib.suppress(redis.ConnectionError):
-            redis.Redis(port=self.port, password=self.password, socket_timeout=5).shutdown()
+            client.shutdown()
+        client.close()
+        deadline = time.monotonic() + timeout
+        while pid is not None and _alive(pid):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"embedded Redis (pid {pid}) did not exit in {timeout} s")
+            time.sleep(0.02)
+
+    def _pid(self) -> int | None:
+        with contextlib.suppress(OSError, ValueError):
+            return int((self.data_dir / "redis.pid").read_text())
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie (exited, not yet reaped by its parent) has exited all the same.
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/stat").read_text().split(") ")[-1][:1] != "Z"
+    return True
 
 
 def _free_port() -> int:

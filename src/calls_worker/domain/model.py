@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -37,6 +38,10 @@ class CallAttempt:
 
     user_uuid: UUID
     attempted_at: datetime
+
+
+def _when(attempt: CallAttempt) -> datetime:
+    return attempt.attempted_at
 
 
 @dataclass
@@ -78,9 +83,11 @@ class Call:
         return len(self.attempts)
 
     def add_attempt(self, attempt: CallAttempt, now: datetime) -> None:
-        """Record a try. Raises CallManagedExternally or CallNotRequested."""
+        """Record a try, among the others in the order of their ``attempted_at`` (the order
+        a call read from the database shows them in: an attempt made earlier can arrive
+        later). Raises CallManagedExternally or CallNotRequested."""
         self._ensure_changeable("add an attempt to")
-        self.attempts.append(attempt)
+        bisect.insort(self.attempts, attempt, key=_when)
         self.updated_at = now
 
     def complete(self, user_uuid: UUID, result: str, now: datetime) -> None:

@@ -77,6 +77,10 @@ Job = Callable[[Any, list[Item]], list[tuple[str, str]]]
 
 # What became of a message, as the pool process tells the main process.
 DONE, RETRIED, GAVE_UP, REQUEUE = "done", "retried", "gave_up", "requeue"
+# Back to the queue after REQUEUE_PAUSE_SECONDS: what the worker paused for (a result
+# backend away) has stopped it taking commands by then, so RabbitMQ, which hands a message
+# put back to a consumer at once, does not send it round and round to its delivery limit.
+REQUEUE_LATER = "requeue_later"
 
 
 def apply_batch(task: Task[Any, Any], items: list[Item]
@@ -89,6 +93,7 @@ def apply_batch(task: Task[Any, Any], items: list[Item]
     started = time.perf_counter()
     settled: list[tuple[str, str] | None] = [None] * len(items)
     stored: dict[int, Outcome] = {}
+    invalid: list[int] = []  # refused as invalid: their outcome is kept nowhere else
     entries: list[BatchEntry] = []
     at: list[int] = []  # the item of each entry
     for n, (name, task_id, _request, args, kwargs) in enumerate(items):
@@ -102,6 +107,7 @@ def apply_batch(task: Task[Any, Any], items: list[Item]
         except InvalidCommand as error:
             try:
                 stored[n] = tasks.reject_invalid(runtime, name, task_id, kind, args, kwargs, error)
+                invalid.append(n)
             except tasks.TRANSIENT_ERRORS as away:
                 settled[n] = _retry(app, items[n], away)
                 continue
@@ -146,6 +152,11 @@ def apply_batch(task: Task[Any, Any], items: list[Item]
         # counted toward RabbitMQ's delivery limit. Acknowledged; the worker pauses instead.
         runtime.database_watch.report_away(OUTCOME_STORE)
         worker_metrics().outcomes_not_stored(len(stored))
+        # But an invalid command's outcome is in no table (it is kept among the rejected
+        # ones, where its producer does not look): back to the queue, to be answered when
+        # it comes back (and kept once, however often it comes).
+        for n in invalid:
+            settled[n] = (REQUEUE_LATER, "its outcome (invalid) could not be stored")
         logger.warning(
             "the outcomes of %d commands could not be stored in the result backend (%s);"
             " they are applied and their outcomes kept in the database (calls.outcome)",
@@ -314,6 +325,14 @@ class BatchRequest:
         # (consumer._tolerate_lost_channel): settling it raises nothing here.
         if what == DONE:
             request.on_success((False, detail, runtime))
+            return
+        if what == REQUEUE_LATER:
+
+            def requeue() -> None:
+                task_ready(request)
+                request.reject(requeue=True)
+
+            self.later(REQUEUE_PAUSE_SECONDS, requeue)
             return
         task_ready(request)
         if what == REQUEUE:

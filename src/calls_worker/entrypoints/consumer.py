@@ -36,7 +36,7 @@ from calls_worker.entrypoints.batching import CommandBatcher
 from calls_worker.entrypoints.metrics import worker_metrics
 from calls_worker.entrypoints.outage import WATCH_SECONDS, CommandsPause, stores_answer
 from calls_worker.entrypoints.runtime import runtime_of
-from calls_worker.entrypoints.tasks import database_away
+from calls_worker.entrypoints.tasks import CommandGaveUp, database_away
 from calls_worker.wire import (
     COMMAND_ID_LIMIT,
     COMMANDS_QUEUE,
@@ -337,8 +337,27 @@ class DeadLetters(bootsteps.ConsumerStep):
                         headers.get("id"), headers.get("x-first-death-reason"))  # fmt: skip
             message.ack()
             return
-        if consumer._record(message, dead_letter_reason(headers)) and not message.acknowledged:
+        reason = dead_letter_reason(headers)
+        if consumer._record(message, reason) and not message.acknowledged:
+            self._tell_producer(headers, reason)
             message.ack()
+
+    def _tell_producer(self, headers: dict[str, Any], reason: str) -> None:
+        """A dead-lettered command's failure, stored as its outcome: its producer, waiting
+        for one, hears that the command was not applied instead of waiting for ever (the
+        client answers with the database's outcome should the command have been applied
+        after all). Not for a sweep, nor for a command sent with ``ignore_result``."""
+        command_id = headers.get("id")
+        if (command_id is None or headers.get("task") not in TASK_NAMES.values()
+                or headers.get("ignore_result")):  # fmt: skip
+            return
+        gave_up = CommandGaveUp(f"command {command_id} {reason}; kept among the rejected"
+                                " commands (calls-worker dead-letters list)")  # fmt: skip
+        try:
+            self._consumer.app.backend.mark_as_failure(str(command_id), gave_up)
+        except Exception as error:  # kept all the same: an operator sees it and can replay it
+            logger.warning("the failure of dead-lettered command %s could not be stored as its"
+                           " outcome: %s", command_id, error)  # fmt: skip
 
     def start(self, c: Any) -> None:
         self._consumer = c

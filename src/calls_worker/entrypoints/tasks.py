@@ -271,6 +271,7 @@ def reject_invalid(
         raw_body=raw_body(args, kwargs),
         reason=error.message,
         details=error.details,
+        once=True,
     )
     worker_metrics().rejection("task")
     logger.warning(

@@ -225,7 +225,11 @@ def _external_call(command: CreateCall, now: datetime) -> Call:
         status=command.status or CallStatus.REQUESTED,
         type=CallType.VERIFICATION,
         external_metadata=command.external_metadata,
-        attempts=[CallAttempt(a.user_uuid, a.attempted_at) for a in command.attempts or ()],
+        # In the order of attemptedAt, as a read of the call shows them.
+        attempts=sorted(
+            (CallAttempt(a.user_uuid, a.attempted_at) for a in command.attempts or ()),
+            key=lambda a: a.attempted_at,
+        ),
         result=command.result,
         completed_at=command.completed_at,
         cancelled_at=command.cancelled_at,

@@ -51,13 +51,29 @@ def record_rejected(
     raw_body: str,
     reason: str,
     details: Sequence[FieldError] = (),
+    once: bool = False,
 ) -> int:
     """Keep a command that could not be handled, with why; its id.
 
     Whatever a sender put in them, the values are made storable first (storable_text,
     body_text): a database that answers never refuses them for what they hold.
+
+    ``once``: if the same command (id, body and reason) is kept already and waits for an
+    operator, that record's id, and nothing new (a redelivery of an invalid command: it is
+    invalid the same way each time).
     """
     with engine.begin() as connection:
+        if once and command_id is not None:
+            kept = connection.execute(
+                select(rejected_commands.c.id).where(
+                    rejected_commands.c.command_id == storable_text(command_id, NAME_LIMIT),
+                    rejected_commands.c.raw_body == body_text(raw_body),
+                    rejected_commands.c.reason == storable_text(reason, REASON_LIMIT),
+                    _waiting(),
+                ).order_by(rejected_commands.c.id).limit(1)
+            ).scalar()
+            if kept is not None:
+                return int(kept)
         rejected_id: int = connection.execute(
             rejected_commands.insert()
             .values(
