@@ -79,6 +79,9 @@ API_CHANGE_EVERY = 0.3
 # The producer's pace: faster than one worker process keeps up with, so that commands wait
 # in the queue while others run (a fault then finds work in flight).
 SENDS_PER_SECOND = 150
+# How much longer than the stream the run lasts, the backlog included (the fault's moment is
+# drawn across it).
+BACKLOG_FACTOR = 1.5
 # A command without an outcome this long is sent again under its id (see CommandHandle).
 RESEND_AFTER = 20.0
 # Two subscribers of the events exchange, each with its queue, bound for the whole soak.
@@ -149,7 +152,8 @@ class Result:
 
 def plan(seed: int, commands: int) -> Plan:
     rng = random.Random(seed)
-    duration = commands / SENDS_PER_SECOND
+    # The whole run: the stream, and the backlog the workers work through after it.
+    duration = commands / SENDS_PER_SECOND * BACKLOG_FACTOR
     return Plan(seed, commands, fault_at=rng.uniform(0.0, 1.0) * duration,
                 fault_for=rng.uniform(1.5, 4.0))  # fmt: skip
 
@@ -608,10 +612,12 @@ class Frozen:
 IN_FLIGHT_WITHIN = 10.0
 
 
-def work_in_flight(scene: Scene, at_least: int = 1) -> bool:
+def work_in_flight(scene: Scene, at_least: int | Callable[[], int] = 1) -> bool:
     """Whether the workers hold work right now: ``at_least`` messages delivered and not
     acknowledged (Redis's record; RabbitMQ keeps its own), or, when one is enough, a
     transaction of a command or a sweep open."""
+    if callable(at_least):
+        at_least = at_least()
     if at_least > 1 and scene.broker.kind == "redis":
         return _held(scene) >= at_least
     return _held(scene) > 0 or _a_command_running(scene)
@@ -622,7 +628,7 @@ def wait_for_moment(the_plan: Plan, started: float) -> None:
         time.sleep(0.02)
 
 
-def strike_when_in_flight(scene: Scene, at_least: int = 1) -> bool:
+def strike_when_in_flight(scene: Scene, at_least: int | Callable[[], int] = 1) -> bool:
     """From now, the first instant at which work is in flight (at most IN_FLIGHT_WITHIN
     seconds); whether there was one."""
     until = time.monotonic() + IN_FLIGHT_WITHIN
@@ -633,7 +639,8 @@ def strike_when_in_flight(scene: Scene, at_least: int = 1) -> bool:
     return False
 
 
-def freeze_in_flight(scene: Scene, producer: Producer, at_least: int) -> tuple[Frozen, bool]:
+def freeze_in_flight(scene: Scene, producer: Producer,
+                     at_least: int | Callable[[], int]) -> tuple[Frozen, bool]:  # fmt: skip
     """The first instant from now at which work is in flight, seen with everything frozen
     (at most IN_FLIGHT_WITHIN seconds): frozen, and whether there was one."""
     until = time.monotonic() + IN_FLIGHT_WITHIN
@@ -652,7 +659,11 @@ def inject(fault: str, scene: Scene, the_plan: Plan, producer: Producer,
     """Wait for the plan's moment and work in flight, then inject ``fault``; whether it hit
     work in flight."""
     batch = fault.startswith("batch-")
-    at_least = BATCHED_AT_LEAST if batch else 1
+
+    def at_least() -> int:
+        # Batches held while the bursts come; after them, the backlog and the sweeps.
+        return BATCHED_AT_LEAST if batch and producer.is_alive() else 1
+
     fault = (fault.removeprefix("batch-").removeprefix("rabbitmq-")
              .replace("postgres-stop", "postgres-restart").replace("node-", "broker-"))  # fmt: skip
     wait_for_moment(the_plan, started)
@@ -794,7 +805,10 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
             and (shutdowns := scene.broker.shutdowns_logged()) != scene.broker.stops):  # fmt: skip
         problems.append(f"Redis logged {shutdowns} SHUTDOWNs; the soak sent"
                             f" {scene.broker.stops}")  # fmt: skip
-    time.sleep(2.5)  # a last sweep or two, for the calls the stream took to their limit
+    # A sweep that began after every command was answered and the API stopped: after it,
+    # no call may be left requested at its maximum.
+    if not wait_for_a_sweep_after(scene, datetime.now(UTC)):
+        problems.append(f"no sweep ran in the {SWEEP_WITHIN} s after the stream")
     for item in producer.sent:
         item.resent = len(item.handle.resent)
     resent = sum(bool(item.resent) for item in producer.sent)
@@ -857,6 +871,22 @@ def collect_outcomes(scene: Scene, sent: list[Sent]) -> list[str]:
             pending.remove(item)
         time.sleep(0.1)
     return problems
+
+
+# How long after the stream a sweep must have run.
+SWEEP_WITHIN = 60.0
+
+
+def wait_for_a_sweep_after(scene: Scene, after: datetime) -> bool:
+    """Until a sweep that began after ``after`` has finished (not one skipped for another
+    running): whether one did within SWEEP_WITHIN seconds."""
+    deadline = time.monotonic() + SWEEP_WITHIN
+    while not scene.sql("SELECT count(*) FROM worker_sweep_runs WHERE swept_at > :t"
+                        " AND NOT skipped", t=after).scalar():  # fmt: skip
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 # How long the relay may take to publish the iteration's events once its commands are done.

@@ -23,9 +23,11 @@ from typing import Any
 from uuid import UUID, uuid4
 
 import psycopg
+import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
+from calls_worker.adapters.db import repository
 from calls_worker.adapters.db.repository import SqlUnitOfWork
 from calls_worker.domain.commands import parse_command
 from calls_worker.domain.outcome import Outcome
@@ -205,3 +207,54 @@ def test_batches_and_the_api_collide_many_times_and_no_api_transaction_deadlocks
     assert worker["deadlocks"] == worker["failed"] == 0
     assert api_done["transactions"] > 100
     assert worker["batches"] > 100
+
+
+def test_a_call_committed_between_the_batchs_lock_and_its_load_is_locked_too(
+    db: Db, engine: Engine, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch locks its calls in one statement and loads them in the next (each with its
+    own snapshot). A call another transaction commits in between (created there) is loaded
+    but was not locked: the batch locks again until every call it loaded is locked. Before,
+    it changed such a call unlocked, while another transaction changed it too (the soak
+    found an attempt added to a call cancelled meanwhile). The lock's statement is made to
+    last here, so that the creating transaction commits inside it."""
+    organization = db.organization(3)
+    person = db.person(organization)
+    call = uuid4()
+    slow = repository._LOCK_CALLS.replace(" AS locked FROM", " AS locked,"
+                                          " pg_sleep(1.5) AS slept FROM", 1)  # fmt: skip
+    assert slow != repository._LOCK_CALLS
+    monkeypatch.setattr(repository, "_LOCK_CALLS", slow)
+    url = database_url.replace("postgresql+psycopg://", "postgresql://")
+    creating = psycopg.connect(url, autocommit=False)
+    try:
+        creating.execute(
+            "INSERT INTO calls (uuid, status, person_uuid, organization_uuid, created_at,"
+            " updated_at) VALUES (%s, 'requested', %s, %s, now(), now())",
+            (call, person, organization))  # fmt: skip
+        worker = HeldAfterLocking(engine)
+        command = parse_command("add_attempt", {"callUuid": str(call), "userUuid": str(uuid4()),
+                                                "attemptedAt": ISSUED})  # fmt: skip
+        with ThreadPoolExecutor(1) as pool:
+            applied = pool.submit(handle_batch, [BatchEntry(str(uuid4()), command)],
+                                  lambda: worker)  # fmt: skip
+            deadline = time.monotonic() + WAIT
+            while not db.sql("SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'PgSleep'"
+                             " AND datname = current_database()").scalar():  # fmt: skip
+                assert time.monotonic() < deadline, "the batch's lock statement never ran"
+                time.sleep(0.01)
+            creating.commit()  # inside the lock's statement, before the load's
+            try:
+                assert worker.locked.wait(WAIT)
+                with (psycopg.connect(url, autocommit=True) as probe,
+                      pytest.raises(psycopg.errors.LockNotAvailable)):  # fmt: skip
+                    probe.execute("SELECT 1 FROM calls WHERE uuid = %s FOR UPDATE NOWAIT",
+                                  (call,))  # fmt: skip
+            finally:
+                worker.release.set()
+            result = applied.result(30)
+        outcome = result.outcomes[0]
+        assert outcome is not None
+        assert outcome["ok"], outcome
+    finally:
+        creating.close()

@@ -138,8 +138,8 @@ _PROCESSED_OUTCOMES = (
     " FROM worker_processed_commands WHERE command_id = ANY(%(ids)s)"
 )
 _LOCK_CALLS = (
-    "SELECT count(*) AS locked FROM (SELECT uuid FROM calls WHERE uuid = ANY(%(calls)s)"
-    " ORDER BY uuid FOR UPDATE) AS locked"
+    "SELECT coalesce(array_agg(uuid), '{}') AS locked FROM (SELECT uuid FROM calls"
+    " WHERE uuid = ANY(%(calls)s) ORDER BY uuid FOR UPDATE) AS locked"
 )
 # Then, in the same message, the calls so locked with their attempts: a statement of its own,
 # after the locks, so it sees every attempt (see _LOAD_ATTEMPTS); a command of the batch gets
@@ -770,11 +770,21 @@ class SqlUnitOfWork(UnitOfWork):
         # One message: BEGIN, the outcomes recorded already, the owners locked in key order,
         # then the calls in uuid order.
         self._transaction.batch = True
-        outcomes, _, _, _, calls = self._transaction.read_all(
-            [_PROCESSED_OUTCOMES, _LOCK_OWNERS, _LOCK_OWNERS, _LOCK_CALLS, _LOAD_CALLS],
-            {"ids": command_ids, "calls": sorted(set(call_uuids)),
-             "persons": sorted(set(person_uuids))},
+        params = {"ids": command_ids, "calls": sorted(set(call_uuids)),
+                  "persons": sorted(set(person_uuids))}  # fmt: skip
+        outcomes, _, _, locked, calls = self._transaction.read_all(
+            [_PROCESSED_OUTCOMES, _LOCK_OWNERS, _LOCK_OWNERS, _LOCK_CALLS, _LOAD_CALLS], params
         )  # fmt: skip
+        # A call committed by another transaction between the lock's statement and the
+        # load's (created there, say) is loaded but was not locked: lock again (owners
+        # first, as before) and load again, until every call loaded is locked. Without it,
+        # a command of this batch changed such a call on what it read, while another
+        # transaction changed it too (the soak found an attempt added to a call cancelled
+        # meanwhile).
+        while {row.uuid for row in calls} - set(locked[0].locked):
+            _, _, locked, calls = self._transaction.read_all(
+                [_LOCK_OWNERS, _LOCK_OWNERS, _LOCK_CALLS, _LOAD_CALLS], params
+            )  # fmt: skip
         self._transaction.loaded = {row.uuid: call_from_row(row, row.attempts_json)
                                     for row in calls}  # fmt: skip
         return {command_id: dict(outcome) for command_id, outcome in outcomes[0].outcomes.items()}
