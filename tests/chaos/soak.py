@@ -236,6 +236,8 @@ class Scene:
         """The delivery tags of messages held unacknowledged when the iteration began."""
         self.poison: str | None = None
         """The command id the workers running now are told to die on (rabbitmq-poison)."""
+        self.connections_lost = 0
+        """How many times the soak's control connection to the broker was lost."""
 
     @property
     def results_url(self) -> str:
@@ -264,7 +266,7 @@ class Scene:
                           if c.raddr and c.raddr.port == port}  # fmt: skip
         return ports
 
-    def wait_for_clients_gone(self, ports: set[int], timeout: float = 10) -> None:
+    def wait_for_clients_gone(self, ports: set[int], timeout: float = 2) -> None:
         """Until Redis has dropped its clients connected from ``ports`` (a killed worker's:
         until then it may still hand one of them a message)."""
         if not ports:
@@ -335,13 +337,22 @@ class Scene:
         # Two pool processes: commands and sweeps run at the same time as each other.
         worker = Process(["worker", "-c", "2", "-n", f"{name}@%h", *poisoned],
                          self.env(**extra), self.root / f"{name}.log")  # fmt: skip
-        control = self.control()
-        try:
-            wait_for_worker(control, name, worker)
-        finally:
-            control.close()
         self.workers.append(worker)
-        return worker
+        deadline = time.monotonic() + 60
+        while True:
+            control = self.control()
+            try:
+                wait_for_worker(control, name, worker)
+                return worker
+            except BROKER_AWAY:
+                # The soak's own connection to the broker lost (seen once, right after a
+                # kill, with the other worker's connection lost too: a worker that loses
+                # one takes it up again, and so does the soak, with a new one).
+                if time.monotonic() > deadline:
+                    raise
+                self.connections_lost += 1
+            finally:
+                control.close()
 
     def start_beat(self) -> Process:
         self.count += 1
@@ -607,6 +618,19 @@ class Frozen:
         self.producer.lock.release()
 
 
+def _lost_a_task(workers: list[Process], logs_from: dict[int, int], within: float) -> bool:
+    """Whether one of ``workers`` said, within ``within`` seconds, that a pool process it
+    lost was running a task (after ``logs_from``, in each one's log)."""
+    deadline = time.monotonic() + within
+    while True:
+        if any("WorkerLostError" in worker.output()[logs_from.get(worker.popen.pid, 0):]
+               for worker in workers):  # fmt: skip
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+
+
 # How long after the drawn moment the fault waits for work in flight before the iteration
 # counts as missed.
 IN_FLIGHT_WITHIN = 10.0
@@ -698,20 +722,24 @@ def inject(fault: str, scene: Scene, the_plan: Plan, producer: Producer,
     in_flight = strike_when_in_flight(scene, at_least)
     worker = rng.choice(scene.live_workers())
     if fault == "pool-kill":
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and not _a_command_running(scene):
-            time.sleep(0.001)
-        # Every pool process of every worker: the one running the command among them
-        # (which one it is, the soak cannot tell from outside). Celery says so when a
-        # process it lost was running a task (read once the iteration is over: the worker
-        # may take a moment to notice).
+        # Every pool process of every worker, when a transaction is open: the one running a
+        # task among them (which one it is, the soak cannot tell from outside; and the
+        # transaction may be the relay's, in a main process). Celery says so when a process
+        # it lost was running a task; until it does, the kill is made again, at the next
+        # instant a transaction is open, for IN_FLIGHT_WITHIN seconds at most.
         workers = scene.live_workers()
         logs_from = {worker.popen.pid: len(worker.output()) for worker in workers}
-        children = [child for worker in workers
-                    for child in psutil.Process(worker.popen.pid).children()]  # fmt: skip
-        assert children, "the workers have no pool process"
-        for child in children:
-            child.kill()
+        deadline = time.monotonic() + IN_FLIGHT_WITHIN
+        while time.monotonic() < deadline:
+            while time.monotonic() < deadline and not _a_command_running(scene):
+                time.sleep(0.001)
+            children = [child for worker in workers
+                        for child in psutil.Process(worker.popen.pid).children()]  # fmt: skip
+            for child in children:
+                with suppress(psutil.Error):
+                    child.kill()
+            if _lost_a_task(workers, logs_from, within=1.0):
+                break
         return Injection(hit_in_flight=in_flight, lost_task_reported_by=workers,
                          logs_from=logs_from)  # fmt: skip
     elif fault == "sigterm":
@@ -818,9 +846,8 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
     gc.collect()
     client.close()
     if injection.lost_task_reported_by is not None:
-        said = "".join(worker.output()[injection.logs_from.get(worker.popen.pid, 0):]
-                       for worker in injection.lost_task_reported_by)  # fmt: skip
-        injection.hit_in_flight = "WorkerLostError" in said and (
+        lost_a_task = _lost_a_task(injection.lost_task_reported_by, injection.logs_from, 0)
+        injection.hit_in_flight = lost_a_task and (
             injection.hit_in_flight or not fault.startswith("batch-"))
     if poison is not None:
         # In flight: the poison's batch, the first time it died, held other commands too.

@@ -243,7 +243,7 @@ def test_an_earlier_attempt_arriving_later_shows_where_a_read_shows_it(
             {"userUuid": str(uuid4()), "attemptedAt": "2026-03-01T07:00:00+00:00"}])),
     ]  # fmt: skip
     done = apply(db, sent)
-    outcomes = done.outcomes if isinstance(done, BatchResult) else done
+    outcomes: list[Any] = done.outcomes if isinstance(done, BatchResult) else done
     assert all(o["ok"] for o in outcomes), outcomes
     for outcome, uuid, hours in ((outcomes[2], call, ["08", "09"]),
                                  (outcomes[3], external, ["07", "10"])):  # fmt: skip
