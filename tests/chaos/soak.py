@@ -774,6 +774,16 @@ def _wait_for_first_sweep(beat: Process, timeout: float = 60) -> None:
         time.sleep(0.05)
 
 
+def poison_place(the_plan: Plan) -> int:
+    """The poison's place in the stream: where the producer is at the fault's moment (the
+    moment drawn across the stream, without its backlog), in the middle of its burst, so
+    that commands sent with it share its batch."""
+    sent = min(int(the_plan.fault_at / BACKLOG_FACTOR * SENDS_PER_SECOND),
+               the_plan.commands - 1)  # fmt: skip
+    start = sent // BURST * BURST
+    return (start + min(start + BURST, the_plan.commands)) // 2
+
+
 def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
     rng = random.Random(the_plan.seed)
     people, organizations = _world(scene)
@@ -788,8 +798,7 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
     poison = None
     if fault.endswith("poison"):
         # Its place in the stream is the fault's moment.
-        poison = Poison(f"poison-{the_plan.seed}",
-                        min(the_plan.commands - 1, int(the_plan.fault_at * SENDS_PER_SECOND)))
+        poison = Poison(f"poison-{the_plan.seed}", poison_place(the_plan))
     scene.note_stale()
     scene.ready(poison.command_id if poison else None)
     client = CallsClient(scene.broker.url, scene.results_url)
