@@ -27,7 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -811,7 +811,9 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
     producer.start()
     api.start()
     if fault == "clock-jump":
-        wait_for_moment(the_plan, started)
+        # The producer's clock: its moment is drawn across the stream only (after it, no
+        # command would carry the jump).
+        wait_for_moment(replace(the_plan, fault_at=the_plan.fault_at / BACKLOG_FACTOR), started)
         in_flight = strike_when_in_flight(scene)
         jumped.set()
         injection = Injection(hit_in_flight=in_flight)

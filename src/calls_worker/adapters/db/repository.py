@@ -16,9 +16,11 @@ import psycopg
 from psycopg.rows import namedtuple_row
 from psycopg.types.json import Json, Jsonb
 from sqlalchemy import (
+    ARRAY,
     ColumnElement,
     Connection,
     Engine,
+    Integer,
     and_,
     case,
     delete,
@@ -30,6 +32,7 @@ from sqlalchemy import (
     true,
     update,
 )
+from sqlalchemy.dialects.postgresql import UUID as PG_UUID
 from sqlalchemy.dialects.postgresql import aggregate_order_by
 
 from calls_worker.domain.access import ServiceAccount
@@ -246,8 +249,9 @@ def _expire_batch(now: datetime, limit: int, *, events: bool = True) -> Any:
       calls themselves, so that only a call exhausted now is expired;
     - expire them and remove their rows from worker_due_calls, with the rows of calls
       that had ended already (a stale entry must not hold a place in every batch);
-    - with ``events``, write each expired call's ``call.expired`` event (the UPDATE's
-      RETURNING feeds the INSERT).
+    - with ``events``, return what each expired call's ``call.expired`` event says of its
+      expiry (its owner and maximum), for the next statement to write the events with
+      (_swept_events).
 
     The sweep keeps worker_due_calls itself here, so it asks the due-tracking trigger to
     stand aside for its transaction (``calls_worker.sweeping``), sparing a call of the
@@ -285,9 +289,6 @@ def _expire_batch(now: datetime, limit: int, *, events: bool = True) -> Any:
         .with_for_update(of=calls, skip_locked=True)
         .cte("taken")
     )
-    returned = (
-        [c for c in calls.c if c.name != "completed_by"] if events else [calls.c.uuid]
-    )
     expired = (
         update(calls)
         .where(
@@ -295,7 +296,7 @@ def _expire_batch(now: datetime, limit: int, *, events: bool = True) -> Any:
             == func.any(func.array(select(taken.c.uuid).where(taken.c.due).scalar_subquery()))
         )
         .values(status=CallStatus.EXPIRED.value, expired_at=now, updated_at=now)
-        .returning(*returned)
+        .returning(calls.c.uuid)
         .cte("expired")
     )
     # A call that ended (or became external) cannot be due again whatever any organization
@@ -329,13 +330,36 @@ def _expire_batch(now: datetime, limit: int, *, events: bool = True) -> Any:
         select(func.array_agg(expired.c.uuid)).scalar_subquery().label("expired_calls"),
     ).add_cte(removed)
     if events:
-        written = insert(call_events).from_select(
-            EVENT_COLUMNS,
-            select(*swept_event(now, expired, taken.c.owner, taken.c.max_call_attempts))
-            .select_from(expired.join(taken, taken.c.uuid == expired.c.uuid)),
-        ).cte("events")
-        statement = statement.add_cte(written)
+        # What each event's expiry says (the owner and its maximum the decision used); the
+        # events themselves are written by the next statement (_swept_events).
+        statement = statement.add_columns(
+            select(func.json_agg(func.json_build_array(
+                taken.c.uuid, taken.c.owner, taken.c.max_call_attempts)))
+            .select_from(taken.join(expired, expired.c.uuid == taken.c.uuid))
+            .scalar_subquery().label("expiries")
+        )  # fmt: skip
     return statement
+
+
+def _swept_events(now: datetime, expiries: list[list[Any]]) -> Any:
+    """The ``call.expired`` events of the calls a sweep batch just expired, in a statement
+    of their own: its snapshot sees every attempt committed before it, and the calls are
+    this transaction's (locked). Written in the expiring statement itself, an event listed
+    the attempts of that statement's snapshot: an attempt committed after it began, and
+    before it reached (and locked) the call, was counted (attemptCount, read from the row
+    it locked) but not listed (the soak found such an event)."""
+    given = func.unnest(
+        literal([UUID(str(e[0])) for e in expiries], ARRAY(PG_UUID(as_uuid=True))),
+        literal([None if e[1] is None else UUID(str(e[1])) for e in expiries],
+                ARRAY(PG_UUID(as_uuid=True))),
+        literal([e[2] for e in expiries], ARRAY(Integer)),
+    ).table_valued("uuid", "owner", "max_call_attempts").render_derived(name="given")  # fmt: skip
+    return insert(call_events).from_select(
+        EVENT_COLUMNS,
+        select(*swept_event(now, calls, given.c.owner, given.c.max_call_attempts))
+        .select_from(calls.join(given, given.c.uuid == calls.c.uuid))
+        .order_by(calls.c.uuid),
+    )
 
 
 def _driver(connection: Connection) -> psycopg.Connection[Any]:
@@ -653,6 +677,8 @@ class SqlCallRepository(CallRepository):
         self._transaction.begin()
         statement = _expire_batch(now, limit, events=self._transaction.events)
         row = self._transaction.connection.execute(statement).one()
+        if self._transaction.events and row.expiries:
+            self._transaction.connection.execute(_swept_events(now, row.expiries))
         return Batch(
             examined=row.examined,
             expired=row.expired,
