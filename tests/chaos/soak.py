@@ -1,19 +1,28 @@
 """The fault soak: for each fault, iterations of a stream of mixed commands with the fault
-injected at a random moment, each iteration reconciled by an independent checker.
+injected at a random moment, each iteration reconciled by an independent checker; the
+Redis faults on a Redis of the soak's own, the RabbitMQ faults on a RabbitMQ node of its own.
 
 Every iteration draws its plan (the stream and the moment of the fault) from a seed it
-logs, so a failing one can be replayed: ``python -m tests.chaos --fault pool-kill --seed S``.
+logs, so a failing one can be replayed: ``python -m tests.chaos --fault pool-kill --replay S``.
+
+Two workers of two pool processes each and a beat run the stream; they are kept from one
+iteration to the next while they live. Calls are performed by an organization other than
+the person's owner, and the API changes owners' maxima and moves donors meanwhile.
+
+The fault strikes at the first instant after its drawn moment at which work is in flight
+(messages held and not acknowledged, or a transaction of a command or a sweep open); kills
+and a broker stop are decided with the producer paused and the workers stopped, so that
+what the soak records of that instant is what the fault strikes. An iteration whose fault
+found no work in flight fails.
 
 The checker (tests/chaos/checker.py, a pure function with unit tests of its own) reads only
-the database and what the producer was told: every outcome against its record, every
-effect against its outcome, the outbox against the ok changes and the sweep, each call's
-events in order, and every resend (for a kill that can lose a message Redis handed out,
-explained by a snapshot, taken just before the kill, of the commands the worker had taken
-and not acknowledged; for any other fault, none). No session of the worker may be idle in
-a transaction once the fault is over.
-
-Whether the fault hit work in flight is recorded too: commands sent and not yet processed
-at that moment, while the worker was processing (a kill between commands proves little).
+the database, what the producer was told and what two subscribers of the events exchange
+received: every outcome against its record, every effect against its outcome, the outbox
+against the ok changes and the sweep, each call's events in order, and every resend (for a
+fault that can lose a message Redis handed out, explained by the snapshot, taken at the
+fault, of the commands taken and not acknowledged; for any other fault, none). No session
+of the worker may be idle in a transaction once the fault is over, and the soak's Redis
+may log no SHUTDOWN the soak did not send.
 """
 
 from __future__ import annotations
