@@ -90,7 +90,7 @@ API_CHANGE_EVERY = 0.3
 SENDS_PER_SECOND = 150
 # How much longer than the stream the run lasts, the backlog included (the fault's moment is
 # drawn across it).
-BACKLOG_FACTOR = 1.5
+BACKLOG_FACTOR = 1.1
 # A command without an outcome this long is sent again under its id (see CommandHandle).
 RESEND_AFTER = 20.0
 # Two subscribers of the events exchange, each with its queue, bound for the whole soak.
