@@ -22,7 +22,8 @@ made-up states, each with one defect planted, and sees each fail. What must hold
 - what the subscribers received is the outbox, repeats dropped;
 - a resend (the producer sending a command again under its id, for want of an outcome) is
   a failure where the fault cannot lose a message, and elsewhere must be explained: the
-  command was taken by the worker and not acknowledged when the fault struck.
+  command was taken by the worker and not acknowledged when the fault struck, recorded so
+  by the broker, or one of at most one per worker between taking a message and recording it.
 """
 
 from __future__ import annotations
@@ -99,6 +100,12 @@ class Held:
     """The event ids the subscribers received, repeats included (None: not collected)."""
     in_flight: set[str] | None = None
     """The command ids the worker held, taken and not acknowledged, when the fault struck."""
+    in_transit: set[str] | None = None
+    """Those of ``in_flight`` in no record of the broker's: taken off the queue and not (yet)
+    recorded as delivered. A worker has at most one so, between the two steps of kombu's
+    Redis transport; any more were lost before the fault struck."""
+    consumers: int = 0
+    """How many workers took messages when the fault struck (the bound on ``in_transit``)."""
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,13 @@ def _outcomes(told: Sequence[Told], held: Held, rules: Rules,
     """Each command's outcome against the record; the first sending of each command id
     whose outcome the record keeps (what the effects are checked against)."""
     first: dict[str, Told] = {}
+    if rules.resends == "explained" and held.in_transit is not None:
+        transit = sorted({item.command_id for item in told
+                          if item.resent and item.command_id in held.in_transit})  # fmt: skip
+        if len(transit) > held.consumers:
+            found.add(f"{len(transit)} resent commands were neither queued nor recorded as"
+                      f" delivered when the fault struck, where {held.consumers} workers can"
+                      f" hold at most one each so: {transit}")  # fmt: skip
     for item in told:
         if item.resent:
             explained = rules.resends == "explained" and item.command_id in (held.in_flight or ())

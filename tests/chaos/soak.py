@@ -18,9 +18,12 @@ found no work in flight fails.
 The checker (tests/chaos/checker.py, a pure function with unit tests of its own) reads only
 the database, what the producer was told and what two subscribers of the events exchange
 received: every outcome against its record, every effect against its outcome, the outbox
-against the ok changes and the sweep, each call's events in order, and every resend (for a
-fault that can lose a message Redis handed out, explained by the snapshot, taken at the
-fault, of the commands taken and not acknowledged; for any other fault, none). No session
+against the ok changes and the sweep, each call's events in order, and every resend. The
+soak resends a command only where the fault can lose a message Redis handed out, and only
+once the broker no longer holds it and the worker has not answered it (a slow backlog is
+waited for); each resend must be explained by the snapshot, taken at the fault, of the
+commands taken and not acknowledged, at most one per worker of them in no record of the
+broker's. Under any other fault nothing is resent: a lost command has no outcome. No session
 of the worker may be idle in a transaction once the fault is over, and the soak's Redis
 may log no SHUTDOWN the soak did not send.
 """
@@ -34,7 +37,7 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -567,7 +570,7 @@ class Injection:
     hit_in_flight: bool = False
     lost_task_reported_by: list[Process] | None = None
     """The workers whose logs say whether a pool process killed was running a task."""
-    taken: set[str] | None = None
+    taken: Taken | None = None
     """The commands the worker had taken and not acknowledged just before a kill."""
     logs_from: dict[int, int] = field(default_factory=dict)
     """Where, in each of those workers' logs (by pid), what it says of this fault begins."""
@@ -580,12 +583,9 @@ LOSES_TAKEN = frozenset({"main-kill", "batch-main-kill", "broker-restart",
                          "batch-broker-restart"})  # fmt: skip
 
 
-def taken_not_acknowledged(scene: Scene, producer: Producer) -> set[str]:
-    """The commands sent that are neither in the queue any more nor answered: taken by a
-    worker and not acknowledged (kombu's unacked ones, and any it is between taking and
-    recording). Exact only while the workers are stopped (see ``frozen``)."""
-    sending = producer.sending
-    sent = {item.command_id for item in [*producer.sent, *([sending] if sending else [])]}
+def _ids_the_broker_holds(scene: Scene) -> tuple[set[str], set[str]]:
+    """The command ids of the messages in Redis's queue lists, and of those kombu records as
+    delivered and not acknowledged (its ``unacked`` hash: ``[message, exchange, key]``)."""
     connection = redis.Redis.from_url(scene.broker.url)
     try:
         queued = set()
@@ -593,13 +593,41 @@ def taken_not_acknowledged(scene: Scene, producer: Producer) -> set[str]:
             if connection.type(key) == b"list":
                 for raw in connection.lrange(key, 0, -1):
                     queued.add(json.loads(raw)["headers"]["id"])
+        unacked = {json.loads(raw)[0]["headers"]["id"]
+                   for raw in connection.hvals("unacked")}  # fmt: skip
     finally:
         connection.close()
-    answered = set(scene.sql(
+    return queued, unacked
+
+
+def _recorded(scene: Scene, ids: Iterable[str]) -> set[str]:
+    """Those of ``ids`` the worker has answered: an outcome or a rejection recorded."""
+    return set(scene.sql(
         "SELECT command_id FROM worker_processed_commands WHERE command_id = ANY(:ids)"
         " UNION SELECT command_id FROM worker_rejected_commands WHERE command_id = ANY(:ids)",
-        ids=sorted(sent)).scalars())  # fmt: skip
-    return sent - queued - answered
+        ids=sorted(ids)).scalars())  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Taken:
+    """The commands sent that are neither in the queue any more nor answered: taken by a
+    worker and not acknowledged (``ids``): kombu's unacked ones, and those in no record of
+    the broker's (``in_transit``), which a worker is between taking and recording, one per
+    worker at most (``consumers``)."""
+
+    ids: set[str]
+    in_transit: set[str]
+    consumers: int
+
+
+def taken_not_acknowledged(scene: Scene, producer: Producer) -> Taken:
+    """What the workers had taken and not acknowledged. Exact only while they are stopped
+    (see ``Frozen``)."""
+    sending = producer.sending
+    sent = {item.command_id for item in [*producer.sent, *([sending] if sending else [])]}
+    queued, unacked = _ids_the_broker_holds(scene)
+    taken = sent - queued - _recorded(scene, sent)
+    return Taken(taken, taken - unacked, len(scene.live_workers()))
 
 
 class Frozen:
@@ -838,7 +866,8 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
         problems.append(f"the producer failed: {producer.error!r}")
     if api.error is not None:
         problems.append(f"the API's changes failed: {api.error!r}")
-    problems += collect_outcomes(scene, producer.sent)
+    problems += collect_outcomes(scene, producer.sent, fault in LOSES_TAKEN,
+                                 injection.taken)
     # Left in a transaction by the fault: a session idle in one for seconds (a command or a
     # sweep between two of its statements is so for a moment, and the worker is still on).
     idle = scene.sql(
@@ -885,14 +914,30 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
                   doubled, problems + found, resent)  # fmt: skip
 
 
-def collect_outcomes(scene: Scene, sent: list[Sent]) -> list[str]:
-    """Every command's outcome, waited for together as a producer with many in flight does:
-    a command without one RESEND_AFTER seconds after it was last sent is sent again under
-    its id (but the poison, whose fate is the broker's delivery limit's, not a matter of
-    time). The problems: a command the worker failed, one with no outcome in OUTCOME_WAIT,
-    and every worker gone."""
+# How long a command must be seen neither held by the broker nor answered before it counts
+# as lost there: kombu's Redis transport takes a message off the queue, then records it as
+# unacknowledged, and one look may fall between the two.
+MISSING_FOR = 2.0
+
+
+def collect_outcomes(scene: Scene, sent: list[Sent], may_lose: bool = False,
+                     taken: Taken | None = None) -> list[str]:  # fmt: skip
+    """Every command's outcome, waited for together as a producer with many in flight does.
+    The problems: a command the worker failed, one with no outcome in OUTCOME_WAIT, and every
+    worker gone.
+
+    Under a fault that ``may_lose`` a message Redis handed out (LOSES_TAKEN), a command is
+    sent again under its id, as a producer does (CommandHandle.resend), RESEND_AFTER seconds
+    after it was sent, but only once the broker no longer holds it: not in the queue, not
+    delivered to a live worker (an unacknowledged one the fault found ``taken`` may be the
+    dead worker's), and not answered, for MISSING_FOR seconds. A producer cannot see so much
+    and resends on time alone; the soak resends only what was lost, so that every resend must
+    be explained by the fault (checker: ``Rules.resends``). A slow backlog is waited for,
+    not resent. Under any other fault nothing is resent: a command lost shows as one with
+    no outcome."""
     problems: list[str] = []
     pending = list(sent)
+    missing_since: dict[str, float] = {}
     deadline = time.monotonic() + OUTCOME_WAIT
     while pending:
         if not scene.live_workers():  # nothing will answer: say so, do not wait
@@ -902,7 +947,10 @@ def collect_outcomes(scene: Scene, sent: list[Sent]) -> list[str]:
         if time.monotonic() > deadline:
             return [*problems, *(f"no outcome for command {item.command_id} ({item.kind})"
                                  for item in pending)]  # fmt: skip
+        recorded = _recorded(scene, (item.command_id for item in pending))
         for item in list(pending):
+            if item.role != "poison" and item.command_id not in recorded:
+                continue  # not answered yet: no outcome to ask for
             try:
                 item.outcome = item.handle.outcome(0.01)
             except CommandFailed as error:
@@ -911,11 +959,23 @@ def collect_outcomes(scene: Scene, sent: list[Sent]) -> list[str]:
                 else:
                     problems.append(f"command {item.command_id} failed: {error}")
             except TimeoutError:
-                if item.role != "poison" and time.monotonic() - item.sent_at >= RESEND_AFTER:
-                    item.handle.resend()
-                    item.sent_at = time.monotonic()
                 continue
             pending.remove(item)
+        now = time.monotonic()
+        due = [item for item in pending if may_lose and item.role != "poison"
+               and item.command_id not in recorded and now - item.sent_at >= RESEND_AFTER]
+        if due:
+            queued, unacked = _ids_the_broker_holds(scene)
+            # Answered since it was last looked at: taken off the queue, applied, acknowledged.
+            held = queued | (unacked - (taken.ids if taken else set())) | _recorded(
+                scene, (item.command_id for item in due))
+            for item in due:
+                if item.command_id in held:
+                    missing_since.pop(item.command_id, None)
+                elif now - missing_since.setdefault(item.command_id, now) >= MISSING_FOR:
+                    item.handle.resend()
+                    item.sent_at = time.monotonic()
+                    missing_since.pop(item.command_id, None)
         time.sleep(0.1)
     return problems
 
@@ -959,7 +1019,7 @@ def subscribers_received(scene: Scene, calls: set[str], problems: list[str]) -> 
 
 
 def check(scene: Scene, sent: list[Sent], jump: timedelta | None, rules: Rules | None = None,
-          taken: set[str] | None = None,
+          taken: Taken | None = None,
           received: list[str] | None = None) -> tuple[int, int, list[str]]:  # fmt: skip
     """What the producer was told against what the database holds (tests/chaos/checker.py
     decides; this reads the database for it)."""
@@ -974,7 +1034,9 @@ def check(scene: Scene, sent: list[Sent], jump: timedelta | None, rules: Rules |
     calls = sorted({str(s.payload["uuid"] if s.kind == "create" else s.payload["callUuid"])
                     for s in sent if isinstance(s.payload, dict)})  # fmt: skip
     held = Held(processed=processed, rejected=rejected, calls={}, maxima={}, attempts={},
-                events=[], received=received, in_flight=taken)  # fmt: skip
+                events=[], received=received, in_flight=taken.ids if taken else None,
+                in_transit=taken.in_transit if taken else None,
+                consumers=taken.consumers if taken else 0)  # fmt: skip
     shown = call_json_sql(calls_table).label("call")
     with scene.engine.connect() as connection:
         for row in connection.execute(

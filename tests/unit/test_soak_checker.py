@@ -235,3 +235,22 @@ def test_a_resend_passes_only_where_the_fault_can_lose_a_message_and_it_was_held
     explained.in_flight = {"k5"}
     assert reconcile(world.told, explained, Rules("explained")).problems == []
     assert reconcile(world.told, explained, Rules("none")).problems
+
+
+def test_more_resends_between_taking_and_recording_than_workers_fail() -> None:
+    """A command lost before the fault (taken off the queue and acknowledged unapplied) looks,
+    at the fault, like one a worker is between taking and recording; each worker can be so
+    with one message only."""
+    world = World()
+    resent_quietly(world)
+    world.told_as("k6", resent=1)
+    held = copy.deepcopy(world.held)
+    held.in_flight = {"k5", "k6"}
+    held.in_transit = {"k5", "k6"}
+    held.consumers = 2
+    assert reconcile(world.told, held, Rules("explained")).problems == []
+    held.consumers = 1
+    problems = reconcile(world.told, held, Rules("explained")).problems
+    assert any("2 resent commands were neither queued" in p for p in problems), problems
+    held.in_transit = {"k6"}  # k5 recorded by the broker as delivered
+    assert reconcile(world.told, held, Rules("explained")).problems == []
