@@ -15,7 +15,8 @@ HOW = {
     "postgres-restart": "PostgreSQL stopped for 1.5–4 s, then started",
     "broker-restart": "Redis (append-only) shut down for 1.5–4 s, then started; the producer"
     " sends again, with the same command id, what it could not hand over",
-    "two-beats": "a second beat starts, both sweeping every second",
+    "two-beats": ("a second beat starts, both sweeping every second, and the soak asks for"
+                  " a sweep every 20 ms until the commands are answered (many beats)"),
     "clock-jump": "the producer's clock jumps by +3 h, −5 h or +30 h",
     "batch-main-kill": "group commit: commands sent in bursts of 40; SIGKILL of the main"
     " process (and its pool) while it holds ≥ 4 messages unacknowledged (a full buffer or a"

@@ -60,7 +60,13 @@ from calls_worker.adapters.db.tables import organizations, persons
 from calls_worker.adapters.embedded import EmbeddedPostgres, start_redis
 from calls_worker.client import CallsClient, CommandFailed
 from calls_worker.domain.commands import CommandKind
-from calls_worker.wire import COMMANDS_QUEUE, EVENTS_EXCHANGE, celery_config
+from calls_worker.wire import (
+    COMMANDS_QUEUE,
+    EVENTS_EXCHANGE,
+    SWEEP_TASK,
+    SWEEPS_QUEUE,
+    celery_config,
+)
 from tests.chaos.checker import Held, HeldEvent, Role, Rules, Told, reconcile
 from tests.e2e.conftest import Process, free_ports, wait_for_worker, worker_env
 from tests.e2e.rabbitmq_node import RabbitNode
@@ -410,6 +416,28 @@ def _world(scene: Scene) -> tuple[list[dict[str, str]], list[str]]:
     return people, organizations
 
 
+# How often, in two-beats, the soak itself asks for a sweep, as many beats would.
+STORM_EVERY = 0.02
+
+
+class SweepStorm(threading.Thread):
+    """Sweeps asked for every STORM_EVERY seconds until stopped, as a deployment running many
+    beats by mistake would: with four pool processes, sweeps then overlap each other and the
+    commands' transactions all the time, instead of once a second."""
+
+    def __init__(self, scene: Scene) -> None:
+        super().__init__(daemon=True)
+        self.app = scene.control()
+        self.stop = threading.Event()
+        self.sent = 0
+
+    def run(self) -> None:
+        while not self.stop.wait(STORM_EVERY):
+            with suppress(*BROKER_AWAY):
+                self.app.send_task(SWEEP_TASK, queue=SWEEPS_QUEUE, expires=1)
+                self.sent += 1
+
+
 class Api(threading.Thread):
     """The Calls API at work while the stream runs: every API_CHANGE_EVERY seconds it changes
     an organization's maximum, or moves a donor to another owning organization, in plain
@@ -570,6 +598,8 @@ class Injection:
     hit_in_flight: bool = False
     lost_task_reported_by: list[Process] | None = None
     """The workers whose logs say whether a pool process killed was running a task."""
+    storm: SweepStorm | None = None
+    """Sweeps the soak asks for (two-beats), until the commands are answered."""
     taken: Taken | None = None
     """The commands the worker had taken and not acknowledged just before a kill."""
     logs_from: dict[int, int] = field(default_factory=dict)
@@ -794,13 +824,15 @@ def inject(fault: str, scene: Scene, the_plan: Plan, producer: Producer,
         server.ensure_postgres_running()
     elif fault == "two-beats":
         begun = time.monotonic()
+        storm = SweepStorm(scene)
+        storm.start()
         beat = scene.start_beat()
         _wait_for_first_sweep(beat)  # a beat takes seconds to start on a loaded machine
         time.sleep(the_plan.fault_for)
         window = time.monotonic() - begun
         sweeps = scene.sql("SELECT count(*) FROM worker_sweep_runs WHERE swept_at > now() - "
                            "make_interval(secs => :s)", s=window).scalar()  # fmt: skip
-        in_flight = in_flight and sweeps >= 2
+        return Injection(hit_in_flight=in_flight and sweeps >= 2, storm=storm)
     return Injection(hit_in_flight=in_flight)
 
 
@@ -868,6 +900,9 @@ def run_iteration(scene: Scene, fault: str, the_plan: Plan) -> Result:
         problems.append(f"the API's changes failed: {api.error!r}")
     problems += collect_outcomes(scene, producer.sent, fault in LOSES_TAKEN,
                                  injection.taken)
+    if injection.storm is not None:
+        injection.storm.stop.set()
+        injection.storm.join(30)
     # Left in a transaction by the fault: a session idle in one for seconds (a command or a
     # sweep between two of its statements is so for a moment, and the worker is still on).
     idle = scene.sql(

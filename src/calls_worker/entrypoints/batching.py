@@ -159,8 +159,10 @@ def apply_batch(task: Task[Any, Any], items: list[Item]
             settled[n] = (REQUEUE_LATER, "its outcome (invalid) could not be stored")
         logger.warning(
             "the outcomes of %d commands could not be stored in the result backend (%s);"
-            " they are applied and their outcomes kept in the database (calls.outcome)",
+            " %d are applied and their outcomes kept in the database (calls.outcome)%s",
             len(stored), str(error).splitlines()[0] if str(error) else repr(error),
+            len(stored) - len(invalid),
+            f"; {len(invalid)} invalid go back to the queue" if invalid else "",
         )  # fmt: skip
     duration = time.perf_counter() - started
     metrics = worker_metrics()
@@ -327,12 +329,7 @@ class BatchRequest:
             request.on_success((False, detail, runtime))
             return
         if what == REQUEUE_LATER:
-
-            def requeue() -> None:
-                task_ready(request)
-                request.reject(requeue=True)
-
-            self.later(REQUEUE_PAUSE_SECONDS, requeue)
+            self._requeue_later([request])
             return
         task_ready(request)
         if what == REQUEUE:
@@ -358,9 +355,13 @@ class BatchRequest:
             return
         logger.error("a batch of %d commands raised, they go back to the queue: %r\n%s", size,
                      error, exc_info.traceback, extra={"batch_size": size})  # fmt: skip
+        self._requeue_later(self.requests)
+
+    def _requeue_later(self, requests: list[Any]) -> None:
+        """``requests`` back to the queue after REQUEUE_PAUSE_SECONDS."""
 
         def requeue() -> None:
-            for request in self.requests:
+            for request in requests:
                 task_ready(request)
                 request.reject(requeue=True)
 
