@@ -46,6 +46,7 @@ from bench.fixtures import broker, fresh_database, seed_person
 from bench.noop_worker import NOOP_QUEUE, NOOP_TASK, noop_queues
 from bench.workers import bench_env, process, wait_for_ping
 from calls_worker.adapters.db.engine import build_engine
+from calls_worker.adapters.queue import forget_amqp_queues
 from calls_worker.wire import COMMANDS_QUEUE, TASK_NAMES, celery_config, close_app, is_amqp
 
 CONCURRENCY = "2"
@@ -54,18 +55,6 @@ CONCURRENCY = "2"
 PRODUCERS = 4
 LOCAL_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 DEPLOYMENTS = ("redis", "rabbitmq+postgres", "rabbitmq+redis")
-
-
-def forget_queues(url: str) -> None:
-    from kombu import Connection
-
-    with Connection(url) as connection:
-        channel: Any = connection.channel()
-        for queue in (COMMANDS_QUEUE, "calls.sweeps", "calls.dead-letters", NOOP_QUEUE):
-            channel.queue_delete(queue)
-        for exchange in (COMMANDS_QUEUE, "calls.sweeps", "calls.dead-letters", NOOP_QUEUE):
-            channel.exchange_delete(exchange)
-        channel.close()
 
 
 def stored_counter(results_url: str) -> Callable[[list[str]], int]:
@@ -132,7 +121,7 @@ def measure(deployment: str, database: str, redis_url: str, rabbitmq_url: str, c
     broker_url = redis_url if deployment == "redis" else rabbitmq_url
     results_url = database if deployment.endswith("postgres") else redis_url
     if is_amqp(broker_url):
-        forget_queues(broker_url)
+        forget_amqp_queues(broker_url, (NOOP_QUEUE,))
     organization, person = seed_person(database, None)
     env = bench_env(database, broker_url, CALLS_WORKER_RESULT_BACKEND_URL=results_url)
     app = Celery("bench-producer", set_as_current=False)

@@ -189,7 +189,7 @@ def subscriber(broker_url: str, *, delete: bool = False) -> None:
     """The queue of one subscriber to every kind of call event, declared and emptied."""
     from kombu import Connection, Queue
 
-    from calls_worker.entrypoints.relay import EXCHANGE
+    from calls_worker.worker.relay import EXCHANGE
 
     with Connection(broker_url) as connection:
         queue = Queue(SUBSCRIBER_QUEUE, EXCHANGE, routing_key="call.#", durable=True)(

@@ -35,8 +35,8 @@ from bench.fixtures import broker, fresh_database
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.events import as_event, relay_batch
 from calls_worker.config import Settings
-from calls_worker.entrypoints.relay import EXCHANGE, Publisher
 from calls_worker.wire import celery_config, close_app
+from calls_worker.worker.relay import EXCHANGE, Publisher
 
 LOCAL_RABBITMQ = "amqp://guest:guest@127.0.0.1:5672//"
 QUEUE = "bench.call-events"

@@ -8,7 +8,7 @@ task events) and the same pool; only the task body differs. It consumes a queue 
 own, so it can run beside the real worker and the two be measured in turns.
 
 With ``--batch N`` the no-op is batched exactly as the worker batches commands
-(entrypoints/batching.py: the same buffer, wait, prefetch, pool job, result pipeline and
+(worker/batching.py and batch_job.py: the same buffer, wait, prefetch, pool job, result pipeline and
 acknowledgements), and the job does nothing but store ``{"ok": true}`` for each message:
 the ceiling of group commit on this machine.
 """
@@ -22,9 +22,10 @@ from celery import Celery
 from celery.worker.consumer import Consumer
 
 from calls_worker.config import Settings
-from calls_worker.entrypoints.batching import DONE, CommandBatcher, store_outcomes
-from calls_worker.entrypoints.celery_app import worker_config
 from calls_worker.wire import QUEUE_ARGUMENTS, is_amqp
+from calls_worker.worker.batch_job import DONE, store_outcomes
+from calls_worker.worker.batching import CommandBatcher
+from calls_worker.worker.celery_app import worker_config
 
 NOOP_TASK = "bench.noop"
 NOOP_QUEUE = "bench.noop"

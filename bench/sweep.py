@@ -45,8 +45,9 @@ from bench.common import (
     timed,
     write_results,
 )
-from calls_worker.adapters.db.repository import EVENT_COLUMNS, SqlUnitOfWork, swept_event
+from calls_worker.adapters.db.sweep import EVENT_COLUMNS, swept_event
 from calls_worker.adapters.db.tables import call_events, calls, organizations, persons
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.config import SWEEP_BATCH_WITH_EVENTS, SWEEP_BATCH_WITHOUT_EVENTS
 from calls_worker.service.sweep import expire_exhausted_calls
 from calls_worker.service.unit_of_work import UnitOfWork

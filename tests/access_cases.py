@@ -1,5 +1,6 @@
-"""One table of access cases (service account × scope × reach × command), run by the fakes
-(tests/unit/test_access.py) and by real PostgreSQL (tests/integration/test_access_db.py).
+"""One table of access cases (service account × scope × reach × command), run through the
+path a worker's pool process applies commands by (tests/worker_path.py), on the fakes
+(tests/unit/test_access.py) and on real PostgreSQL (tests/integration/test_access_db.py).
 
 The scene: organizations A (the account's) and B; person ``pA`` owned by A and ``pB`` owned
 by B; calls performed by A for pB (``A_for_B``, reached through the performing
@@ -18,6 +19,7 @@ from uuid import UUID, uuid4
 from calls_worker.domain.access import SCOPES, AccessPolicy
 from calls_worker.domain.commands import CommandKind
 from calls_worker.domain.outcome import Outcome
+from tests.worker_path import Bound
 
 ISSUED = "2026-03-01T09:00:00+00:00"
 FAR_FUTURE = "2099-01-01T00:00:00+00:00"
@@ -48,6 +50,8 @@ class AccessCase:
     ended: bool = False
     """The call targeted is completed already."""
     extra: dict[str, Any] = field(default_factory=dict)
+    bound: Bound = "own"
+    """What a signed message's signedFor names."""
 
 
 SCOPE = {
@@ -85,6 +89,13 @@ def _cases() -> list[AccessCase]:
                    "forbidden", ACCOUNT_FIELD, "whose certificate signed"),
         AccessCase("signed, account without a certificate", "create", "pA", "no certificate",
                    "forbidden", ACCOUNT_FIELD, "has no certificate"),
+        # Signing covers the body, not the headers: the body names its id and task.
+        AccessCase("signed, relabelled as another task", "create", "pA", "signed by it",
+                   "invalid", "signedFor", "names", bound="other task"),
+        AccessCase("signed, sent again under another id", "create", "pA", "signed by it",
+                   "invalid", "signedFor", "names", bound="other id"),
+        AccessCase("signed, naming neither id nor task", "create", "pA", "signed by it",
+                   "invalid", "signedFor", "missing", bound="missing"),
     ]  # fmt: skip
     for kind in CALL_KINDS:
         cases += [
@@ -131,7 +142,7 @@ class World(abc.ABC):
     @abc.abstractmethod
     def handle(
         self, kind: CommandKind, command: dict[str, Any], *, policy: AccessPolicy,
-        signer: str | None,
+        signer: str | None, bound: Bound = "own",
     ) -> Outcome: ...  # fmt: skip
 
 
@@ -177,7 +188,8 @@ def run(world: World, case: AccessCase) -> tuple[Outcome, UUID]:
         command["serviceAccountUuid"] = str(named)
     signer = {"signed by it": CERT_A, "signed by another": CERT_B}.get(case.account)
     policy = AccessPolicy(require_service_account=case.required, signed=signed)
-    return world.handle(case.kind, command, policy=policy, signer=signer), target
+    outcome = world.handle(case.kind, command, policy=policy, signer=signer, bound=case.bound)
+    return outcome, target
 
 
 def check(case: AccessCase, outcome: Outcome) -> None:

@@ -11,10 +11,10 @@ from uuid import UUID, uuid4
 
 from sqlalchemy import Engine, text
 
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome
-from calls_worker.service.handlers import handle
+from calls_worker.service.apply import handle
 
 ISSUED = "2026-03-01T09:00:00+00:00"
 EARLIER = datetime(2026, 2, 1, tzinfo=UTC)

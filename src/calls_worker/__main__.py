@@ -1,5 +1,5 @@
 """``python -m calls_worker`` is the ``calls-worker`` command."""
 
-from calls_worker.entrypoints.cli import main
+from calls_worker.cli.main import main
 
 main()

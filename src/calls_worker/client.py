@@ -124,8 +124,8 @@ class CommandHandle:
         self.resent.append(time.monotonic())
 
 
-# How often a producer asks PostgreSQL for an outcome it waits for (results.py); Redis tells
-# a waiting producer at once instead.
+# How often a producer asks PostgreSQL for an outcome it waits for (adapters/results.py);
+# Redis tells a waiting producer at once instead.
 POSTGRES_POLL_SECONDS = 0.05
 
 

@@ -86,8 +86,8 @@ def is_postgres(url: str) -> bool:
     return url.partition("://")[0] in ("postgres", "postgresql", "postgresql+psycopg")
 
 
-# Outcomes in PostgreSQL: the worker's own table, as a Celery result backend (results.py).
-POSTGRES_RESULTS: Final = "calls_worker.results:PostgresResults"
+# Outcomes in PostgreSQL: the worker's own table, as a Celery result backend (adapters/results.py).
+POSTGRES_RESULTS: Final = "calls_worker.adapters.results:PostgresResults"
 
 
 def result_backend(broker_url: str, result_backend_url: str | None) -> str:

@@ -53,8 +53,8 @@ from kombu import Connection, Exchange, Queue
 from kombu.exceptions import OperationalError
 from sqlalchemy import select, text
 
+from calls_worker.adapters.db.call_json import call_json_sql
 from calls_worker.adapters.db.engine import build_engine
-from calls_worker.adapters.db.repository import call_json_sql
 from calls_worker.adapters.db.tables import calls as calls_table
 from calls_worker.adapters.db.tables import organizations, persons
 from calls_worker.adapters.embedded import EmbeddedPostgres, start_redis

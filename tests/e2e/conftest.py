@@ -30,12 +30,10 @@ import redis
 from celery import Celery
 
 from calls_worker.adapters.embedded import start_redis
+from calls_worker.adapters.queue import forget_amqp_queues, waiting
 from calls_worker.client import CallsClient
 from calls_worker.wire import (
     COMMANDS_QUEUE,
-    DEAD_LETTER_EXCHANGE,
-    DEAD_LETTERS_QUEUE,
-    SWEEPS_QUEUE,
     celery_config,
     close_app,
     is_amqp,
@@ -63,24 +61,10 @@ def broker_kind(request: pytest.FixtureRequest) -> str:
 def rabbitmq_url() -> str:
     url = os.environ.get("CALLS_WORKER_TEST_RABBITMQ_URL", LOCAL_RABBITMQ)
     try:
-        forget_rabbitmq_queues(url)
+        forget_amqp_queues(url)
     except Exception as error:  # any failure to connect means the same here
         unreachable(f"RabbitMQ at {url} (CALLS_WORKER_TEST_RABBITMQ_URL) is unreachable: {error}")
     return url
-
-
-def forget_rabbitmq_queues(url: str) -> None:
-    """Delete the worker's queues and exchanges (an earlier test run's leftovers)."""
-    from kombu import Connection
-
-    with Connection(url, connect_timeout=3) as connection:
-        connection.ensure_connection(max_retries=1)
-        channel: Any = connection.channel()
-        for queue in (COMMANDS_QUEUE, SWEEPS_QUEUE, DEAD_LETTERS_QUEUE):
-            channel.queue_delete(queue)
-        for exchange in (COMMANDS_QUEUE, SWEEPS_QUEUE, DEAD_LETTER_EXCHANGE):
-            channel.exchange_delete(exchange)
-        channel.close()
 
 
 @pytest.fixture(scope="session")
@@ -270,21 +254,9 @@ def client(broker_url: str, results_url: str) -> Iterator[CallsClient]:
 def queues_drained(broker_url: str) -> bool:
     """No command waiting, none delivered but unacknowledged."""
     if is_amqp(broker_url):
-        return rabbitmq_settled(broker_url)
+        return waiting(broker_url, COMMANDS_QUEUE) == 0  # (ready ones only: AMQP tells no more)
     connection = redis.Redis.from_url(broker_url)
     return not connection.llen("calls.commands") and not connection.hlen("unacked")
-
-
-def rabbitmq_settled(broker_url: str, queue: str = COMMANDS_QUEUE) -> bool:
-    """No message of ``queue`` ready. (AMQP tells only how many are ready, not how many a
-    consumer holds unacknowledged.)"""
-    from kombu import Connection
-
-    with Connection(broker_url) as connection:
-        channel: Any = connection.channel()
-        _name, ready, _consumers = channel.queue_declare(queue, passive=True)
-        channel.close()
-    return int(ready) == 0
 
 
 def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

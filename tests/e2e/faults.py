@@ -101,9 +101,9 @@ if os.environ.get("CALLS_WORKER_TEST_RELAY_DIE"):
 
 
 def _poison_before_commit() -> None:
-    from calls_worker.entrypoints import batching
+    from calls_worker.worker import messages
 
-    apply = batching.__dict__["handle_batch"]
+    apply = messages.__dict__["handle_batch"]
 
     def handle_batch(entries: Any, *args: Any, **kwargs: Any) -> Any:
         target = os.environ.get("CALLS_WORKER_TEST_POISON_BEFORE_COMMIT")
@@ -114,7 +114,7 @@ def _poison_before_commit() -> None:
             os.kill(os.getpid(), signal.SIGKILL)
         return apply(entries, *args, **kwargs)
 
-    setattr(batching, "handle_batch", handle_batch)  # noqa: B010 - not exported
+    setattr(messages, "handle_batch", handle_batch)  # noqa: B010 - not exported
 
 
 _poison_before_commit()

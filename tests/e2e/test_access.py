@@ -18,8 +18,8 @@ from celery import Celery
 
 from calls_worker.adapters.db.directory import add_service_account, disable_service_account
 from calls_worker.client import CallsClient, ListingRefused
-from calls_worker.entrypoints.signer import certificate_sha256
 from calls_worker.wire import Signing, celery_config, enable_signing
+from calls_worker.worker.signer import certificate_sha256
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import Process, redis_database, wait_for_worker, worker_env
 from tests.e2e.test_signing import key_and_certificate

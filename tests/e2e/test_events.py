@@ -32,7 +32,7 @@ from sqlalchemy import text
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.events import backlog, kept_events
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.client import CallsClient
 from calls_worker.service.sweep import expire_exhausted_calls
 from calls_worker.wire import EVENTS_EXCHANGE, SWEEP_TASK, SWEEPS_QUEUE, is_amqp
@@ -326,8 +326,8 @@ def test_a_round_rabbitmq_refuses_is_not_marked(lone_db: Db, broker_url: str) ->
     from amqp.exceptions import MessageNacked
 
     from calls_worker.adapters.db.events import relay_batch
-    from calls_worker.entrypoints.relay import Publisher
     from calls_worker.wire import close_app
+    from calls_worker.worker.relay import Publisher
     from tests.e2e.conftest import control_app_for
 
     db = lone_db

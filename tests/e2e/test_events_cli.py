@@ -11,7 +11,7 @@ import time
 from datetime import UTC, datetime
 from uuid import uuid4
 
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.service.sweep import expire_exhausted_calls
 from tests.db_world import Db
 from tests.e2e.test_directory import cli

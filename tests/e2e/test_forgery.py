@@ -27,8 +27,8 @@ from kombu.serialization import dumps
 
 from calls_worker.adapters.db.directory import add_service_account
 from calls_worker.client import CallsClient
-from calls_worker.entrypoints.signer import certificate_sha256
 from calls_worker.wire import Signing, celery_config, enable_signing
+from calls_worker.worker.signer import certificate_sha256
 from tests.db_world import Db
 from tests.e2e.conftest import Process, redis_database, wait_for_worker, wait_until, worker_env
 from tests.e2e.test_signing import captured, key_and_certificate
@@ -195,7 +195,7 @@ def test_a_retried_command_still_acts_for_its_producers_account(
     keys: tuple[Signing, Signing, Signing],
 ) -> None:  # fmt: skip
     """The worker republishes a retry signed with its own key, which vouches for nobody: the
-    retry is applied as A's because it carries A's signed original (entrypoints/signer.py)."""
+    retry is applied as A's because it carries A's signed original (worker/signer.py)."""
     worker_keys, a_keys, _ = keys
     organization = db.organization(3)
     person = db.person(organization)

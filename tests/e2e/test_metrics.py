@@ -11,8 +11,8 @@ from celery import Celery
 from sqlalchemy import Engine
 
 from calls_worker.client import CallsClient
-from calls_worker.entrypoints.metrics import serve_database_metrics
 from calls_worker.wire import RECONCILE_TASK, SWEEP_TASK, SWEEPS_QUEUE
+from calls_worker.worker.metrics import serve_database_metrics
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import (
     Process,
@@ -179,10 +179,10 @@ def test_event_metrics_show_the_backlog_and_each_subscribers_queue(
     from kombu import Connection
 
     from calls_worker.adapters.db.events import relay_batch
-    from calls_worker.adapters.db.repository import SqlUnitOfWork
-    from calls_worker.entrypoints.relay import Publisher
+    from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
     from calls_worker.service.sweep import expire_exhausted_calls
     from calls_worker.wire import close_app, is_amqp
+    from calls_worker.worker.relay import Publisher
     from tests.e2e.conftest import control_app_for
     from tests.e2e.test_events import delete_queue, subscriber_queue
 

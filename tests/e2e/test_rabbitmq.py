@@ -37,13 +37,13 @@ from kombu.exceptions import OperationalError
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.migrate import upgrade
 from calls_worker.adapters.embedded import start_postgres
+from calls_worker.adapters.queue import forget_amqp_queues, waiting
 from calls_worker.client import CallsClient
 from calls_worker.wire import celery_config, close_app, enable_signing
 from tests.db_world import ISSUED, Db
 from tests.e2e.batch_faults import GOOD, outcome_store_away, poison_among_good_commands
 from tests.e2e.conftest import (
     Process,
-    forget_rabbitmq_queues,
     own_worker,
     redis_database,
     wait_until,
@@ -74,7 +74,7 @@ def fresh_node(node: RabbitNode) -> RabbitNode:
     """The node, started if a test left it stopped, without the worker's queues."""
     if node.process is None:
         node.start()
-    forget_rabbitmq_queues(node.url)
+    forget_amqp_queues(node.url)
     # Celery apps of one process share kombu's connection pools, which remember what they
     # declared: forget that too, or a new client would not declare the queues again.
     kombu.pools.reset()
@@ -180,7 +180,7 @@ def test_a_send_the_broker_does_not_confirm_raises(
                     sends.append(client.send("create", person_of(db)))
                 except OperationalError as error:  # Celery's wrapping of the broker's nack
                     sends.append(error.__cause__ or error.__context__)
-            depth = queue_depth(fresh_node.url, "calls.commands")
+            depth = waiting(fresh_node.url, "calls.commands")
         finally:
             fresh_node.ctl("clear_policy", "cap")
     refused = [s for s in sends if isinstance(s, MessageNacked)]
@@ -351,14 +351,6 @@ def test_every_confirmed_send_survives_broker_node_restarts(
     assert refused, "no send met the broker away"
 
 
-def queue_depth(url: str, queue: str) -> int:
-    with Connection(url) as connection:
-        channel: Any = connection.channel()
-        _name, ready, _consumers = channel.queue_declare(queue, passive=True)
-        channel.close()
-    return int(ready)
-
-
 @pytest.mark.scenario("rabbitmq-database-outage")
 @pytest.mark.slow
 @pytest.mark.timeout(900)
@@ -394,9 +386,9 @@ def test_a_five_minute_database_outage_dead_letters_nothing(
                 producer.join()
                 wait_until(lambda: "takes no more commands" in worker.output(), 60,
                            "the worker to stop taking commands")  # fmt: skip
-                waiting = queue_depth(fresh_node.url, "calls.commands")
+                queued = waiting(fresh_node.url, "calls.commands")
                 time.sleep(300)
-                assert queue_depth(fresh_node.url, "calls.dead-letters") == 0
+                assert waiting(fresh_node.url, "calls.dead-letters") == 0
                 server._server.ensure_postgres_running()
                 outcomes = [handle.outcome(TIMEOUT) for handle in accepted]
         finally:
@@ -408,12 +400,12 @@ def test_a_five_minute_database_outage_dead_letters_nothing(
         lost, doubled = by_identity(db, calls, sent)
         reliability.record("rabbitmq-database-outage", commands=len(accepted),
                            lost=lost, doubled=doubled)  # fmt: skip
-        assert waiting > 0, "commands were waiting in the queue during the outage"
+        assert queued > 0, "commands were waiting in the queue during the outage"
         assert all(o["ok"] for o in outcomes)
         assert (lost, doubled) == (0, 0)
         assert "the database answers again" in log
         assert db.sql("SELECT count(*) FROM worker_rejected_commands").scalar() == 0
-        assert queue_depth(fresh_node.url, "calls.dead-letters") == 0
+        assert waiting(fresh_node.url, "calls.dead-letters") == 0
         for call in calls:
             assert db.row(UUID(call))["attempt_count"] == db.attempt_rows(UUID(call)) == 20
         engine.dispose()
@@ -501,7 +493,7 @@ def test_an_outcome_store_away_requeues_nothing_and_pauses_the_workers(
     assert seen["calls"] == len(seen["ids"])  # applied once each
     assert seen["rejected"] == 1  # the invalid command, kept once however often it came
     assert seen["invalid_told"]["error"]["code"] == "invalid", seen["invalid_told"]
-    assert queue_depth(fresh_node.url, "calls.dead-letters") == 0
+    assert waiting(fresh_node.url, "calls.dead-letters") == 0
     assert "the result backend does not answer" in seen["logs"]
     assert "raised, they go back to the queue" not in seen["logs"]
     assert "the result backend answers again" in seen["logs"]

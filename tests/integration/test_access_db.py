@@ -9,13 +9,14 @@ from uuid import UUID, uuid4
 import pytest
 
 from calls_worker.adapters.db.directory import add_service_account, disable_service_account
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.domain.access import AccessPolicy
 from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome
-from calls_worker.service.handlers import handle
+from calls_worker.service.apply import handle
 from tests.access_cases import ACCESS_CASES, AccessCase, World, check, run, same_as_missing
 from tests.db_world import Db
+from tests.worker_path import Bound, send
 
 
 class DbWorld(World):
@@ -41,10 +42,12 @@ class DbWorld(World):
 
     def handle(
         self, kind: CommandKind, command: dict[str, Any], *, policy: AccessPolicy,
-        signer: str | None,
+        signer: str | None, bound: Bound = "own",
     ) -> Outcome:  # fmt: skip
-        return handle(str(uuid4()), parse_command(kind, command), SqlUnitOfWork(self.db.engine),
-                      policy=policy, signer_sha256=signer)  # fmt: skip
+        applied = send(lambda: SqlUnitOfWork(self.db.engine), kind, command, policy=policy,
+                       signer=signer, bound=bound)  # fmt: skip
+        assert applied.outcome is not None
+        return applied.outcome
 
 
 @pytest.mark.parametrize("case", ACCESS_CASES, ids=lambda case: case.name)

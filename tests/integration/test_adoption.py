@@ -36,7 +36,7 @@ from calls_worker.adapters.db.migrate import (
     plan,
     upgrade,
 )
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.service.sweep import expire_exhausted_calls
 from tests.db_world import ISSUED, Db
 from tests.integration.test_due_calls import due_by_policy, due_by_table

@@ -12,12 +12,12 @@ import psycopg
 import pytest
 from sqlalchemy import select
 
-from calls_worker.adapters.db.repository import SqlUnitOfWork, call_json_sql
+from calls_worker.adapters.db.call_json import call_json_sql
 from calls_worker.adapters.db.tables import calls
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome
-from calls_worker.service.batch import BatchEntry, BatchResult, handle_batch
-from calls_worker.service.handlers import handle
+from calls_worker.service.apply import BatchEntry, BatchResult, handle, handle_batch
 from tests.db_world import ISSUED, Db
 
 Sent = tuple[str, CommandKind, dict[str, Any]]

@@ -9,7 +9,7 @@ from sqlalchemy import Engine, select
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.migrate import downgrade, upgrade
-from calls_worker.adapters.db.repository import calls_with_owning_organization, exhausted
+from calls_worker.adapters.db.sweep import calls_with_owning_organization, exhausted
 from calls_worker.adapters.db.tables import calls
 from calls_worker.domain.model import CallStatus
 from calls_worker.domain.policy import is_exhausted
@@ -35,7 +35,7 @@ def due_by_policy(engine: Engine) -> set[UUID]:
 
 
 def due_by_sql_twin(engine: Engine) -> set[UUID]:
-    """The same, by the sweep's SQL condition (``repository.exhausted``)."""
+    """The same, by the sweep's SQL condition (``sweep.exhausted``)."""
     with engine.connect() as connection:
         query = (
             select(calls.c.uuid).select_from(calls_with_owning_organization()).where(exhausted())

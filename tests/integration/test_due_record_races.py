@@ -20,7 +20,7 @@ import pytest
 from sqlalchemy import Connection, Engine, text
 
 from calls_worker.adapters.db.journal import reconcile_due_calls
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.service.sweep import expire_exhausted_calls
 from tests.db_world import Db
 from tests.integration.test_due_calls import due_by_policy, due_by_table

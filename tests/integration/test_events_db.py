@@ -11,11 +11,10 @@ import pytest
 from sqlalchemy import Engine
 
 from calls_worker.adapters.db.events import backlog, prune_published, relay_batch, tail
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome, call_json
-from calls_worker.service.batch import BatchEntry, handle_batch
-from calls_worker.service.handlers import handle
+from calls_worker.service.apply import BatchEntry, handle, handle_batch
 from calls_worker.service.sweep import expire_exhausted_calls
 from calls_worker.wire import EVENT_KINDS
 from tests.db_world import ISSUED, Db

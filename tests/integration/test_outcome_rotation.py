@@ -22,11 +22,10 @@ from calls_worker.adapters.db.journal import (
     set_processed_retention,
 )
 from calls_worker.adapters.db.migrate import downgrade, upgrade
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.domain.commands import parse_command
 from calls_worker.domain.outcome import Outcome
-from calls_worker.service.batch import BatchEntry, handle_batch
-from calls_worker.service.handlers import handle
+from calls_worker.service.apply import BatchEntry, handle, handle_batch
 from tests.db_world import ISSUED, Db
 
 NOW = timedelta(0)  # a rotation due at once

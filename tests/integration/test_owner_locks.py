@@ -27,12 +27,12 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
-from calls_worker.adapters.db import repository
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db import unit_of_work
+from calls_worker.adapters.db.calls import LOCK_CALLS
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.domain.commands import parse_command
 from calls_worker.domain.outcome import Outcome
-from calls_worker.service.batch import BatchEntry, handle_batch
-from calls_worker.service.handlers import handle
+from calls_worker.service.apply import BatchEntry, handle, handle_batch
 from tests.db_world import ISSUED, Db
 from tests.integration.test_races import WAIT, blocked_on_lock
 
@@ -221,10 +221,9 @@ def test_a_call_committed_between_the_batchs_lock_and_its_load_is_locked_too(
     organization = db.organization(3)
     person = db.person(organization)
     call = uuid4()
-    slow = repository._LOCK_CALLS.replace(" AS locked FROM", " AS locked,"
-                                          " pg_sleep(1.5) AS slept FROM", 1)  # fmt: skip
-    assert slow != repository._LOCK_CALLS
-    monkeypatch.setattr(repository, "_LOCK_CALLS", slow)
+    slow = LOCK_CALLS.replace(" AS locked FROM", " AS locked, pg_sleep(1.5) AS slept FROM", 1)
+    assert slow != LOCK_CALLS
+    monkeypatch.setattr(unit_of_work, "LOCK_CALLS", slow)
     url = database_url.replace("postgresql+psycopg://", "postgresql://")
     creating = psycopg.connect(url, autocommit=False)
     try:

@@ -19,10 +19,10 @@ from uuid import UUID, uuid4
 import pytest
 from sqlalchemy import Engine, text
 
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.domain.commands import parse_command
 from calls_worker.domain.outcome import Outcome
-from calls_worker.service.handlers import handle
+from calls_worker.service.apply import handle
 from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
 from tests.db_world import ISSUED, Db
 from tests.reliability import Reliability

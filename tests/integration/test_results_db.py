@@ -1,4 +1,4 @@
-"""Outcomes kept for producers in PostgreSQL (results.py, migration 0009): Celery's own
+"""Outcomes kept for producers in PostgreSQL (adapters/results.py, migration 0009): Celery's own
 result API on a real database."""
 
 from __future__ import annotations

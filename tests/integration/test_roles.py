@@ -21,9 +21,9 @@ from calls_worker.adapters.db.journal import (
     set_processed_retention,
 )
 from calls_worker.adapters.db.migrate import grant_to, upgrade
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.domain.commands import parse_command
-from calls_worker.service.handlers import handle
+from calls_worker.service.apply import handle
 from calls_worker.service.sweep import expire_exhausted_calls
 from tests.db_world import ISSUED, Db
 

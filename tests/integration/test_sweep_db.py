@@ -1,4 +1,5 @@
-"""The SQL sweep against the same table of cases as the policy, and its bounds."""
+"""The SQL sweep against the same table of cases as the policy (through the worker's sweep
+task, as beat runs it), and its bounds."""
 
 from __future__ import annotations
 
@@ -6,10 +7,14 @@ from datetime import UTC, datetime
 from uuid import UUID
 
 import pytest
+from freezegun import freeze_time
 from sqlalchemy import Engine
 
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
+from calls_worker.config import Settings
 from calls_worker.service.sweep import SweepResult, expire_exhausted_calls
+from calls_worker.worker.runtime import Runtime
+from calls_worker.worker.tasks import run_sweep
 from tests.db_world import Db
 from tests.expiry_cases import EXPIRY_CASES, ExpiryCase
 
@@ -31,11 +36,24 @@ def case_call(db: Db, case: ExpiryCase) -> UUID:
     )
 
 
+def worker_sweep(database_url: str) -> int:
+    """One sweep as the worker's task runs it (its lock, its record, its events); how many
+    calls it expired."""
+    runtime = Runtime(database_url, Settings())
+    try:
+        with freeze_time(NOW):
+            report = run_sweep(runtime)
+    finally:
+        runtime.dispose()
+    assert not report["skipped"]
+    return int(report["expired"])
+
+
 @pytest.mark.parametrize("case", EXPIRY_CASES, ids=lambda c: c.name)
-def test_sql_sweep_follows_the_table(db: Db, engine: Engine, case: ExpiryCase) -> None:
+def test_sql_sweep_follows_the_table(db: Db, database_url: str, case: ExpiryCase) -> None:
     call = case_call(db, case)
     before = db.row(call)
-    assert sweep(engine).expired == int(case.expires)
+    assert worker_sweep(database_url) == int(case.expires)
     after = db.row(call)
     if case.expires:
         assert (after["status"], after["expired_at"], after["updated_at"]) == ("expired", NOW, NOW)

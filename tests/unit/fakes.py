@@ -18,6 +18,7 @@ from calls_worker.service.unit_of_work import (
     Batch,
     CallRepository,
     CallUuidTaken,
+    CommandRefused,
     DuplicateCommand,
     MissingReference,
     ProcessedCommands,
@@ -169,7 +170,11 @@ _VIOLATIONS: dict[str, type[CallsWorkerError]] = {
 
 
 class FakeUnitOfWork(UnitOfWork):
-    """Works on a copy of ``committed``; commit publishes the copy, rollback drops it."""
+    """Works on a copy of ``committed``; commit publishes the copy, rollback drops it.
+
+    Applies batches as the real one does: each command's writes can be discarded (the
+    working copy as it was when the command started), and in a batch a broken uniqueness
+    raises CommandRefused naming the command that broke it."""
 
     def __init__(self, committed: FakeState | None = None) -> None:
         self.committed = committed or FakeState()
@@ -181,16 +186,53 @@ class FakeUnitOfWork(UnitOfWork):
         return self
 
     def _begin(self) -> None:
-        self._working = working = copy.deepcopy(self.committed)
+        self._use(copy.deepcopy(self.committed))
+        self._batch = False
+        self._tag: object = None
+        self._before: dict[object, FakeState] = {}
+        self._starts: list[tuple[object, int]] = []
+        """Each command's tag, with how many violations there were when it started."""
+
+    def _use(self, working: FakeState) -> None:
+        self._working = working
         self.calls = FakeCallRepository(working)
         self.processed_commands = FakeProcessedCommands(working)
         self.service_accounts = FakeServiceAccounts(working)
 
-    def commit(self) -> None:
+    def begin_batch(
+        self, command_ids: list[str], call_uuids: list[UUID], person_uuids: list[UUID]
+    ) -> dict[str, Outcome]:
+        self._batch = True
+        processed = self._working.processed
+        return {c: processed[c] for c in command_ids if c in processed}
+
+    def start_command(self, tag: object) -> None:
+        self._tag = tag
+        self._before[tag] = copy.deepcopy(self._working)
+        self._starts.append((tag, len(self._working.violations)))
+
+    def discard_command(self, tag: object) -> None:
+        self._use(self._before.pop(tag))
+
+    def flush(self) -> None:
+        self._refuse()
+
+    def _refuse(self) -> None:
         violations = self._working.violations
-        if violations:
-            self.rollback()
-            raise _VIOLATIONS[violations[0]]()
+        if not violations:
+            return
+        batch, current = self._batch, self._tag
+        # The commands whose writes broke one (what the real one's message carried).
+        ends = [start for _, start in self._starts[1:]] + [len(violations)]
+        tags = {tag for (tag, start), end in zip(self._starts, ends, strict=True) if end > start}
+        self.rollback()
+        error = _VIOLATIONS[violations[0]]()
+        if batch:
+            raise CommandRefused(tags or {current}, error)
+        raise error
+
+    def commit(self) -> None:
+        self._refuse()
         self.committed = copy.deepcopy(self._working)
         self.commits += 1
 

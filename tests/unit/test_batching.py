@@ -12,16 +12,10 @@ from billiard.einfo import ExceptionInfo
 from billiard.exceptions import WorkerLostError
 
 from calls_worker.adapters.db import journal
-from calls_worker.entrypoints import batching
-from calls_worker.entrypoints.batching import (
-    DONE,
-    GAVE_UP,
-    REQUEUE,
-    RETRIED,
-    BatchRequest,
-    CommandBatcher,
-)
-from calls_worker.entrypoints.consumer import _tolerate_lost_channel
+from calls_worker.worker import batching
+from calls_worker.worker.batch_job import DONE, GAVE_UP, REQUEUE, RETRIED
+from calls_worker.worker.batching import BatchRequest, CommandBatcher
+from calls_worker.worker.consumer import _tolerate_lost_channel
 
 
 class FakeTimer:
@@ -275,3 +269,15 @@ def test_a_message_of_a_lost_connection_is_left_to_the_broker() -> None:
     message.reject_log_error(None, (), requeue=True)
     with pytest.raises(ValueError, match="not a lost channel"):  # anything else still raises
         message.reject_log_error(None, ())
+
+
+def test_batching_off_is_a_batch_of_one() -> None:
+    """CALLS_WORKER_COMMAND_BATCH_SIZE=1: each command goes to the pool at once, alone, by
+    the same path as a batch (there is no other)."""
+    b, sent, consumer = batcher(1)
+    for n in range(3):
+        b.add(FakeRequest(n))
+    assert [[r.id for r in s.requests] for s in sent] == [["command-0"], ["command-1"],
+                                                           ["command-2"]]  # fmt: skip
+    consumer.timer.fire()
+    assert len(sent) == 3

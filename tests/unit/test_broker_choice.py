@@ -9,15 +9,8 @@ from typing import Any
 
 import pytest
 
+from calls_worker.cli.servers import Servers
 from calls_worker.config import Settings
-from calls_worker.entrypoints import outage
-from calls_worker.entrypoints.consumer import (
-    already_settled,
-    dead_letter_reason,
-    expired_command,
-)
-from calls_worker.entrypoints.outage import CommandsPause, DatabaseWatch
-from calls_worker.entrypoints.servers import Servers
 from calls_worker.wire import (
     COMMANDS_QUEUE,
     POSTGRES_RESULTS,
@@ -26,6 +19,13 @@ from calls_worker.wire import (
     celery_config,
     result_backend,
 )
+from calls_worker.worker import outage
+from calls_worker.worker.consumer import (
+    already_settled,
+    dead_letter_reason,
+    expired_command,
+)
+from calls_worker.worker.outage import CommandsPause, DatabaseWatch
 
 AMQP = "amqp://guest:guest@rabbit:5672//"
 PG = "postgresql://app@db:5432/calls"

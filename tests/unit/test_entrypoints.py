@@ -10,9 +10,9 @@ from pathlib import Path
 
 from click.testing import CliRunner
 
-from calls_worker.entrypoints.cli import main
-from calls_worker.entrypoints.logs import formatter
-from calls_worker.entrypoints.replay import replay_id
+from calls_worker.cli.main import main
+from calls_worker.cli.replay import replay_id
+from calls_worker.worker.logs import formatter
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,7 +31,8 @@ def test_the_producer_client_loads_no_worker_code() -> None:
     probe = (
         "import sys, calls_worker.client; "
         "bad = [m for m in sys.modules if m.startswith(('sqlalchemy', 'psycopg', "
-        "'calls_worker.service', 'calls_worker.adapters', 'calls_worker.entrypoints'))]; "
+        "'calls_worker.service', 'calls_worker.adapters', 'calls_worker.worker',"
+        " 'calls_worker.cli.')) or m == 'calls_worker.cli']; "
         "print(bad)"
     )
     run = subprocess.run(
@@ -95,8 +96,8 @@ def test_a_remembered_redis_port_is_probed_briefly_and_once() -> None:
 
 def test_docs_examples_hold_a_valid_command_of_every_kind() -> None:
     """docs/examples/<kind>.json for every command kind, each one the worker accepts."""
+    from calls_worker.cli.common import KINDS
     from calls_worker.domain.commands import parse_command
-    from calls_worker.entrypoints.cli import KINDS
 
     for name, kind in KINDS.items():
         path = ROOT / "docs" / "examples" / f"{name}.json"
@@ -104,7 +105,7 @@ def test_docs_examples_hold_a_valid_command_of_every_kind() -> None:
 
 
 def test_the_readme_lists_every_command() -> None:
-    from calls_worker.entrypoints.cli import main
+    from calls_worker.cli.main import main
 
     readme = (ROOT / "README.md").read_text()
     table = readme.split("| command | what it does |")[1].split("\n\n")[0]

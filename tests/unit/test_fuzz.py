@@ -1,4 +1,5 @@
-"""Fuzzed payloads: whatever arrives, parsing ends in a command or a clear InvalidCommand."""
+"""Fuzzed messages: whatever arrives, the worker's path (worker/messages.py) ends in a
+command or a clear InvalidCommand, and every message in an outcome."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from calls_worker.domain.access import AccessPolicy
 from calls_worker.domain.commands import (
     COMMANDS,
     MAX_ATTEMPTS_ON_CREATE,
@@ -19,6 +21,10 @@ from calls_worker.domain.commands import (
     parse_command,
 )
 from calls_worker.domain.errors import InvalidCommand
+from calls_worker.wire import TASK_NAMES
+from calls_worker.worker.messages import Message, apply_messages, parsed
+from tests.unit.fakes import FakeUnitOfWork
+from tests.worker_path import message
 
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=50),
@@ -41,7 +47,7 @@ def parses_or_explains(kind: CommandKind, payload: Any) -> None:
     from its own JSON."""
     refused: InvalidCommand | None = None
     try:
-        command = parse_command(kind, payload)
+        command = parsed(message(kind, payload), signed=False).command
     except InvalidCommand as error:
         refused = error
     if refused is not None:
@@ -66,6 +72,26 @@ def test_any_object_parses_or_is_explained(kind: CommandKind, payload: dict[str,
 @given(kind=kinds, body=st.binary(max_size=200) | st.text(max_size=200))
 def test_any_body_parses_or_is_explained(kind: CommandKind, body: bytes | str) -> None:
     parses_or_explains(kind, body)
+
+
+@settings(max_examples=200, deadline=None)
+@given(kind=kinds, args=st.lists(json_values, max_size=2),
+       kwargs=st.dictionaries(st.sampled_from(["command", "signedFor", "signedBy", "x"]),
+                              payloads | json_values, max_size=3),
+       signed=st.booleans())  # fmt: skip
+def test_any_message_is_answered(kind: CommandKind, args: list[Any], kwargs: dict[str, Any],
+                                 signed: bool) -> None:  # fmt: skip
+    """Any arguments, through the whole path on the fakes: an outcome, never an error; a
+    refusal before the command is applied is invalid, with its reasons."""
+    uow = FakeUnitOfWork()
+    sent = Message(TASK_NAMES[kind], "fuzzed", tuple(args), kwargs)
+    (applied,), _ = apply_messages([sent], lambda: uow, policy=AccessPolicy(signed=signed),
+                                   signed=signed)  # fmt: skip
+    assert applied.failure is None
+    assert applied.outcome is not None
+    if applied.invalid is not None:
+        assert applied.outcome["error"]["code"] == "invalid"
+        assert applied.outcome["error"]["details"]
 
 
 CALL = "5f0c6a52-0d5e-4e43-9a8d-7c1f6f7ea1b1"

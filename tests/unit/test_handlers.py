@@ -9,7 +9,7 @@ from freezegun import freeze_time
 
 from calls_worker.domain.commands import FUTURE_TOLERANCE, CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome
-from calls_worker.service.handlers import handle
+from calls_worker.service.apply import handle
 from tests.reliability import Reliability, counted
 from tests.unit.fakes import FakeState, FakeUnitOfWork
 

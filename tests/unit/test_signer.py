@@ -10,9 +10,9 @@ import pytest
 from kombu.exceptions import DecodeError
 from kombu.serialization import dumps, loads
 
-from calls_worker.entrypoints import signer
-from calls_worker.entrypoints.signer import SIGNED_BY, SIGNED_ORIGINAL, certificate_sha256
 from calls_worker.wire import Signing
+from calls_worker.worker import signer
+from calls_worker.worker.signer import SIGNED_BY, SIGNED_ORIGINAL, certificate_sha256
 from tests.e2e.test_signing import key_and_certificate
 
 SIGNED_FOR = {"id": "c-1", "task": "calls.cancel"}

@@ -1,4 +1,5 @@
-"""Random command sequences against the handlers, checked against a simple model.
+"""Random command sequences, applied as a worker's pool process applies them
+(tests/worker_path.py), checked against a simple model.
 
 Only legal transitions happen, attempt counts are exact, end states are final, and a
 redelivered command returns its first outcome without a second effect. Commands are sent
@@ -18,10 +19,10 @@ from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, multiple, rule
 
 from calls_worker.domain.access import SCOPE_OF, SCOPES, ServiceAccount
-from calls_worker.domain.commands import CommandKind, parse_command
+from calls_worker.domain.commands import CommandKind
 from calls_worker.domain.outcome import Outcome
-from calls_worker.service.handlers import handle
 from tests.unit.fakes import FakeUnitOfWork
+from tests.worker_path import send
 
 ISSUED = "2026-03-01T09:00:00+00:00"
 NOW = datetime(2026, 3, 2, tzinfo=UTC)
@@ -45,7 +46,10 @@ class CallsMachine(RuleBasedStateMachine):
         self.outcomes: dict[str, Outcome] = {}
 
     def send(self, kind: CommandKind, payload: dict[str, Any], command_id: str) -> Outcome:
-        outcome = handle(command_id, parse_command(kind, {"issuedAt": ISSUED, **payload}), self.uow)
+        applied = send(lambda: self.uow, kind, {"issuedAt": ISSUED, **payload},
+                       command_id=command_id)  # fmt: skip
+        assert applied.outcome is not None
+        outcome = applied.outcome
         if command_id in self.outcomes:
             assert outcome == self.outcomes[command_id], "a redelivery gets the first outcome"
         self.outcomes.setdefault(command_id, outcome)

@@ -8,7 +8,7 @@ import pytest
 from psycopg import errors
 from sqlalchemy.exc import InterfaceError, OperationalError
 
-from calls_worker.entrypoints.tasks import database_away
+from calls_worker.worker.settling import database_away
 
 
 def wrapped(error: Exception) -> OperationalError:

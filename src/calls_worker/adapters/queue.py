@@ -1,4 +1,5 @@
-"""The broker seen from outside Celery: queue lengths for metrics and the status command."""
+"""The broker seen from outside Celery: queue lengths for metrics, the status command and
+the tests; the worker's RabbitMQ queues deleted (a test's or a benchmark's leftovers)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from typing import Any
 
 from calls_worker.wire import (
     COMMANDS_QUEUE,
+    DEAD_LETTER_EXCHANGE,
     DEAD_LETTERS_QUEUE,
     EVENTS_EXCHANGE,
     SWEEPS_QUEUE,
@@ -43,6 +45,35 @@ def queue_lengths(broker_url: str) -> dict[str, int]:
         return {queue: int(connection.llen(queue)) for queue in (COMMANDS_QUEUE, SWEEPS_QUEUE)}
     finally:
         connection.close()
+
+
+def waiting(broker_url: str, queue: str) -> int:
+    """Messages waiting in ``queue`` (on RabbitMQ the ready ones; 0 for one not declared)."""
+    if is_amqp(broker_url):
+        return _amqp_lengths(broker_url, (queue,))[queue]
+    import redis
+
+    connection = redis.Redis.from_url(broker_url, socket_timeout=5)
+    try:
+        return int(connection.llen(queue))
+    finally:
+        connection.close()
+
+
+def forget_amqp_queues(broker_url: str, others: tuple[str, ...] = ()) -> None:
+    """Delete the worker's RabbitMQ queues and exchanges, and ``others`` (queues with an
+    exchange of their own name): what an earlier test or benchmark left. Never the worker's
+    own business: its queues are declared, never deleted."""
+    from kombu import Connection
+
+    with Connection(broker_url, connect_timeout=3) as connection:
+        connection.ensure_connection(max_retries=1)
+        channel: Any = connection.channel()
+        for queue in (COMMANDS_QUEUE, SWEEPS_QUEUE, DEAD_LETTERS_QUEUE, *others):
+            channel.queue_delete(queue)
+        for exchange in (COMMANDS_QUEUE, SWEEPS_QUEUE, DEAD_LETTER_EXCHANGE, *others):
+            channel.exchange_delete(exchange)
+        channel.close()
 
 
 def event_queue_lengths(broker_url: str, named: list[str]) -> dict[str, int]:

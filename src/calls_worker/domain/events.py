@@ -4,7 +4,7 @@
      "owningOrganizationUuid", "call", "expiry" (call.expired only)}
 
 A change and its event are written in one transaction (the outbox, migration 0010), and the
-relay publishes the event afterwards (entrypoints/relay.py). ``call`` is the call as the
+relay publishes the event afterwards (worker/relay.py). ``call`` is the call as the
 command's outcome shows it (outcome.call_json); the sweep writes the same shape in SQL.
 The JSON Schema is docs/schemas/call-event.schema.json.
 """

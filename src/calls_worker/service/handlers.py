@@ -1,7 +1,8 @@
-"""One handler per command: load, ask the domain, store. ``handle`` makes them idempotent.
+"""One handler per command: load, ask the domain, store. service/apply.py runs them
+(idempotent, with their checks, in batches).
 
 Every handler runs inside the caller's unit of work and raises DomainError for a broken
-rule; ``handle`` turns that into an error outcome and records whichever outcome it got
+rule; apply.py turns that into an error outcome and records whichever outcome it got
 in the same transaction as the effect.
 """
 
@@ -14,7 +15,7 @@ from typing import Any
 from uuid import UUID, uuid4
 
 from calls_worker.domain import access
-from calls_worker.domain.access import OPEN, AccessPolicy, Caller, ServiceAccount
+from calls_worker.domain.access import AccessPolicy, Caller, ServiceAccount
 from calls_worker.domain.commands import (
     AddCallAttempt,
     CancelCall,
@@ -22,23 +23,14 @@ from calls_worker.domain.commands import (
     CompleteCall,
     CreateCall,
     ExpireCall,
-    absurd_timestamps,
 )
 from calls_worker.domain.errors import (
-    CallAlreadyExists,
-    DomainError,
     FieldError,
-    Forbidden,
     InvalidCommand,
     NotFound,
 )
-from calls_worker.domain.events import event_of
 from calls_worker.domain.model import Call, CallAttempt, CallStatus, CallType
-from calls_worker.domain.outcome import Outcome, failed, succeeded
 from calls_worker.service.unit_of_work import (
-    CallUuidTaken,
-    DuplicateCommand,
-    MissingReference,
     References,
     UnitOfWork,
 )
@@ -47,64 +39,6 @@ from calls_worker.service.unit_of_work import (
 def utc_now() -> datetime:
     """The one clock: where the worker's time enters (freezegun patches it in tests)."""
     return datetime.now(UTC)
-
-
-def handle(
-    command_id: str,
-    command: Command,
-    uow: UnitOfWork,
-    clock: Callable[[], datetime] = utc_now,
-    *,
-    policy: AccessPolicy = OPEN,
-    signer_sha256: str | None = None,
-    on_kept: Callable[[DomainError], None] | None = None,
-) -> Outcome:
-    """Apply ``command`` once and return its outcome.
-
-    Idempotent by ``command_id``: the effect happens once, and a command id seen before
-    gets the outcome first recorded for it, even while the first delivery is still running
-    (the second waits for it). The outcome is recorded in the transaction of the effect, so
-    a redelivery is found out when that record is written, and its effect is dropped with
-    it. Raises nothing for a broken rule: that is an error outcome.
-
-    ``policy`` and ``signer_sha256`` (the fingerprint of the certificate that signed the
-    message) decide what the service account the command names may do (domain/access.py),
-    when the command is applied. ``on_kept`` is told of a refusal an operator must see (a
-    claim the signature does not back), once its outcome is recorded.
-    """
-    kept: DomainError | None = None
-    with uow:
-        now = command.issued_at or clock()
-        call_uuid = command.call_uuid_or_none
-        account: ServiceAccount | None = None
-        try:
-            if absurd := absurd_timestamps(command, clock()):
-                raise InvalidCommand("timestamps in the far future", absurd)
-            account = acting_account(command.service_account_uuid, command.kind, uow,
-                                     policy=policy, signer_sha256=signer_sha256)  # fmt: skip
-            call = HANDLERS[type(command)](command, uow, now, account)
-            uow.events.add(event_of(command.kind, call, now))
-            outcome, call_uuid = succeeded(call), call.uuid
-        except DomainError as error:
-            uow.rollback()
-            outcome = failed(error)
-            kept = error if isinstance(error, Forbidden) and error.kept else None
-        try:
-            recorded = _record(command_id, command, call_uuid, outcome, uow)
-        except CallUuidTaken:
-            taken = CallAlreadyExists(
-                f"a call with uuid {call_uuid} exists already",
-                [FieldError("uuid", "exists already")],
-            )
-            recorded = _record(command_id, command, call_uuid, failed(taken), uow)
-        except MissingReference:
-            assert isinstance(command, CreateCall), "only a new call points at other rows"
-            missing = _not_found(command, _references(command, uow, account))
-            uow.rollback()
-            recorded = _record(command_id, command, call_uuid, failed(missing), uow)
-    if kept is not None and on_kept is not None and recorded is outcome:  # not a redelivery
-        on_kept(kept)
-    return recorded
 
 
 def acting_account(
@@ -119,37 +53,21 @@ def acting_account(
     return access.authorize(policy, Caller(named, signer_sha256), account, access.SCOPE_OF[kind])
 
 
-def _record(
-    command_id: str, command: Command, call_uuid: UUID | None, outcome: Outcome, uow: UnitOfWork
-) -> Outcome:
-    """Commit the effect with its outcome; a command id seen before gets its first outcome."""
-    uow.processed_commands.add(
-        command_id, command.kind, call_uuid, outcome, command.service_account_uuid
-    )
-    try:
-        uow.commit()
-    except DuplicateCommand:
-        first = uow.processed_commands.get(command_id)
-        assert first is not None, "a recorded command id cannot vanish"
-        return first
-    return outcome
-
-
 def create_call(
     command: CreateCall, uow: UnitOfWork, now: datetime, account: ServiceAccount | None = None
 ) -> Call:
     """Create a call managed here (as requested) or externally (stored as given).
 
     The rows it points at are not read first: their foreign keys find a missing one at
-    commit (MissingReference, see ``handle``). They are read when a service account acts
+    commit (MissingReference, see apply.py). They are read when a service account acts
     (a person it does not reach is missing to it), and a pledge case named for a call
     managed here is, since it must be a pledge case of the person called.
     """
     call = _external_call(command, now) if command.is_external else _managed_call(command, now)
     checks_pledge_case = command.pledge_case_uuid is not None and not call.is_external
     if account is not None or checks_pledge_case:
-        refs = _references(command, uow, account)
-        if (missing := _not_found(command, refs)).details:
+        refs = references(command, uow, account)
+        if (missing := not_found(command, refs)).details:
             raise missing
         if checks_pledge_case and refs.pledge_case_person_uuid != command.person_uuid:
             raise InvalidCommand(
@@ -160,7 +78,7 @@ def create_call(
     return call
 
 
-def _references(
+def references(
     command: CreateCall, uow: UnitOfWork, account: ServiceAccount | None
 ) -> References:
     """The rows a create names, as ``account`` sees them: a person it does not reach, or a
@@ -179,7 +97,7 @@ def _references(
     )
 
 
-def _not_found(command: CreateCall, refs: References) -> NotFound:
+def not_found(command: CreateCall, refs: References) -> NotFound:
     """Which of the rows a create names do not exist, as its error."""
     missing = [
         FieldError(name, "does not exist")

@@ -31,7 +31,7 @@ def expire_exhausted_calls(
     takes to expire ``batch_size`` calls, and a batch that fails loses only itself.
     Calls locked by a running command are skipped and left to the next sweep, so two
     sweeps, or a sweep and a command, never wait on each other nor expire a call twice.
-    The rule itself lives in domain.policy; its SQL twin in the repository.
+    The rule itself lives in domain.policy; its SQL twin in adapters/db/sweep.py (exhausted).
     """
     if batch_size < 1:
         raise ValueError("batch_size must be at least 1")

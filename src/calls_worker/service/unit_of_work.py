@@ -182,7 +182,7 @@ class UnitOfWork(abc.ABC):
     def rollback(self) -> None:
         """Undo everything since the last commit; the unit of work stays usable."""
 
-    # What applying a batch of commands in one transaction needs (service/batch.py).
+    # What applying a batch of commands in one transaction needs (service/apply.py).
     # Until ``commit`` or ``rollback``, a statement the database refuses raises
     # CommandRefused naming the commands whose writes it carried.
 

@@ -1,8 +1,8 @@
 """The outbox of call events (``worker_call_events``, migration 0010): what the relay
 publishes, what operators tail, and what is pruned.
 
-Writers are the unit of work (repository.SqlCallEvents, and the sweep's statement); this
-module reads and settles what they wrote.
+Writers are the unit of work (``SqlCallEvents``, below) and the sweep's statement
+(sweep.py); this module also reads and settles what they wrote.
 """
 
 from __future__ import annotations
@@ -13,9 +13,14 @@ from datetime import datetime, timedelta
 from typing import Any
 from uuid import UUID
 
+from psycopg.types.json import Json
 from sqlalchemy import Engine, text
 
-from calls_worker.domain.events import event_json
+from calls_worker.domain.events import CallEvent, event_json
+from calls_worker.domain.outcome import call_json
+from calls_worker.service.unit_of_work import CallEvents
+
+from .transaction import Transaction
 
 # Held (for its transaction) by the relay that publishes: one relay at a time, across
 # every process of the deployment (the migration and the sweep hold ...001 and ...002).
@@ -154,3 +159,45 @@ def prune_published(engine: Engine, keep: timedelta, batch: int = PRUNE_BATCH) -
         deleted += result.rowcount
         if result.rowcount < batch:
             return deleted
+
+
+# A command's event (domain/events.py), written after its change. The owning organization
+# is read with the call a command changes; a new call's is looked up here, in the same
+# message as the insert (no round trip of its own). An expiry by command carries the
+# maximum of the owning organization, read the same way.
+_INSERT_EVENT = (
+    "INSERT INTO worker_call_events (event_id, kind, occurred_at, call_uuid,"
+    " organization_uuid, owning_organization_uuid, call, expiry) VALUES (%(id)s, %(kind)s,"
+    " %(at)s, %(call_uuid)s, %(organization)s, {owner}, %(call)s, {expiry})"
+)
+_OWNER = "%(owner)s"
+_OWNER_OF_PERSON = "(SELECT owning_organization_uuid FROM persons WHERE uuid = %(person)s)"
+_EXPIRY_BY_COMMAND = (
+    "json_build_object('by', 'command', 'attemptCount', %(attempts)s::int, 'maxCallAttempts',"
+    " (SELECT max_call_attempts FROM organizations WHERE uuid = {owner}))"
+)
+_INSERT_EVENTS = {
+    (known_owner, expiry): _INSERT_EVENT.format(
+        owner=(owner := _OWNER if known_owner else _OWNER_OF_PERSON),
+        expiry=_EXPIRY_BY_COMMAND.format(owner=owner) if expiry else "NULL",
+    )
+    for known_owner in (True, False)
+    for expiry in (True, False)
+}
+
+class SqlCallEvents(CallEvents):
+    def __init__(self, transaction: Transaction) -> None:
+        self._transaction = transaction
+
+    def add(self, event: CallEvent) -> None:
+        call = event.call
+        owner = call.owning_organization_uuid  # None for a new call: looked up in SQL
+        self._transaction.write(
+            _INSERT_EVENTS[(owner is not None, event.expired_by_command)],
+            {"id": event.event_id, "kind": event.kind, "at": event.occurred_at,
+             "call_uuid": call.uuid, "organization": call.organization_uuid, "owner": owner,
+             "person": call.person_uuid, "call": Json(call_json(call)),
+             "attempts": call.attempt_count},
+        )  # fmt: skip
+
+

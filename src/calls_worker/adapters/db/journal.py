@@ -14,7 +14,7 @@ from sqlalchemy import ColumnElement, Engine, and_, func, select, text, update
 
 from calls_worker.domain.errors import FieldError
 
-from .repository import calls_with_owning_organization, exhausted
+from .sweep import calls_with_owning_organization, exhausted
 from .tables import (
     calls,
     due_calls,
@@ -214,7 +214,7 @@ def set_processed_retention(engine: Engine, keep: timedelta) -> None:
 
 
 def forget_expired_results(engine: Engine) -> int:
-    """Delete the outcomes kept for producers (worker_results, results.py) past their
+    """Delete the outcomes kept for producers (worker_results, adapters/results.py) past their
     expiry; how many. Readers never see them once expired: this only frees the space."""
     with engine.begin() as connection:
         deleted = connection.execute(text("DELETE FROM worker_results WHERE expires_at <= now()"))

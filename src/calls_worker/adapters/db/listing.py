@@ -13,22 +13,17 @@ from uuid import UUID
 
 from sqlalchemy import Engine, text
 
-from calls_worker.adapters.db.repository import call_from_row, service_account_from_row
+from calls_worker.adapters.db.accounts import service_account
+from calls_worker.adapters.db.calls import ATTEMPTS_JSON, CALL_COLUMNS, call_from_row
 from calls_worker.domain.access import ServiceAccount
 from calls_worker.domain.commands import ListCalls
 from calls_worker.domain.model import Call
 from calls_worker.domain.paging import Position
 from calls_worker.service.listing import CallReader
 
-_COLUMNS = (
-    "c.uuid, c.status, c.type, c.person_uuid, c.organization_uuid, c.pledge_case_uuid,"
-    " c.requested_by, c.result, c.notes, c.external_metadata, c.completed_by, c.created_at,"
-    " c.updated_at, c.completed_at, c.cancelled_at, c.expired_at, NULL::uuid AS owner"
-)
+_COLUMNS = f"{CALL_COLUMNS}, NULL::uuid AS owner"
 _ATTEMPTS = (
-    "(SELECT coalesce(json_agg(json_build_array(a.user_uuid, a.attempted_at)"
-    " ORDER BY a.attempted_at, a.uuid), '[]'::json)"
-    " FROM call_attempts a WHERE a.call_uuid = c.uuid) AS attempts_json"
+    f"(SELECT {ATTEMPTS_JSON} FROM call_attempts a WHERE a.call_uuid = c.uuid) AS attempts_json"
 )
 _FILTERS = {
     "organization_uuid": "c.organization_uuid = :organization_uuid",
@@ -74,13 +69,7 @@ class SqlCallReader(CallReader):
         self._key: bytes | None = None
 
     def service_account(self, uuid: UUID) -> ServiceAccount | None:
-        with self.engine.connect() as connection:
-            row = connection.execute(
-                text("SELECT uuid, name, organization_uuid, scopes, disabled_at,"
-                     " certificate_sha256 FROM worker_service_accounts WHERE uuid = :u"),
-                {"u": uuid},
-            ).one_or_none()  # fmt: skip
-        return None if row is None else service_account_from_row(row)
+        return service_account(self.engine, uuid)
 
     def cursor_key(self) -> bytes:
         if self._key is None:

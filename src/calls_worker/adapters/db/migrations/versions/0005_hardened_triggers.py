@@ -29,6 +29,8 @@ Revises: 0004
 
 from alembic import op
 
+from calls_worker.adapters.db.trigger_sql import PERSONS_MOVED
+
 revision = "0005"
 down_revision = "0004"
 branch_labels = None
@@ -166,19 +168,7 @@ $$;
 
 CREATE OR REPLACE FUNCTION calls_worker_person_changed() RETURNS trigger
 LANGUAGE plpgsql {DEFINER} AS $$
-DECLARE
-    moved uuid[];
-BEGIN
-    moved := ARRAY(
-        SELECT n.uuid FROM changed n JOIN before b ON b.uuid = n.uuid
-        WHERE n.owning_organization_uuid IS DISTINCT FROM b.owning_organization_uuid);
-    IF pg_catalog.cardinality(moved) = 0 THEN
-        RETURN NULL;
-    END IF;
-    PERFORM public.calls_worker_lock_organizations(ARRAY(
-        SELECT n.owning_organization_uuid FROM changed n WHERE n.uuid = ANY (moved)
-        UNION
-        SELECT b.owning_organization_uuid FROM before b WHERE b.uuid = ANY (moved)));
+{PERSONS_MOVED}
     PERFORM public.calls_worker_recheck_calls_of_persons(moved);
     RETURN NULL;
 END;

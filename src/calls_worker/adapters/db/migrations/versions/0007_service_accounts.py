@@ -27,6 +27,7 @@ import secrets
 from alembic import context, op
 
 from calls_worker.adapters.db import adoption
+from calls_worker.adapters.db.trigger_sql import PERSONS_MOVED
 
 revision = "0007"
 down_revision = "0006"
@@ -131,19 +132,7 @@ $$;
 -- (exclusive, in a fixed order), like the due-calls record's recheck (0005).
 CREATE FUNCTION calls_worker_person_reach_changed() RETURNS trigger
 LANGUAGE plpgsql {DEFINER} AS $$
-DECLARE
-    moved uuid[];
-BEGIN
-    moved := ARRAY(
-        SELECT n.uuid FROM changed n JOIN before b ON b.uuid = n.uuid
-        WHERE n.owning_organization_uuid IS DISTINCT FROM b.owning_organization_uuid);
-    IF pg_catalog.cardinality(moved) = 0 THEN
-        RETURN NULL;
-    END IF;
-    PERFORM public.calls_worker_lock_organizations(ARRAY(
-        SELECT n.owning_organization_uuid FROM changed n WHERE n.uuid = ANY (moved)
-        UNION
-        SELECT b.owning_organization_uuid FROM before b WHERE b.uuid = ANY (moved)));
+{PERSONS_MOVED}
     DELETE FROM public.worker_call_reach r
     USING public.calls c, before b
     WHERE b.uuid = ANY (moved) AND c.person_uuid = b.uuid

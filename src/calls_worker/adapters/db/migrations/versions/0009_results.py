@@ -1,4 +1,4 @@
-"""Outcomes for producers in PostgreSQL, for deployments with no Redis (results.py).
+"""Outcomes for producers in PostgreSQL, for deployments with no Redis (adapters/results.py).
 
 ``worker_results`` holds what Celery's Redis result backend would: a key
 (``celery-task-meta-<command id>``), its value (the outcome as Celery encodes it, JSON) and

@@ -3,7 +3,7 @@
 ``worker_call_events`` holds one row per change the worker makes to a call (created, attempt
 added, completed, cancelled, expired by a command or by the sweep), inserted by the same
 transaction as the change, so that there is no change without its event and no event
-without its change. The relay (entrypoints/relay.py) publishes the rows not published yet
+without its change. The relay (worker/relay.py) publishes the rows not published yet
 in ``seq`` order and then sets ``published_at``; ``calls.prune`` deletes published rows
 older than CALLS_WORKER_EVENTS_RETENTION_HOURS.
 

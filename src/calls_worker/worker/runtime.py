@@ -10,10 +10,10 @@ from sqlalchemy import Engine
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.listing import SqlCallReader
-from calls_worker.adapters.db.repository import SqlUnitOfWork
+from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.config import Settings, signing_of
 from calls_worker.domain.access import AccessPolicy
-from calls_worker.entrypoints.outage import DatabaseWatch
+from calls_worker.worker.outage import DatabaseWatch
 
 
 @dataclass
@@ -40,7 +40,7 @@ class Runtime:
             self._engine = None
         if self._engine is None:
             # No pre-ping: it would cost every command a round trip, and a command that
-            # meets a dead connection is retried (tasks.TRANSIENT_ERRORS) on a fresh one.
+            # meets a dead connection is retried (settling.TRANSIENT_ERRORS) on a fresh one.
             self._engine = build_engine(self.database_url, pool_size=2, pre_ping=False)
             self._engine_pid = os.getpid()
         return self._engine

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from calls_worker.entrypoints.output import camel_keys
-from calls_worker.entrypoints.servers import Servers
+from calls_worker.cli.output import camel_keys
+from calls_worker.cli.servers import Servers
 
 
 def gather_status(servers: Servers) -> dict[str, Any]:

@@ -56,7 +56,7 @@ class Servers:
 
     def result_backend_url(self, *, start: bool) -> str:
         """Where outcomes go: the configured URL; else the broker when it is Redis, the
-        database when it is RabbitMQ (worker_results, results.py)."""
+        database when it is RabbitMQ (worker_results, adapters/results.py)."""
         if self.settings.result_backend_url:
             return self.settings.result_backend_url
         broker = self.broker_url(start=start)

@@ -6,74 +6,19 @@ import json
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 from uuid import UUID
 
 import click
 
-from calls_worker.config import get_settings, signing_of
-from calls_worker.domain.commands import CommandKind
-from calls_worker.entrypoints.cli_dead_letters import COMMANDS as DEAD_LETTERS_COMMANDS
-from calls_worker.entrypoints.cli_directory import COMMANDS as DIRECTORY_COMMANDS
-from calls_worker.entrypoints.cli_events import COMMANDS as EVENTS_COMMANDS
-from calls_worker.entrypoints.logs import LogFormat
-from calls_worker.entrypoints.output import print_json
-from calls_worker.entrypoints.servers import Servers
-
-log_format_option = click.option(
-    "--log-format",
-    type=click.Choice(get_args(LogFormat)),
-    default="text",
-    show_default=True,
-    help="text for people, json (one object a line) for machines.",
-)
-KINDS = {kind.replace("_", "-"): kind for kind in get_args(CommandKind)}
-
-
-def _servers() -> Servers:
-    return Servers(get_settings())
-
-
-def _app(servers: Servers, log_format: LogFormat = "text") -> Any:
-    from calls_worker.entrypoints.celery_app import create_app
-
-    return create_app(
-        database_url=servers.database_url(),
-        broker_url=servers.broker_url(start=True),
-        result_backend_url=servers.result_backend_url(start=True),
-        settings=servers.settings,
-        log_format=log_format,
-    )
-
-
-def _client(servers: Servers, service_account: UUID | None = None) -> Any:
-    """A producer client on the configured (or embedded, running) broker."""
-    from calls_worker.client import CallsClient
-
-    return CallsClient(
-        servers.broker_url(start=False),
-        servers.result_backend_url(start=False),
-        signing=signing_of(servers.settings),
-        service_account=service_account,
-    )
-
-
-def _queue(client: Any, kind: CommandKind, command: Any, command_id: str | None) -> Any:
-    """Queue the command; an invalid one is printed as its outcome, exit status 2."""
-    from calls_worker.domain.errors import InvalidCommand
-    from calls_worker.domain.outcome import failed
-
-    try:
-        return client.send(kind, command, command_id=command_id)
-    except InvalidCommand as error:
-        print_json(failed(error))
-        sys.exit(2)
-
-
-def _engine(servers: Servers) -> Any:
-    from calls_worker.adapters.db.engine import build_engine
-
-    return build_engine(servers.database_url(), pool_size=1)
+from calls_worker.cli import common
+from calls_worker.cli.common import KINDS, log_format_option
+from calls_worker.cli.dead_letters import COMMANDS as DEAD_LETTERS_COMMANDS
+from calls_worker.cli.directory import COMMANDS as DIRECTORY_COMMANDS
+from calls_worker.cli.events import COMMANDS as EVENTS_COMMANDS
+from calls_worker.cli.output import print_json
+from calls_worker.config import signing_of
+from calls_worker.worker.logs import LogFormat
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -92,9 +37,9 @@ def main() -> None:
 @click.option("--flower-port", type=int, default=5555, show_default=True)
 def run(log_format: LogFormat, flower: bool, flower_port: int) -> None:
     """Migrate, then run a worker and beat until Ctrl-C (embedded servers if no URLs)."""
-    from calls_worker.entrypoints.supervisor import run_everything, sole_run
+    from calls_worker.cli.supervisor import run_everything, sole_run
 
-    servers = _servers()
+    servers = common.servers()
     with sole_run(servers.settings.data_dir):
         status = run_everything(
             servers, log_format=log_format, flower_port=flower_port if flower else None
@@ -118,9 +63,9 @@ def worker(
     include: tuple[str, ...],
 ) -> None:
     """Run a Celery worker consuming the command and sweep queues."""
-    servers = _servers()
+    servers = common.servers()
     if servers.settings.metrics_port:
-        from calls_worker.entrypoints.metrics import prepare_multiprocess_dir
+        from calls_worker.worker.metrics import prepare_multiprocess_dir
 
         prepare_multiprocess_dir()
     argv = ["worker", "--loglevel", "INFO", "--queues", queues, "--without-mingle"]
@@ -131,7 +76,7 @@ def worker(
     for module in include:
         argv += ["--include", module]
     try:
-        _app(servers, log_format).worker_main(argv)
+        common.app(servers, log_format).worker_main(argv)
     finally:
         servers.stop()
 
@@ -140,10 +85,10 @@ def worker(
 @log_format_option
 def beat(log_format: LogFormat) -> None:
     """Run Celery beat: the sweep every CALLS_WORKER_SWEEP_INTERVAL_SECONDS. Run one only."""
-    servers = _servers()
+    servers = common.servers()
     servers.settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        _app(servers, log_format).start(["beat", "--loglevel", "INFO"])
+        common.app(servers, log_format).start(["beat", "--loglevel", "INFO"])
     finally:
         servers.stop()
 
@@ -153,13 +98,13 @@ def beat(log_format: LogFormat) -> None:
 @click.option("--port", type=int, default=5555, show_default=True)
 def flower(address: str, port: int) -> None:
     """Run Flower, the task dashboard (requires CALLS_WORKER_FLOWER_BASIC_AUTH)."""
-    from calls_worker.entrypoints.flower import require_auth, run_flower
+    from calls_worker.cli.flower import require_auth, run_flower
 
-    servers = _servers()
+    servers = common.servers()
     auth = servers.settings.flower_basic_auth
     basic_auth = require_auth(auth.get_secret_value() if auth else None)
     try:
-        run_flower(_app(servers), basic_auth, address, port)
+        run_flower(common.app(servers), basic_auth, address, port)
     finally:
         servers.stop()
 
@@ -171,9 +116,9 @@ def status(as_json: bool) -> None:
 
     Exit status 0 when the database and the broker answer, 1 otherwise.
     """
-    from calls_worker.entrypoints.status import gather_status, render_status
+    from calls_worker.cli.status import gather_status, render_status
 
-    servers = _servers()
+    servers = common.servers()
     try:
         report = gather_status(servers)
     finally:
@@ -199,7 +144,7 @@ def ping(hostname: str, database: bool, timeout: float) -> None:
 
     from calls_worker.wire import celery_config, enable_signing
 
-    servers = _servers()
+    servers = common.servers()
     broker = servers.broker_url(start=False)
     app = Celery("calls-ping", set_as_current=False)
     app.conf.update(celery_config(broker))  # control messages only: no result backend
@@ -212,7 +157,7 @@ def ping(hostname: str, database: bool, timeout: float) -> None:
     if not any(hostname in reply for reply in replies):
         raise click.ClickException(f"{hostname} did not answer within {timeout}s")
     if database:
-        engine = _engine(servers)
+        engine = common.engine_of(servers)
         try:
             with engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
@@ -257,8 +202,8 @@ def migrate(grantee: str | None, check: bool, batch_size: int) -> None:
         upgrade,
     )
 
-    servers = _servers()
-    engine = _engine(servers)
+    servers = common.servers()
+    engine = common.engine_of(servers)
     try:
         if check:
             the_plan = plan(engine)
@@ -288,13 +233,13 @@ def migrate(grantee: str | None, check: bool, batch_size: int) -> None:
 def sweep(dry_run: bool) -> None:
     """Run one sweep now and print its result."""
     from calls_worker.adapters.db.journal import exhausted_by_organization
-    from calls_worker.entrypoints.runtime import Runtime
-    from calls_worker.entrypoints.tasks import run_sweep
+    from calls_worker.worker.runtime import Runtime
+    from calls_worker.worker.tasks import run_sweep
 
-    servers = _servers()
+    servers = common.servers()
     try:
         if dry_run:
-            engine = _engine(servers)
+            engine = common.engine_of(servers)
             by_organization = exhausted_by_organization(engine)
             engine.dispose()
             print_json(
@@ -311,36 +256,6 @@ def sweep(dry_run: bool) -> None:
             runtime.dispose()
     finally:
         servers.stop()
-
-
-# A command is a few kilobytes; a file far larger than a message may be is not one.
-MAX_COMMAND_BYTES = 1_048_576
-
-
-class Refused(click.ClickException):
-    """The input cannot be a command: nothing was sent (exit status 2, like click's own
-    refusals of a missing file or a directory)."""
-
-    exit_code = 2
-
-
-def _read_command(file: Any) -> str:
-    """The command's text from FILE (bytes), or exit 2 with what is wrong with it."""
-    if file is sys.stdin.buffer and sys.stdin.isatty():
-        click.echo("Reading the command's JSON from standard input; end it with Ctrl-D.",
-                   err=True)  # fmt: skip
-    raw = file.read(MAX_COMMAND_BYTES + 1)
-    if len(raw) > MAX_COMMAND_BYTES:
-        raise Refused(
-            f"the command is over {MAX_COMMAND_BYTES} bytes; a command is a JSON object of a"
-            " few kilobytes"
-        ) from None
-    try:
-        return str(raw.decode("utf-8-sig"))  # a byte order mark is not part of the JSON
-    except UnicodeDecodeError as error:
-        raise Refused(
-            f"the command is not UTF-8 text (byte {error.start}): give its JSON in UTF-8"
-        ) from None
 
 
 @main.command()
@@ -368,54 +283,19 @@ def send(
     Exit status: 0 ok, 1 an error outcome, 2 refused before sending (the reason on
     standard error, or the invalid outcome on standard output).
     """
-    text = _read_command(file)
-    servers = _servers()
+    text = common.read_command(file)
+    servers = common.servers()
     signing = signing_of(servers.settings)
     if account is not None and signing is not None:
-        _check_signs_as(servers, account, signing.certificate)
-    with _client(servers, account) as client:
+        common.check_signs_as(servers, account, signing.certificate)
+    with common.client(servers, account) as client:
         if no_validate:
             handle = client.send_unchecked(KINDS[kind], text, command_id=command_id)
         else:
-            handle = _queue(client, KINDS[kind], text, command_id)
+            handle = common.queue(client, KINDS[kind], text, command_id)
         outcome = handle.outcome(timeout)
     print_json(outcome)
     sys.exit(0 if outcome["ok"] else 1)
-
-
-def _check_signs_as(servers: Servers, account: UUID, certificate: Path) -> None:
-    """With signing on, a command for ``account`` must be signed with the account's own
-    key: the worker believes no other (not even its own) about who sent it. Refused here,
-    before sending, when this shell's certificate is not the account's; when the database
-    cannot be read, the worker decides."""
-    from calls_worker.adapters.db.directory import list_service_accounts
-    from calls_worker.entrypoints.signer import certificate_sha256
-
-    mine = certificate_sha256(certificate.read_bytes())
-    try:
-        engine = _engine(servers)
-        try:
-            accounts = {a["uuid"]: a for a in list_service_accounts(engine)}
-        finally:
-            engine.dispose()
-    except Exception as error:  # any failure to read it means the same here
-        click.echo(f"warning: service account {account} not checked ({error}); the worker"
-                   " decides", err=True)  # fmt: skip
-        return
-    found = accounts.get(account)
-    if found is None or found["certificateSha256"] == mine:
-        return  # an unknown account: the worker's outcome says so
-    theirs = found["certificateSha256"]
-    click.echo(
-        f"Error: service account {account} "
-        + (f"signs with the certificate {theirs[:16]}…" if theirs else "has no certificate")
-        + f", and this shell signs with {mine[:16]}… ({certificate}): the worker would refuse"
-        " it as forbidden. Sign with the account's own key: set CALLS_WORKER_SIGNING_KEY_FILE"
-        " and CALLS_WORKER_SIGNING_CERTIFICATE_FILE to its key and certificate for this"
-        " command.",
-        err=True,
-    )
-    sys.exit(2)
 
 
 @main.command()
@@ -425,8 +305,8 @@ def outcome(command_id: str) -> None:
     after the result backend forgot it). Exit 1 if there is none: not handled (yet), or older."""
     from calls_worker.adapters.db.journal import processed_outcome
 
-    servers = _servers()
-    engine = _engine(servers)
+    servers = common.servers()
+    engine = common.engine_of(servers)
     try:
         kept = processed_outcome(engine, command_id)
     finally:

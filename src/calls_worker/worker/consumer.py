@@ -32,11 +32,6 @@ from kombu import serialization
 from vine import promise
 
 from calls_worker.adapters.db import journal
-from calls_worker.entrypoints.batching import CommandBatcher
-from calls_worker.entrypoints.metrics import worker_metrics
-from calls_worker.entrypoints.outage import WATCH_SECONDS, CommandsPause, stores_answer
-from calls_worker.entrypoints.runtime import runtime_of
-from calls_worker.entrypoints.tasks import CommandGaveUp, database_away
 from calls_worker.wire import (
     COMMAND_ID_LIMIT,
     COMMANDS_QUEUE,
@@ -46,6 +41,12 @@ from calls_worker.wire import (
     dead_letters_queue,
     is_amqp,
 )
+from calls_worker.worker.batching import CommandBatcher
+from calls_worker.worker.keeping import CommandGaveUp
+from calls_worker.worker.metrics import worker_metrics
+from calls_worker.worker.outage import WATCH_SECONDS, CommandsPause, stores_answer
+from calls_worker.worker.runtime import runtime_of
+from calls_worker.worker.settling import Action, Failure, Situation, database_away, decide
 
 logger = logging.getLogger("calls_worker")
 
@@ -92,7 +93,7 @@ def unusable_command_id(headers: Any) -> str | None:
     return None
 
 
-# The tasks whose messages are applied in batches (group commit: entrypoints/batching.py).
+# The tasks whose messages are applied in batches (group commit: worker/batching.py).
 BATCHED_TASKS = frozenset(TASK_NAMES.values())
 
 
@@ -124,14 +125,14 @@ class RecordingConsumer(Consumer):
     def __init__(self, on_task_request: Any, *args: Any, **kwargs: Any) -> None:
         super().__init__(on_task_request, *args, **kwargs)
         settings = runtime_of(self.app).settings
-        self.batcher: CommandBatcher | None = None
-        if settings.command_batch_size > 1:
-            self.batcher = CommandBatcher(
-                self, on_task_request, settings.command_batch_size,
-                settings.command_batch_wait_ms / 1000,
-            )  # fmt: skip
-            # Celery's strategies (and its ETA timer) hand every request to this.
-            self.on_task_request = self.batcher.route(BATCHED_TASKS)
+        # Every command is applied by batching.py: in batches of one when the batch size
+        # is 1 (messages.py is the one path of a command).
+        self.batcher = CommandBatcher(
+            self, on_task_request, settings.command_batch_size,
+            settings.command_batch_wait_ms / 1000,
+        )  # fmt: skip
+        # Celery's strategies (and its ETA timer) hand every request to this.
+        self.on_task_request = self.batcher.route(BATCHED_TASKS)
         runtime = runtime_of(self.app)
         self.commands_pause = CommandsPause(
             self, runtime.database_watch, COMMANDS_QUEUE,
@@ -141,8 +142,7 @@ class RecordingConsumer(Consumer):
 
     def on_close(self) -> None:
         super().on_close()
-        if self.batcher is not None:
-            self.batcher.forget()
+        self.batcher.forget()
 
     def on_connection_error_after_connected(self, exc: Exception) -> None:
         """Celery closes the lost connection; with messages delivered and unacknowledged
@@ -254,7 +254,8 @@ class RecordingConsumer(Consumer):
                 reason=f"{reason} (content type {message.content_type!r})",
             )
         except Exception as error:
-            if not database_away(error):
+            decision = decide(Situation(Failure.MESSAGE_NOT_KEPT, database_away(error)))
+            if decision.action == Action.DROP:
                 worker_metrics().rejection("dropped")
                 logger.error(
                     "a rejected message could not be kept and is dropped (%s; the database"

@@ -8,18 +8,6 @@ from typing import Any
 from celery import Celery, signals
 
 from calls_worker.config import Settings, signing_of
-from calls_worker.entrypoints import signer
-from calls_worker.entrypoints.consumer import DeadLetters
-from calls_worker.entrypoints.logs import LogFormat, use_format
-from calls_worker.entrypoints.metrics import (
-    MULTIPROC_ENV,
-    forget_process,
-    serve_database_metrics,
-    serve_worker_metrics,
-)
-from calls_worker.entrypoints.relay import EventRelayStep
-from calls_worker.entrypoints.runtime import Runtime, runtime_of
-from calls_worker.entrypoints.tasks import register_tasks
 from calls_worker.wire import (
     PRUNE_TASK,
     RECONCILE_TASK,
@@ -30,6 +18,18 @@ from calls_worker.wire import (
     celery_config,
     enable_signing,
 )
+from calls_worker.worker import signer
+from calls_worker.worker.consumer import DeadLetters
+from calls_worker.worker.logs import LogFormat, use_format
+from calls_worker.worker.metrics import (
+    MULTIPROC_ENV,
+    forget_process,
+    serve_database_metrics,
+    serve_worker_metrics,
+)
+from calls_worker.worker.relay import EventRelayStep
+from calls_worker.worker.runtime import Runtime, runtime_of
+from calls_worker.worker.tasks import register_tasks
 
 # Longest a task may run (the default of CALLS_WORKER_TASK_TIME_LIMIT_SECONDS); the broker's
 # visibility timeout should exceed it, or Redis hands a still-running task to a second worker.
@@ -98,7 +98,7 @@ def create_app(
         task_routes={
             task: {"queue": SWEEPS_QUEUE} for task in (SWEEP_TASK, PRUNE_TASK, RECONCILE_TASK)
         },
-        worker_consumer="calls_worker.entrypoints.consumer:RecordingConsumer",
+        worker_consumer="calls_worker.worker.consumer:RecordingConsumer",
         worker_hijack_root_logger=True,
         beat_schedule={
             "expire-exhausted-calls": {

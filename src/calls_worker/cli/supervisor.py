@@ -22,8 +22,8 @@ from types import FrameType
 
 import click
 
-from calls_worker.entrypoints.logs import LogFormat
-from calls_worker.entrypoints.servers import Servers
+from calls_worker.cli.servers import Servers
+from calls_worker.worker.logs import LogFormat
 
 SHUTDOWN_GRACE_SECONDS = 60
 # The children's metrics ports: CALLS_WORKER_METRICS_PORT, and the next two.
@@ -117,7 +117,7 @@ def run_everything(
         )
         flower_login = None
         if flower_port:
-            from calls_worker.entrypoints.flower import start_flower
+            from calls_worker.cli.flower import start_flower
 
             children["flower"], flower_login = start_flower(env, flower_port)
             ports["flower"] = 0

@@ -16,12 +16,12 @@ from uuid import UUID
 
 import click
 
+from calls_worker.cli.output import print_json
+from calls_worker.cli.servers import Servers
 from calls_worker.config import get_settings
 from calls_worker.domain.access import SCOPES
 from calls_worker.domain.commands import DEFAULT_PAGE, MAX_PAGE
 from calls_worker.domain.model import CallStatus, CallType
-from calls_worker.entrypoints.output import print_json
-from calls_worker.entrypoints.servers import Servers
 
 
 @contextmanager
@@ -237,7 +237,7 @@ def service_accounts_add(name: str, organization: UUID, scopes: tuple[str, ...],
                          certificate: Any) -> None:  # fmt: skip
     """Add a service account; prints its uuid."""
     from calls_worker.adapters.db.directory import add_service_account
-    from calls_worker.entrypoints.signer import certificate_sha256
+    from calls_worker.worker.signer import certificate_sha256
 
     fingerprint = None if certificate is None else certificate_sha256(certificate.read())
     _add(lambda engine: add_service_account(engine, name, organization, scopes, fingerprint),

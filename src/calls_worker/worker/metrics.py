@@ -149,7 +149,7 @@ class RelayMetrics:
 
 @cache
 def relay_metrics() -> RelayMetrics:
-    """The relay's counters (entrypoints/relay.py; in the worker's main process)."""
+    """The relay's counters (worker/relay.py; in the worker's main process)."""
     from prometheus_client import Counter, Histogram
 
     return RelayMetrics(

@@ -30,9 +30,9 @@ from kombu import Connection, Exchange, Producer
 
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.events import relay_batch
-from calls_worker.entrypoints.metrics import relay_metrics
-from calls_worker.entrypoints.runtime import runtime_of
 from calls_worker.wire import EVENTS_EXCHANGE
+from calls_worker.worker.metrics import relay_metrics
+from calls_worker.worker.runtime import runtime_of
 
 logger = logging.getLogger("calls_worker.relay")
 

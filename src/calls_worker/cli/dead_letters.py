@@ -25,9 +25,10 @@ from uuid import UUID
 
 import click
 
+from calls_worker.cli import common
+from calls_worker.cli.output import camel_keys, print_json
+from calls_worker.cli.replay import command_of, replay_id
 from calls_worker.config import signing_of
-from calls_worker.entrypoints.output import camel_keys, print_json
-from calls_worker.entrypoints.replay import command_of, replay_id
 from calls_worker.wire import COMMAND_ID_LIMIT, TASK_NAMES
 
 KINDS_BY_TASK = {name: kind for kind, name in TASK_NAMES.items()}
@@ -75,10 +76,9 @@ def dead_letters() -> None:
 def dead_letters_list(include_settled: bool, since: datetime | None, reason: str | None,
                       limit: int) -> None:  # fmt: skip
     """Print the rejected commands waiting for an operator, oldest first, as JSON."""
-    from calls_worker.entrypoints import cli
 
-    servers = cli._servers()
-    engine = cli._engine(servers)
+    servers = common.servers()
+    engine = common.engine_of(servers)
     try:
         chosen = _chosen(engine, False, since, reason, include_settled, limit)
         print_json([camel_keys(asdict(r)) for r in chosen])
@@ -113,7 +113,6 @@ def _account_of(command: Any) -> UUID | None:
 def _replay(engine: Any, client: Any, servers: Any, rejected: Any, file: Any) -> tuple[str, Any]:
     """Send one rejected command again; the command id it went under and its handle."""
     from calls_worker.adapters.db.journal import mark_replayed, processed_outcome
-    from calls_worker.entrypoints import cli
 
     if rejected.task_name not in KINDS_BY_TASK:
         raise NotSent(f"{rejected.task_name!r} is not a command task; nothing to replay")
@@ -122,12 +121,12 @@ def _replay(engine: Any, client: Any, servers: Any, rejected: Any, file: Any) ->
     if answered is not None and answered["outcome"].get("ok"):
         raise NotSent(f"command {own} was applied at {answered['processedAt']} (its outcome is"
                       " shown); it is not sent again", answered["outcome"])  # fmt: skip
-    command = cli._read_command(file) if file is not None else command_of(rejected.raw_body)
+    command = common.read_command(file) if file is not None else command_of(rejected.raw_body)
     account = _account_of(command)
     signing = signing_of(servers.settings)
     if account is not None and signing is not None:  # refused before anything is recorded
         try:
-            cli._check_signs_as(servers, account, signing.certificate)
+            common.check_signs_as(servers, account, signing.certificate)
         except SystemExit:  # it said why
             raise NotSent(f"not signed with service account {account}'s key") from None
     # Under its own id when the database has no outcome for it (given up, or refused before
@@ -136,7 +135,7 @@ def _replay(engine: Any, client: Any, servers: Any, rejected: Any, file: Any) ->
     command_id = own if answered is None and own is not None else replay_id(rejected.id, command)
     if command_id == own:
         client.forget(own)
-    handle = cli._queue(client, KINDS_BY_TASK[rejected.task_name], command, command_id)
+    handle = common.queue(client, KINDS_BY_TASK[rejected.task_name], command, command_id)
     mark_replayed(engine, rejected.id, command_id)
     return command_id, handle
 
@@ -163,21 +162,20 @@ def dead_letters_replay(rejected_id: int | None, file: Any, everything: bool,
     that. Prints the outcome (for a selection: a JSON list, what became of each).
     """
     from calls_worker.adapters.db.journal import get_rejected
-    from calls_worker.entrypoints import cli
 
     many = everything or since is not None or reason is not None
     if many == (rejected_id is not None):
         raise click.UsageError("give REJECTED_ID, or choose with --all, --since or --reason")
     if many and file is not None:
         raise click.UsageError("FILE corrects one command: give it with REJECTED_ID only")
-    servers = cli._servers()
-    engine = cli._engine(servers)
+    servers = common.servers()
+    engine = common.engine_of(servers)
     try:
         if rejected_id is not None:
             rejected = get_rejected(engine, rejected_id)
             if rejected is None:
                 raise click.ClickException(f"no rejected command {rejected_id}")
-            with cli._client(servers) as client:
+            with common.client(servers) as client:
                 try:
                     _, handle = _replay(engine, client, servers, rejected, file)
                 except NotSent as refused:
@@ -195,11 +193,10 @@ def dead_letters_replay(rejected_id: int | None, file: Any, everything: bool,
 def _replay_many(engine: Any, servers: Any, chosen: list[Any], timeout: float) -> None:
     """Send each, then wait for each outcome; print what became of each, as a JSON list.
     Exit 1 when any was not sent or got no outcome."""
-    from calls_worker.entrypoints import cli
 
     sent: list[tuple[Any, str, Any]] = []
     report: list[dict[str, Any]] = []
-    with cli._client(servers) as client:
+    with common.client(servers) as client:
         for rejected in chosen:
             try:
                 command_id, handle = _replay(engine, client, servers, rejected, None)
@@ -230,13 +227,12 @@ def dead_letters_dismiss(rejected_ids: tuple[int, ...], everything: bool,
     recorded under their command ids: a producer that sends one of them again has it
     applied as any new delivery. Prints the ids dismissed."""
     from calls_worker.adapters.db.journal import dismiss_rejected
-    from calls_worker.entrypoints import cli
 
     many = everything or since is not None or reason is not None
     if many == bool(rejected_ids):
         raise click.UsageError("give REJECTED_IDS, or choose with --all, --since or --reason")
-    servers = cli._servers()
-    engine = cli._engine(servers)
+    servers = common.servers()
+    engine = common.engine_of(servers)
     try:
         ids = list(rejected_ids) or [r.id for r in _chosen(engine, everything, since, reason)]
         print_json({"dismissed": dismiss_rejected(engine, ids)})

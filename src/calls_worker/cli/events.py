@@ -14,7 +14,7 @@ from uuid import UUID
 import click
 
 from calls_worker.adapters.db.events import KeptEvent, tail
-from calls_worker.entrypoints.cli_directory import database_engine
+from calls_worker.cli.directory import database_engine
 
 # How far back --follow looks again for events that took a lower number but committed
 # after a higher one was shown (numbers are taken at insert, not at commit).

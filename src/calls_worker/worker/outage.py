@@ -1,6 +1,6 @@
 """While the database does not answer, a worker stops taking commands off the queue.
 
-A command that meets a database away is retried with a backoff (tasks.retry_or_give_up):
+A command that meets a database away is retried with a backoff (settling.py):
 republished, so the broker holds it meanwhile. Without more, a worker would go on taking
 every queued command, failing it and republishing it, for as long as the outage lasts:
 work for nothing, and on RabbitMQ every message that a worker holds is returned when the
