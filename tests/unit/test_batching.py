@@ -281,3 +281,15 @@ def test_batching_off_is_a_batch_of_one() -> None:
                                                            ["command-2"]]  # fmt: skip
     consumer.timer.fire()
     assert len(sent) == 3
+
+
+def test_a_command_tasks_body_applies_nothing() -> None:
+    """Commands take one path, the consumer's batches: a command task's body, if ever
+    called (``apply``, another consumer), refuses, and CommandTask.on_failure keeps the
+    command among the rejected ones."""
+    from calls_worker.worker.tasks import NotApplied, _command_task
+
+    body = _command_task("create")
+    fake_task = type("Task", (), {"request": type("Request", (), {"id": "c-1"})()})()
+    with pytest.raises(NotApplied, match="c-1"):
+        body(fake_task, command={"personUuid": "x"})

@@ -5,6 +5,8 @@ module grows past about 400 lines unless it is one idea."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -61,3 +63,17 @@ def test_no_module_is_long_unless_it_is_one_idea() -> None:
     long = {str(p.relative_to(SRC)): n for p in MODULES
             if (n := len(p.read_text().splitlines())) > LONG}  # fmt: skip
     assert set(long) <= ONE_IDEA, long
+
+
+def test_the_producer_client_loads_no_worker_code() -> None:
+    probe = (
+        "import sys, calls_worker.client; "
+        "bad = [m for m in sys.modules if m.startswith(('sqlalchemy', 'psycopg', "
+        "'calls_worker.service', 'calls_worker.adapters', 'calls_worker.worker',"
+        " 'calls_worker.cli.')) or m == 'calls_worker.cli']; "
+        "print(bad)"
+    )
+    run = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert run.stdout.strip() == "[]"

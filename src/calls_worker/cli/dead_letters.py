@@ -25,9 +25,10 @@ from uuid import UUID
 
 import click
 
-from calls_worker.cli import common
+from calls_worker.cli import sending
 from calls_worker.cli.output import camel_keys, print_json
 from calls_worker.cli.replay import command_of, replay_id
+from calls_worker.cli.servers import configured, engine_of
 from calls_worker.config import signing_of
 from calls_worker.wire import COMMAND_ID_LIMIT, TASK_NAMES
 
@@ -77,8 +78,8 @@ def dead_letters_list(include_settled: bool, since: datetime | None, reason: str
                       limit: int) -> None:  # fmt: skip
     """Print the rejected commands waiting for an operator, oldest first, as JSON."""
 
-    servers = common.servers()
-    engine = common.engine_of(servers)
+    servers = configured()
+    engine = engine_of(servers)
     try:
         chosen = _chosen(engine, False, since, reason, include_settled, limit)
         print_json([camel_keys(asdict(r)) for r in chosen])
@@ -121,12 +122,12 @@ def _replay(engine: Any, client: Any, servers: Any, rejected: Any, file: Any) ->
     if answered is not None and answered["outcome"].get("ok"):
         raise NotSent(f"command {own} was applied at {answered['processedAt']} (its outcome is"
                       " shown); it is not sent again", answered["outcome"])  # fmt: skip
-    command = common.read_command(file) if file is not None else command_of(rejected.raw_body)
+    command = sending.read_command(file) if file is not None else command_of(rejected.raw_body)
     account = _account_of(command)
     signing = signing_of(servers.settings)
     if account is not None and signing is not None:  # refused before anything is recorded
         try:
-            common.check_signs_as(servers, account, signing.certificate)
+            sending.check_signs_as(servers, account, signing.certificate)
         except SystemExit:  # it said why
             raise NotSent(f"not signed with service account {account}'s key") from None
     # Under its own id when the database has no outcome for it (given up, or refused before
@@ -135,7 +136,7 @@ def _replay(engine: Any, client: Any, servers: Any, rejected: Any, file: Any) ->
     command_id = own if answered is None and own is not None else replay_id(rejected.id, command)
     if command_id == own:
         client.forget(own)
-    handle = common.queue(client, KINDS_BY_TASK[rejected.task_name], command, command_id)
+    handle = sending.queue(client, KINDS_BY_TASK[rejected.task_name], command, command_id)
     mark_replayed(engine, rejected.id, command_id)
     return command_id, handle
 
@@ -168,14 +169,14 @@ def dead_letters_replay(rejected_id: int | None, file: Any, everything: bool,
         raise click.UsageError("give REJECTED_ID, or choose with --all, --since or --reason")
     if many and file is not None:
         raise click.UsageError("FILE corrects one command: give it with REJECTED_ID only")
-    servers = common.servers()
-    engine = common.engine_of(servers)
+    servers = configured()
+    engine = engine_of(servers)
     try:
         if rejected_id is not None:
             rejected = get_rejected(engine, rejected_id)
             if rejected is None:
                 raise click.ClickException(f"no rejected command {rejected_id}")
-            with common.client(servers) as client:
+            with sending.client(servers) as client:
                 try:
                     _, handle = _replay(engine, client, servers, rejected, file)
                 except NotSent as refused:
@@ -196,7 +197,7 @@ def _replay_many(engine: Any, servers: Any, chosen: list[Any], timeout: float) -
 
     sent: list[tuple[Any, str, Any]] = []
     report: list[dict[str, Any]] = []
-    with common.client(servers) as client:
+    with sending.client(servers) as client:
         for rejected in chosen:
             try:
                 command_id, handle = _replay(engine, client, servers, rejected, None)
@@ -231,8 +232,8 @@ def dead_letters_dismiss(rejected_ids: tuple[int, ...], everything: bool,
     many = everything or since is not None or reason is not None
     if many == bool(rejected_ids):
         raise click.UsageError("give REJECTED_IDS, or choose with --all, --since or --reason")
-    servers = common.servers()
-    engine = common.engine_of(servers)
+    servers = configured()
+    engine = engine_of(servers)
     try:
         ids = list(rejected_ids) or [r.id for r in _chosen(engine, everything, since, reason)]
         print_json({"dismissed": dismiss_rejected(engine, ids)})

@@ -6,19 +6,28 @@ import json
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 from uuid import UUID
 
 import click
 
-from calls_worker.cli import common
-from calls_worker.cli.common import KINDS, log_format_option
+from calls_worker.cli import sending
 from calls_worker.cli.dead_letters import COMMANDS as DEAD_LETTERS_COMMANDS
 from calls_worker.cli.directory import COMMANDS as DIRECTORY_COMMANDS
 from calls_worker.cli.events import COMMANDS as EVENTS_COMMANDS
 from calls_worker.cli.output import print_json
+from calls_worker.cli.sending import KINDS
+from calls_worker.cli.servers import celery_app, configured, engine_of
 from calls_worker.config import signing_of
 from calls_worker.worker.logs import LogFormat
+
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(get_args(LogFormat)),
+    default="text",
+    show_default=True,
+    help="text for people, json (one object a line) for machines.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -39,7 +48,7 @@ def run(log_format: LogFormat, flower: bool, flower_port: int) -> None:
     """Migrate, then run a worker and beat until Ctrl-C (embedded servers if no URLs)."""
     from calls_worker.cli.supervisor import run_everything, sole_run
 
-    servers = common.servers()
+    servers = configured()
     with sole_run(servers.settings.data_dir):
         status = run_everything(
             servers, log_format=log_format, flower_port=flower_port if flower else None
@@ -63,7 +72,7 @@ def worker(
     include: tuple[str, ...],
 ) -> None:
     """Run a Celery worker consuming the command and sweep queues."""
-    servers = common.servers()
+    servers = configured()
     if servers.settings.metrics_port:
         from calls_worker.worker.metrics import prepare_multiprocess_dir
 
@@ -76,7 +85,7 @@ def worker(
     for module in include:
         argv += ["--include", module]
     try:
-        common.app(servers, log_format).worker_main(argv)
+        celery_app(servers, log_format).worker_main(argv)
     finally:
         servers.stop()
 
@@ -85,10 +94,10 @@ def worker(
 @log_format_option
 def beat(log_format: LogFormat) -> None:
     """Run Celery beat: the sweep every CALLS_WORKER_SWEEP_INTERVAL_SECONDS. Run one only."""
-    servers = common.servers()
+    servers = configured()
     servers.settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        common.app(servers, log_format).start(["beat", "--loglevel", "INFO"])
+        celery_app(servers, log_format).start(["beat", "--loglevel", "INFO"])
     finally:
         servers.stop()
 
@@ -100,11 +109,11 @@ def flower(address: str, port: int) -> None:
     """Run Flower, the task dashboard (requires CALLS_WORKER_FLOWER_BASIC_AUTH)."""
     from calls_worker.cli.flower import require_auth, run_flower
 
-    servers = common.servers()
+    servers = configured()
     auth = servers.settings.flower_basic_auth
     basic_auth = require_auth(auth.get_secret_value() if auth else None)
     try:
-        run_flower(common.app(servers), basic_auth, address, port)
+        run_flower(celery_app(servers), basic_auth, address, port)
     finally:
         servers.stop()
 
@@ -118,7 +127,7 @@ def status(as_json: bool) -> None:
     """
     from calls_worker.cli.status import gather_status, render_status
 
-    servers = common.servers()
+    servers = configured()
     try:
         report = gather_status(servers)
     finally:
@@ -144,7 +153,7 @@ def ping(hostname: str, database: bool, timeout: float) -> None:
 
     from calls_worker.wire import celery_config, enable_signing
 
-    servers = common.servers()
+    servers = configured()
     broker = servers.broker_url(start=False)
     app = Celery("calls-ping", set_as_current=False)
     app.conf.update(celery_config(broker))  # control messages only: no result backend
@@ -157,7 +166,7 @@ def ping(hostname: str, database: bool, timeout: float) -> None:
     if not any(hostname in reply for reply in replies):
         raise click.ClickException(f"{hostname} did not answer within {timeout}s")
     if database:
-        engine = common.engine_of(servers)
+        engine = engine_of(servers)
         try:
             with engine.connect() as connection:
                 connection.execute(text("SELECT 1"))
@@ -202,8 +211,8 @@ def migrate(grantee: str | None, check: bool, batch_size: int) -> None:
         upgrade,
     )
 
-    servers = common.servers()
-    engine = common.engine_of(servers)
+    servers = configured()
+    engine = engine_of(servers)
     try:
         if check:
             the_plan = plan(engine)
@@ -236,10 +245,10 @@ def sweep(dry_run: bool) -> None:
     from calls_worker.worker.runtime import Runtime
     from calls_worker.worker.tasks import run_sweep
 
-    servers = common.servers()
+    servers = configured()
     try:
         if dry_run:
-            engine = common.engine_of(servers)
+            engine = engine_of(servers)
             by_organization = exhausted_by_organization(engine)
             engine.dispose()
             print_json(
@@ -283,16 +292,16 @@ def send(
     Exit status: 0 ok, 1 an error outcome, 2 refused before sending (the reason on
     standard error, or the invalid outcome on standard output).
     """
-    text = common.read_command(file)
-    servers = common.servers()
+    text = sending.read_command(file)
+    servers = configured()
     signing = signing_of(servers.settings)
     if account is not None and signing is not None:
-        common.check_signs_as(servers, account, signing.certificate)
-    with common.client(servers, account) as client:
+        sending.check_signs_as(servers, account, signing.certificate)
+    with sending.client(servers, account) as client:
         if no_validate:
             handle = client.send_unchecked(KINDS[kind], text, command_id=command_id)
         else:
-            handle = common.queue(client, KINDS[kind], text, command_id)
+            handle = sending.queue(client, KINDS[kind], text, command_id)
         outcome = handle.outcome(timeout)
     print_json(outcome)
     sys.exit(0 if outcome["ok"] else 1)
@@ -305,8 +314,8 @@ def outcome(command_id: str) -> None:
     after the result backend forgot it). Exit 1 if there is none: not handled (yet), or older."""
     from calls_worker.adapters.db.journal import processed_outcome
 
-    servers = common.servers()
-    engine = common.engine_of(servers)
+    servers = configured()
+    engine = engine_of(servers)
     try:
         kept = processed_outcome(engine, command_id)
     finally:

@@ -8,6 +8,7 @@ the worker the first one runs.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import click
 
@@ -18,8 +19,9 @@ from calls_worker.adapters.embedded import (
     start_postgres,
     start_redis,
 )
-from calls_worker.config import Settings
+from calls_worker.config import Settings, get_settings
 from calls_worker.wire import is_amqp
+from calls_worker.worker.logs import LogFormat
 
 
 @dataclass
@@ -78,3 +80,26 @@ class Servers:
             self.redis.stop()
         if self.postgres is not None:
             self.postgres.stop()
+
+
+def configured() -> Servers:
+    """The servers the settings name (or the embedded ones)."""
+    return Servers(get_settings())
+
+
+def celery_app(servers: Servers, log_format: LogFormat = "text") -> Any:
+    from calls_worker.worker.celery_app import create_app
+
+    return create_app(
+        database_url=servers.database_url(),
+        broker_url=servers.broker_url(start=True),
+        result_backend_url=servers.result_backend_url(start=True),
+        settings=servers.settings,
+        log_format=log_format,
+    )
+
+
+def engine_of(servers: Servers) -> Any:
+    from calls_worker.adapters.db.engine import build_engine
+
+    return build_engine(servers.database_url(), pool_size=1)

@@ -40,7 +40,7 @@ from calls_worker.wire import (
     SWEEPS_QUEUE,
     TASK_NAMES,
 )
-from calls_worker.worker.keeping import LOGGED_PREFIX, CommandGaveUp, raw_body
+from calls_worker.worker.keeping import LOGGED_PREFIX, CommandGaveUp, give_up, raw_body
 from calls_worker.worker.messages import (
     SIGNED_FOR,
     Message,
@@ -93,20 +93,11 @@ class CommandTask(Task[Any, Outcome]):
         acknowledges the message; a body called): keep the command for an operator."""
         if isinstance(exc, CommandGaveUp):
             return  # kept already
-        worker_metrics().rejection("gave_up")
-        body = raw_body(args, kwargs)
-        reason = f"failed: {exc!r}"
         try:
-            journal.record_rejected(
-                runtime_of(self.app).unpooled_engine(),
-                task_name=self.name,
-                command_id=task_id,
-                raw_body=body,
-                reason=reason,
-            )
+            give_up(runtime_of(self.app), self.name, task_id, args, kwargs, f"failed: {exc!r}")
         except Exception:  # nowhere else to keep it: the log has what fits in a line
-            logger.exception("could not keep failed command %s (%s); its body starts: %s",
-                             task_id, reason, body[:LOGGED_PREFIX])  # fmt: skip
+            logger.exception("could not keep failed command %s (%r); its body starts: %s",
+                             task_id, exc, raw_body(args, kwargs)[:LOGGED_PREFIX])  # fmt: skip
 
 
 def run_list(task: Task[Any, Any], args: Any, kwargs: Any) -> Outcome:

@@ -11,7 +11,7 @@ from sqlalchemy import Engine, text
 from calls_worker.domain.access import ServiceAccount
 from calls_worker.service.unit_of_work import ServiceAccounts
 
-from .transaction import Transaction
+from .transaction import OnTransaction
 
 # One account by its uuid, in the named style psycopg and SQLAlchemy both take (the unit
 # of work binds it on the client, the listing's reader through SQLAlchemy).
@@ -21,10 +21,7 @@ _SERVICE_ACCOUNT = (
 )
 
 
-class SqlServiceAccounts(ServiceAccounts):
-    def __init__(self, transaction: Transaction) -> None:
-        self._transaction = transaction
-
+class SqlServiceAccounts(OnTransaction, ServiceAccounts):
     def get(self, uuid: UUID) -> ServiceAccount | None:
         row = self._transaction.read(_SERVICE_ACCOUNT.format(uuid="%(uuid)s"), {"uuid": uuid})
         return None if row is None else service_account_from_row(row)

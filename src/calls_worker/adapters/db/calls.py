@@ -13,7 +13,7 @@ from calls_worker.service.unit_of_work import Batch, CallRepository, References
 
 from .adoption import OWNER_LOCK_CLASS
 from .sweep import expire_batch, swept_events
-from .transaction import Transaction
+from .transaction import OnTransaction
 
 # A call's columns as commands and listings read them (``call_from_row``), its person's
 # owning organization, and its attempts as JSON in the order a read of the call shows them.
@@ -42,11 +42,13 @@ ATTEMPTS_JSON = (
 # cycle with such a change of the API's, and PostgreSQL would break it by failing one of
 # the two transactions, perhaps the API's. The second statement, with a snapshot taken
 # after the first's locks, adds the owner of anyone who moved meanwhile.
+# The people are found by primary key, those named and those of the calls named, in one
+# array: with an OR of the two, PostgreSQL read every person to find a few.
 LOCK_OWNERS = (
     f"SELECT count(pg_advisory_xact_lock_shared({OWNER_LOCK_CLASS}, key)) AS locked FROM ("
     " SELECT DISTINCT hashtext(p.owning_organization_uuid::text) AS key FROM persons p"
-    " WHERE p.uuid = ANY(%(persons)s)"
-    " OR p.uuid IN (SELECT c.person_uuid FROM calls c WHERE c.uuid = ANY(%(calls)s))"
+    " WHERE p.uuid = ANY(%(persons)s::uuid[]"
+    " || ARRAY(SELECT c.person_uuid FROM calls c WHERE c.uuid = ANY(%(calls)s::uuid[])))"
     " ORDER BY 1) AS keys"
 )
 LOCK_CALL = (
@@ -136,10 +138,7 @@ _SAVE_STATE = (
     " completed_at = %(completed_at)s, cancelled_at = %(cancelled_at)s,"
     " expired_at = %(expired_at)s, updated_at = %(updated_at)s WHERE uuid = %(uuid)s"
 )
-class SqlCallRepository(CallRepository):
-    def __init__(self, transaction: Transaction) -> None:
-        self._transaction = transaction
-
+class SqlCallRepository(OnTransaction, CallRepository):
     def get_for_update(self, call_uuid: UUID) -> Call | None:
         if (loaded := self._transaction.loaded.pop(call_uuid, None)) is not None:
             return loaded  # locked and read at the start of the batch, untouched since

@@ -19,14 +19,17 @@ def _listed(engine: Engine, sql: str, **params: Any) -> list[dict[str, Any]]:
         return [dict(row._mapping) for row in connection.execute(text(sql), params)]
 
 
-def add_organization(engine: Engine, name: str, max_call_attempts: int | None) -> UUID:
+def _inserted(engine: Engine, sql: str, **params: Any) -> UUID:
+    """A new row's uuid (``:u`` in ``sql``), inserted in a transaction of its own."""
     uuid = uuid4()
     with engine.begin() as connection:
-        connection.execute(
-            text("INSERT INTO organizations (uuid, name, max_call_attempts) VALUES (:u, :n, :m)"),
-            {"u": uuid, "n": name, "m": max_call_attempts},
-        )
+        connection.execute(text(sql), {"u": uuid, **params})
     return uuid
+
+
+def add_organization(engine: Engine, name: str, max_call_attempts: int | None) -> UUID:
+    return _inserted(engine, "INSERT INTO organizations (uuid, name, max_call_attempts)"
+                             " VALUES (:u, :n, :m)", n=name, m=max_call_attempts)  # fmt: skip
 
 
 def list_organizations(engine: Engine) -> list[dict[str, Any]]:
@@ -39,13 +42,8 @@ def list_organizations(engine: Engine) -> list[dict[str, Any]]:
 
 def add_person(engine: Engine, owning_organization: UUID) -> UUID:
     """Raises sqlalchemy's IntegrityError if the organization does not exist."""
-    uuid = uuid4()
-    with engine.begin() as connection:
-        connection.execute(
-            text("INSERT INTO persons (uuid, owning_organization_uuid) VALUES (:u, :o)"),
-            {"u": uuid, "o": owning_organization},
-        )
-    return uuid
+    return _inserted(engine, "INSERT INTO persons (uuid, owning_organization_uuid)"
+                             " VALUES (:u, :o)", o=owning_organization)  # fmt: skip
 
 
 def list_persons(engine: Engine, organization: UUID | None) -> list[dict[str, Any]]:
@@ -59,13 +57,8 @@ def list_persons(engine: Engine, organization: UUID | None) -> list[dict[str, An
 
 def add_pledge_case(engine: Engine, person: UUID) -> UUID:
     """Raises sqlalchemy's IntegrityError if the person does not exist."""
-    uuid = uuid4()
-    with engine.begin() as connection:
-        connection.execute(
-            text("INSERT INTO pledge_cases (uuid, person_uuid) VALUES (:u, :p)"),
-            {"u": uuid, "p": person},
-        )
-    return uuid
+    return _inserted(engine, "INSERT INTO pledge_cases (uuid, person_uuid) VALUES (:u, :p)",
+                     p=person)
 
 
 def list_pledge_cases(engine: Engine, person: UUID | None) -> list[dict[str, Any]]:
@@ -116,16 +109,12 @@ def add_service_account(
     certificate_sha256: str | None = None,
 ) -> UUID:
     """Raises sqlalchemy's IntegrityError if the organization does not exist."""
-    uuid = uuid4()
-    with engine.begin() as connection:
-        connection.execute(
-            text("INSERT INTO worker_service_accounts"
-                 " (uuid, name, organization_uuid, scopes, certificate_sha256)"
-                 " VALUES (:u, :n, :o, :s, :c)"),
-            {"u": uuid, "n": name, "o": organization, "s": sorted(set(scopes)),
-             "c": certificate_sha256},
-        )  # fmt: skip
-    return uuid
+    return _inserted(
+        engine, "INSERT INTO worker_service_accounts"
+                " (uuid, name, organization_uuid, scopes, certificate_sha256)"
+                " VALUES (:u, :n, :o, :s, :c)",
+        n=name, o=organization, s=sorted(set(scopes)), c=certificate_sha256,
+    )  # fmt: skip
 
 
 def list_service_accounts(engine: Engine) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ from calls_worker.domain.events import CallEvent, event_json
 from calls_worker.domain.outcome import call_json
 from calls_worker.service.unit_of_work import CallEvents
 
-from .transaction import Transaction
+from .transaction import OnTransaction
 
 # Held (for its transaction) by the relay that publishes: one relay at a time, across
 # every process of the deployment (the migration and the sweep hold ...001 and ...002).
@@ -185,10 +185,7 @@ _INSERT_EVENTS = {
     for expiry in (True, False)
 }
 
-class SqlCallEvents(CallEvents):
-    def __init__(self, transaction: Transaction) -> None:
-        self._transaction = transaction
-
+class SqlCallEvents(OnTransaction, CallEvents):
     def add(self, event: CallEvent) -> None:
         call = event.call
         owner = call.owning_organization_uuid  # None for a new call: looked up in SQL

@@ -10,7 +10,7 @@ from psycopg.types.json import Jsonb
 from calls_worker.domain.outcome import Outcome
 from calls_worker.service.unit_of_work import ProcessedCommands
 
-from .transaction import Transaction
+from .transaction import OnTransaction
 
 _PROCESSED_OUTCOME = "SELECT outcome FROM worker_processed_commands WHERE command_id = %(id)s"
 # The first statement of a batch: the outcomes its command ids have already (redeliveries).
@@ -28,10 +28,7 @@ _INSERT_PROCESSED = (
 DUPLICATE_COMMAND = {"worker_processed_commands_pkey", "worker_processed_commands_b_pkey"}
 
 
-class SqlProcessedCommands(ProcessedCommands):
-    def __init__(self, transaction: Transaction) -> None:
-        self._transaction = transaction
-
+class SqlProcessedCommands(OnTransaction, ProcessedCommands):
     def get(self, command_id: str) -> Outcome | None:
         row = self._transaction.read(_PROCESSED_OUTCOME, {"id": command_id})
         return None if row is None else dict(row.outcome)

@@ -164,3 +164,8 @@ class Transaction:
         self.driver.autocommit = False
 
 
+class OnTransaction:
+    """A repository of a unit of work: it reads and writes through its transaction."""
+
+    def __init__(self, transaction: Transaction) -> None:
+        self._transaction = transaction

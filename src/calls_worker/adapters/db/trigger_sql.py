@@ -20,3 +20,37 @@ BEGIN
         SELECT n.owning_organization_uuid FROM changed n WHERE n.uuid = ANY (moved)
         UNION
         SELECT b.owning_organization_uuid FROM before b WHERE b.uuid = ANY (moved)));"""
+
+
+def rotation_body(keep: str, lock: str) -> str:
+    """The body of ``calls_worker_rotate_processed_commands`` (0008, and 0011's, which reads
+    the retention from the table): one step of a rotation, ``keep`` the retention's SQL,
+    ``lock`` the advisory lock's key a swap takes."""
+    return f"""DECLARE
+    turn public.worker_processed_rotation;
+    previous_empty boolean;
+BEGIN
+    SELECT * INTO turn FROM public.worker_processed_rotation FOR UPDATE;
+    IF pg_catalog.now() - turn.current_since < {keep} THEN
+        RETURN 'not due';
+    END IF;
+    IF turn.current_table = 'a' THEN
+        previous_empty := NOT EXISTS (SELECT FROM public.worker_processed_commands_b);
+    ELSE
+        previous_empty := NOT EXISTS (SELECT FROM public.worker_processed_commands_a);
+    END IF;
+    IF NOT previous_empty THEN
+        IF turn.current_table = 'a' THEN
+            TRUNCATE public.worker_processed_commands_b;
+        ELSE
+            TRUNCATE public.worker_processed_commands_a;
+        END IF;
+        RETURN 'emptied';
+    END IF;
+    PERFORM pg_catalog.pg_advisory_xact_lock({lock});
+    UPDATE public.worker_processed_rotation
+    SET current_table = CASE current_table WHEN 'a' THEN 'b' ELSE 'a' END,
+        previous_since = current_since,
+        current_since = pg_catalog.now();
+    RETURN 'swapped';
+END;"""

@@ -42,6 +42,8 @@ Revises: 0007
 
 from alembic import op
 
+from calls_worker.adapters.db.trigger_sql import rotation_body
+
 revision = "0008"
 down_revision = "0007"
 branch_labels = None
@@ -131,34 +133,7 @@ CREATE TRIGGER worker_processed_commands_write
 -- Never holds up the commands for long (lock_timeout): the next hourly run tries again.
 CREATE FUNCTION calls_worker_rotate_processed_commands(keep interval) RETURNS text
 LANGUAGE plpgsql {DEFINER} SET lock_timeout = '2s' AS $$
-DECLARE
-    turn public.worker_processed_rotation;
-    previous_empty boolean;
-BEGIN
-    SELECT * INTO turn FROM public.worker_processed_rotation FOR UPDATE;
-    IF pg_catalog.now() - turn.current_since < keep THEN
-        RETURN 'not due';
-    END IF;
-    IF turn.current_table = 'a' THEN
-        previous_empty := NOT EXISTS (SELECT FROM public.worker_processed_commands_b);
-    ELSE
-        previous_empty := NOT EXISTS (SELECT FROM public.worker_processed_commands_a);
-    END IF;
-    IF NOT previous_empty THEN
-        IF turn.current_table = 'a' THEN
-            TRUNCATE public.worker_processed_commands_b;
-        ELSE
-            TRUNCATE public.worker_processed_commands_a;
-        END IF;
-        RETURN 'emptied';
-    END IF;
-    PERFORM pg_catalog.pg_advisory_xact_lock({LOCK});
-    UPDATE public.worker_processed_rotation
-    SET current_table = CASE current_table WHEN 'a' THEN 'b' ELSE 'a' END,
-        previous_since = current_since,
-        current_since = pg_catalog.now();
-    RETURN 'swapped';
-END;
+{rotation_body("keep", LOCK)}
 $$;
 """
 

@@ -23,6 +23,8 @@ Revises: 0010
 
 from alembic import op
 
+from calls_worker.adapters.db.trigger_sql import rotation_body
+
 revision = "0011"
 down_revision = "0010"
 branch_labels = None
@@ -41,34 +43,7 @@ def rotation(signature: str, keep: str) -> str:
     return f"""
 CREATE OR REPLACE FUNCTION calls_worker_rotate_processed_commands({signature}) RETURNS text
 LANGUAGE plpgsql {ATTRIBUTES} AS $$
-DECLARE
-    turn public.worker_processed_rotation;
-    previous_empty boolean;
-BEGIN
-    SELECT * INTO turn FROM public.worker_processed_rotation FOR UPDATE;
-    IF pg_catalog.now() - turn.current_since < {keep} THEN
-        RETURN 'not due';
-    END IF;
-    IF turn.current_table = 'a' THEN
-        previous_empty := NOT EXISTS (SELECT FROM public.worker_processed_commands_b);
-    ELSE
-        previous_empty := NOT EXISTS (SELECT FROM public.worker_processed_commands_a);
-    END IF;
-    IF NOT previous_empty THEN
-        IF turn.current_table = 'a' THEN
-            TRUNCATE public.worker_processed_commands_b;
-        ELSE
-            TRUNCATE public.worker_processed_commands_a;
-        END IF;
-        RETURN 'emptied';
-    END IF;
-    PERFORM pg_catalog.pg_advisory_xact_lock({LOCK});
-    UPDATE public.worker_processed_rotation
-    SET current_table = CASE current_table WHEN 'a' THEN 'b' ELSE 'a' END,
-        previous_since = current_since,
-        current_since = pg_catalog.now();
-    RETURN 'swapped';
-END;
+{rotation_body(keep, LOCK)}
 $$;
 REVOKE ALL ON FUNCTION calls_worker_rotate_processed_commands({signature}) FROM PUBLIC;
 """

@@ -1,5 +1,6 @@
-"""What the commands of ``calls-worker`` share: the servers they use (configured, or the
-embedded ones), the Celery app, a producer client, and reading a command to send."""
+"""Sending a command from the command line (``send``, ``dead-letters replay``): a producer
+client on the configured broker, the command read from a file, and the check that this
+shell signs as the account it sends for."""
 
 from __future__ import annotations
 
@@ -11,35 +12,11 @@ from uuid import UUID
 import click
 
 from calls_worker.cli.output import print_json
-from calls_worker.cli.servers import Servers
-from calls_worker.config import get_settings, signing_of
+from calls_worker.cli.servers import Servers, engine_of
+from calls_worker.config import signing_of
 from calls_worker.domain.commands import CommandKind
-from calls_worker.worker.logs import LogFormat
 
-log_format_option = click.option(
-    "--log-format",
-    type=click.Choice(get_args(LogFormat)),
-    default="text",
-    show_default=True,
-    help="text for people, json (one object a line) for machines.",
-)
 KINDS = {kind.replace("_", "-"): kind for kind in get_args(CommandKind)}
-
-
-def servers() -> Servers:
-    return Servers(get_settings())
-
-
-def app(servers: Servers, log_format: LogFormat = "text") -> Any:
-    from calls_worker.worker.celery_app import create_app
-
-    return create_app(
-        database_url=servers.database_url(),
-        broker_url=servers.broker_url(start=True),
-        result_backend_url=servers.result_backend_url(start=True),
-        settings=servers.settings,
-        log_format=log_format,
-    )
 
 
 def client(servers: Servers, service_account: UUID | None = None) -> Any:
@@ -64,12 +41,6 @@ def queue(client: Any, kind: CommandKind, command: Any, command_id: str | None) 
     except InvalidCommand as error:
         print_json(failed(error))
         sys.exit(2)
-
-
-def engine_of(servers: Servers) -> Any:
-    from calls_worker.adapters.db.engine import build_engine
-
-    return build_engine(servers.database_url(), pool_size=1)
 
 
 # A command is a few kilobytes; a file far larger than a message may be is not one.
