@@ -577,6 +577,19 @@ def _a_command_running(scene: Scene) -> bool:
         " AND pid <> pg_backend_pid()").scalar())  # fmt: skip
 
 
+# What the relay runs, in a worker's main process: its transaction is no pool process's.
+_RELAYS = ("%worker_call_events%", "%pg_try_advisory_xact_lock%", "SET LOCAL synchronous_commit%")
+
+
+def _a_pool_transaction(scene: Scene) -> bool:
+    """Whether a transaction of a command or a sweep is open (one a pool process runs)."""
+    return bool(scene.sql(
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'calls-worker'"
+        " AND (state = 'active' OR state LIKE 'idle in transaction%')"
+        " AND pid <> pg_backend_pid() AND NOT query LIKE ANY(:relays)",
+        relays=list(_RELAYS)).scalar())  # fmt: skip
+
+
 def _held(scene: Scene) -> int:
     """Messages a worker took from the queue and has not acknowledged (kombu's record), but
     for those a worker killed in an earlier iteration left there (``Scene.stale``): Redis
@@ -789,23 +802,27 @@ def inject(fault: str, scene: Scene, the_plan: Plan, producer: Producer,
     in_flight = strike_when_in_flight(scene, at_least)
     worker = rng.choice(scene.live_workers())
     if fault == "pool-kill":
-        # Every pool process of every worker, when a transaction is open: the one running a
-        # task among them (which one it is, the soak cannot tell from outside; and the
-        # transaction may be the relay's, in a main process). Celery says so when a process
-        # it lost was running a task; until it does, the kill is made again, at the next
-        # instant a transaction is open, for IN_FLIGHT_WITHIN seconds at most.
+        # Every pool process of every worker, when a transaction of a command or a sweep is
+        # open, seen with the producer paused and the workers stopped (a batch takes a few
+        # milliseconds: a kill decided on a look taken while they run came too late for most
+        # of them). The one running a task among them, the soak cannot tell from outside;
+        # Celery says so when a process it lost was running a task. Until it does, the kill
+        # is made again, at the next such instant, for IN_FLIGHT_WITHIN seconds at most.
         workers = scene.live_workers()
         logs_from = {worker.popen.pid: len(worker.output()) for worker in workers}
         deadline = time.monotonic() + IN_FLIGHT_WITHIN
         while time.monotonic() < deadline:
-            while time.monotonic() < deadline and not _a_command_running(scene):
+            while time.monotonic() < deadline and not _a_pool_transaction(scene):
                 time.sleep(0.001)
-            children = [child for worker in workers
-                        for child in psutil.Process(worker.popen.pid).children()]  # fmt: skip
-            for child in children:
-                with suppress(psutil.Error):
-                    child.kill()
-            if _lost_a_task(workers, logs_from, within=1.0):
+            killed = False
+            with Frozen(scene, producer):
+                if _a_pool_transaction(scene):
+                    for worker in workers:
+                        for child in psutil.Process(worker.popen.pid).children():
+                            with suppress(psutil.Error):
+                                child.kill()
+                    killed = True
+            if killed and _lost_a_task(workers, logs_from, within=2.0):
                 break
         return Injection(hit_in_flight=in_flight, lost_task_reported_by=workers,
                          logs_from=logs_from)  # fmt: skip
