@@ -76,6 +76,7 @@ logger = logging.getLogger("calls_worker")
 # How long the messages of a batch that raised wait before they go back to the queue.
 REQUEUE_PAUSE_SECONDS = 2.0
 
+
 class BatchRequest:
     """A batch of command requests, sent to the pool as one job (duck-types the one
     method of a Celery request the worker calls: ``execute_using_pool``)."""

@@ -7,8 +7,9 @@ it, the command parsed, then (service/apply.py) its timestamps, its account, the
 handler's reach and rules, its effect and outcome in the batch's transaction. What
 becomes of each message afterwards is settling.py's to decide and batching.py's to do.
 
-The tests of the access rules, the expiry cases, the fuzz and the stateful model call
-``apply_messages`` as the pool process does.
+The table of the access rules, the fuzz and the stateful model call ``apply_messages`` as
+the pool process does (tests/worker_path.py); the expiry table runs the worker's sweep
+task.
 """
 
 from __future__ import annotations

@@ -185,6 +185,7 @@ _INSERT_EVENTS = {
     for expiry in (True, False)
 }
 
+
 class SqlCallEvents(OnTransaction, CallEvents):
     def add(self, event: CallEvent) -> None:
         call = event.call
