@@ -28,6 +28,8 @@ def prepare_multiprocess_dir() -> str:
     Must run before prometheus_client is imported: it picks its storage on import.
     """
     directory = os.environ.get(MULTIPROC_ENV) or tempfile.mkdtemp(prefix="calls-worker-metrics-")
+    # A pod's /tmp is an empty volume at every start: the named folder is made, not expected.
+    os.makedirs(directory, exist_ok=True)
     os.environ[MULTIPROC_ENV] = directory
     for stale in os.scandir(directory):  # a previous run's values must not count
         if stale.name.endswith(".db"):

@@ -1,0 +1,178 @@
+"""deploy/kubernetes/base's workloads, run from the built image as the kubelet runs them.
+
+tests/containers/kubelet.py reads each container from the manifests. The test replaces the
+Secrets' URLs (placeholders with ``rediss://`` and ``sslmode=require``) with the host's
+servers, which speak no TLS: TLS is not tested here. Then, once on Redis and once on
+RabbitMQ (outcomes in PostgreSQL, as secret.yaml describes):
+- the migrate Job completes as the schema's owner and grants the app role;
+- the worker becomes ready and answers commands sent from the host;
+- beat's sweep expires a call at its maximum of attempts;
+- every probe runs on its schedule and passes, and none fails its threshold;
+- SIGTERM with the pod's grace period shuts each one down warm, in time, with exit 0.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import suppress
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
+
+from calls_worker.adapters.db.directory import add_service_account
+from calls_worker.adapters.db.engine import build_engine
+from calls_worker.client import CallsClient
+from tests.conftest import create_database, drop_database
+from tests.containers.engine import ROOT, Engine
+from tests.containers.kubelet import Pod, manifests, workload
+from tests.db_world import Db
+from tests.e2e.conftest import free_ports, redis_database, wait_until
+
+pytestmark = [pytest.mark.slow, pytest.mark.containers, pytest.mark.timeout(900)]
+
+ROLES = ("calls_worker_migrator", "calls_worker_app")  # named so by the Job's args
+SCOPES = ["calls:create", "calls:attempt", "calls:complete", "calls:cancel", "calls:expire"]
+COMMANDS = 20
+
+
+@pytest.fixture
+def cluster_database(postgres_server_url: str) -> Iterator[str]:
+    """A database of its own, with deploy/sql/roles.sql run in it (as the superuser)."""
+    name = f"calls_k8s_{uuid.uuid4().hex[:12]}"
+    url = create_database(postgres_server_url, name)
+    admin = build_engine(url, pool_size=1)
+    with admin.begin() as connection:
+        sql = (ROOT / "deploy" / "sql" / "roles.sql").read_text()
+        for role in ROLES:  # roles are the server's: a run killed before its end left them
+            exists = connection.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"),
+                                        {"r": role}).scalar()  # fmt: skip
+            if exists:
+                sql = sql.replace(f"CREATE ROLE {role} LOGIN;", "")
+        connection.exec_driver_sql(sql)
+    admin.dispose()
+    try:
+        yield url
+    finally:
+        drop_database(postgres_server_url, name)
+        server = build_engine(postgres_server_url, pool_size=1)
+        with server.begin() as connection:
+            for role in ROLES:
+                with suppress(DBAPIError), connection.begin_nested():
+                    # a role still owning objects elsewhere (another run's) stays
+                    connection.execute(text(f"DROP ROLE IF EXISTS {role}"))
+        server.dispose()
+
+
+def url_for(database_url: str, broker: str, results: str) -> Callable[[str, str], str]:
+    """The Secrets' URLs, each replaced by the test server's: the database keeps its role."""
+
+    def replace(key: str, value: str) -> str:
+        if key == "CALLS_WORKER_DATABASE_URL":
+            role = make_url(value).username
+            return make_url(database_url).set(username=role, password=None)\
+                .render_as_string(hide_password=False)  # fmt: skip
+        if key == "CALLS_WORKER_BROKER_URL":
+            return broker
+        if key == "CALLS_WORKER_RESULT_BACKEND_URL":
+            return results
+        raise AssertionError(f"a URL the test does not know: {key}")
+
+    return replace
+
+
+@pytest.fixture
+def pods(engine: Engine) -> Iterator[list[Pod]]:
+    started: list[Pod] = []
+    yield started
+    for pod in started:
+        pod._stopping.set()
+        engine.docker("rm", "-f", pod.name, check=False)
+
+
+@pytest.mark.parametrize("broker_kind", ["redis", "rabbitmq"])
+def test_the_workloads_run_as_the_kubelet_runs_them(
+    engine: Engine, image: str, cluster_database: str, broker_kind: str,
+    request: pytest.FixtureRequest, pods: list[Pod],
+) -> None:  # fmt: skip
+    if broker_kind == "redis":
+        redis = request.getfixturevalue("redis_url")
+        broker, results = redis_database(redis, 12), redis_database(redis, 13)
+    else:
+        broker = request.getfixturevalue("rabbitmq_url")
+        results = make_url(cluster_database).set(username="calls_worker_app")\
+            .render_as_string(hide_password=False)  # fmt: skip
+    found = manifests()
+    urls = url_for(cluster_database, broker, results)
+
+    def pod(kind: str, name: str) -> Pod:
+        w = workload(kind, name, found, urls)
+        first = free_ports(len(w.ports) or 1)
+        moved = {port: first + i for i, port in enumerate(sorted(set(w.ports.values())))}
+        started = Pod(engine, w, image, moved).start()
+        pods.append(started)
+        return started
+
+    migrate = pod("Job", "calls-worker-migrate")
+    assert migrate.wait_exit(120) == 0, migrate.logs()
+    assert "schema at revision" in migrate.logs()
+
+    db = Db(build_engine(cluster_database, pool_size=1))
+    try:
+        organization = db.organization(3)
+        person = db.person(organization)
+        exhausted = db.call(person, organization, attempts=3)  # beat's sweep expires it
+        account = add_service_account(db.engine, "k8s", organization, SCOPES)
+
+        worker = pod("Deployment", "calls-worker")
+        beat = pod("Deployment", "calls-worker-beat")
+        flower = pod("Deployment", "calls-worker-flower")
+        running = (worker, beat, flower)
+
+        def alive() -> bool:
+            for p in running:
+                state = p.state()
+                assert state["Running"], f"{p.name} exited {state}:\n{p.logs()[-5000:]}"
+            return True
+
+        def ready() -> bool:
+            alive()
+            return worker.passed("readiness")
+
+        wait_until(ready, 120, "the worker's readiness probe to pass")
+        with CallsClient(broker, results, service_account=account) as client:
+            sent = [client.send("create", {"personUuid": str(person),
+                                           "organizationUuid": str(organization)})
+                    for _ in range(COMMANDS)]  # fmt: skip
+            outcomes = [message.outcome(60) for message in sent]
+        assert all(outcome["ok"] for outcome in outcomes), outcomes
+        created = db.sql("SELECT count(*) FROM calls WHERE uuid <> :u", u=exhausted).scalar()
+        assert created == COMMANDS
+
+        # the ConfigMap's sweep interval is 60 s: beat's first sweep comes a minute after it
+        wait_until(lambda: alive() and db.row(exhausted)["status"] == "expired", 150,
+                   "beat's sweep to expire the exhausted call")  # fmt: skip
+
+        def every_probe_ran() -> bool:
+            alive()
+            return all(p.results[probe.kind] for p in running for probe in p.workload.probes)
+
+        wait_until(every_probe_ran, 120, "every probe to run once")
+        for p in running:
+            for probe in p.workload.probes:
+                ran = p.results[probe.kind]
+                assert p.passed(probe.kind), f"{p.name} {probe.kind}: {ran}\n{p.logs()[-3000:]}"
+                # a liveness probe failing its threshold in a row restarts the container
+                assert p.longest_failing_streak(probe.kind) < probe.failure_threshold, ran
+    finally:
+        db.engine.dispose()
+
+    for p in running:
+        code, took = p.terminate()
+        logs = p.logs()
+        assert code == 0, f"{p.name} exit {code} after {took:.1f}s:\n{logs[-3000:]}"
+        assert took < p.workload.grace, f"{p.name} took {took:.1f}s of {p.workload.grace}s"
+        assert not p.state()["OOMKilled"]
+    assert "warm shutdown" in worker.logs().lower()
