@@ -20,11 +20,13 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import socket
 import subprocess
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +38,35 @@ from tests.containers.engine import Engine
 BASE = Path(__file__).resolve().parents[2] / "deploy" / "kubernetes" / "base"
 DEFAULT_GRACE = 30  # the pod spec's default terminationGracePeriodSeconds
 UNITS = {"Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "K": 10**3, "M": 10**6, "G": 10**9}
+
+
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def moved_ports(ports: Iterable[int]) -> dict[int, int]:
+    """A free port of the host for each container port; none handed out twice in a run."""
+    moved: dict[int, int] = {}
+    with _ports_lock:
+        for port in sorted(set(ports)):
+            while True:
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", 0))
+                    free = int(probe.getsockname()[1])
+                if free not in _handed_out:
+                    break
+            _handed_out.add(free)
+            moved[port] = free
+    return moved
+
+
+def side_by_side(runs: Mapping[str, Callable[[], None]]) -> None:
+    """Each run in a thread of its own; the first failure (by name) is raised."""
+    with ThreadPoolExecutor(len(runs)) as pool:
+        futures = {name: pool.submit(run) for name, run in runs.items()}
+    for name, future in futures.items():
+        if (error := future.exception()) is not None:
+            raise AssertionError(f"{name}: {error}") from error
 
 
 def manifests(folder: Path = BASE) -> dict[tuple[str, str], dict[str, Any]]:

@@ -2,8 +2,8 @@
 
 tests/containers/kubelet.py reads each container from the manifests. The test replaces the
 Secrets' URLs (placeholders with ``rediss://`` and ``sslmode=require``) with the host's
-servers, which speak no TLS: TLS is not tested here. Then, once on Redis and once on
-RabbitMQ (outcomes in PostgreSQL, as secret.yaml describes):
+servers, which speak no TLS: TLS is not tested here. Then, on Redis and on RabbitMQ
+(outcomes in PostgreSQL, as secret.yaml describes), the two side by side:
 - the migrate Job completes as the schema's owner and grants the app role;
 - the worker becomes ready and answers commands sent from the host;
 - beat's sweep expires a call at its maximum of attempts;
@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import suppress
+from contextlib import ExitStack, contextmanager, suppress
+from functools import partial
 
 import pytest
 from sqlalchemy import text
@@ -27,26 +28,27 @@ from calls_worker.adapters.db.engine import build_engine
 from calls_worker.client import CallsClient
 from tests.conftest import create_database, drop_database
 from tests.containers.engine import ROOT, Engine
-from tests.containers.kubelet import Pod, manifests, workload
+from tests.containers.kubelet import Pod, manifests, moved_ports, side_by_side, workload
 from tests.db_world import Db
-from tests.e2e.conftest import free_ports, redis_database, wait_until
+from tests.e2e.conftest import redis_database, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.containers, pytest.mark.timeout(900)]
 
 ROLES = ("calls_worker_migrator", "calls_worker_app")  # named so by the Job's args
 SCOPES = ["calls:create", "calls:attempt", "calls:complete", "calls:cancel", "calls:expire"]
 COMMANDS = 20
+BROKERS = ("redis", "rabbitmq")
 
 
-@pytest.fixture
-def cluster_database(postgres_server_url: str) -> Iterator[str]:
+@contextmanager
+def cluster_database(server_url: str) -> Iterator[str]:
     """A database of its own, with deploy/sql/roles.sql run in it (as the superuser)."""
     name = f"calls_k8s_{uuid.uuid4().hex[:12]}"
-    url = create_database(postgres_server_url, name)
+    url = create_database(server_url, name)
     admin = build_engine(url, pool_size=1)
     with admin.begin() as connection:
         sql = (ROOT / "deploy" / "sql" / "roles.sql").read_text()
-        for role in ROLES:  # roles are the server's: a run killed before its end left them
+        for role in ROLES:  # the server's: another cluster here, or a killed run, made them
             exists = connection.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"),
                                         {"r": role}).scalar()  # fmt: skip
             if exists:
@@ -56,14 +58,22 @@ def cluster_database(postgres_server_url: str) -> Iterator[str]:
     try:
         yield url
     finally:
-        drop_database(postgres_server_url, name)
-        server = build_engine(postgres_server_url, pool_size=1)
-        with server.begin() as connection:
-            for role in ROLES:
-                with suppress(DBAPIError), connection.begin_nested():
-                    # a role still owning objects elsewhere (another run's) stays
-                    connection.execute(text(f"DROP ROLE IF EXISTS {role}"))
-        server.dispose()
+        drop_database(server_url, name)
+
+
+@pytest.fixture
+def databases(postgres_server_url: str) -> Iterator[dict[str, str]]:
+    """A database for each broker's cluster; the roles dropped after both."""
+    with ExitStack() as stack:
+        yield {kind: stack.enter_context(cluster_database(postgres_server_url))
+               for kind in BROKERS}  # fmt: skip
+    server = build_engine(postgres_server_url, pool_size=1)
+    with server.begin() as connection:
+        for role in ROLES:
+            with suppress(DBAPIError), connection.begin_nested():
+                # a role still owning objects elsewhere (another run's) stays
+                connection.execute(text(f"DROP ROLE IF EXISTS {role}"))
+    server.dispose()
 
 
 def url_for(database_url: str, broker: str, results: str) -> Callable[[str, str], str]:
@@ -92,26 +102,29 @@ def pods(engine: Engine) -> Iterator[list[Pod]]:
         engine.docker("rm", "-f", pod.name, check=False)
 
 
-@pytest.mark.parametrize("broker_kind", ["redis", "rabbitmq"])
 def test_the_workloads_run_as_the_kubelet_runs_them(
-    engine: Engine, image: str, cluster_database: str, broker_kind: str,
-    request: pytest.FixtureRequest, pods: list[Pod],
+    engine: Engine, image: str, databases: dict[str, str], redis_url: str, rabbitmq_url: str,
+    pods: list[Pod],
 ) -> None:  # fmt: skip
-    if broker_kind == "redis":
-        redis = request.getfixturevalue("redis_url")
-        broker, results = redis_database(redis, 12), redis_database(redis, 13)
-    else:
-        broker = request.getfixturevalue("rabbitmq_url")
-        results = make_url(cluster_database).set(username="calls_worker_app")\
-            .render_as_string(hide_password=False)  # fmt: skip
+    """The two brokers' clusters side by side (most of the time goes on timers)."""
+    results = make_url(databases["rabbitmq"]).set(username="calls_worker_app")\
+        .render_as_string(hide_password=False)  # fmt: skip
+    servers = {
+        "redis": (redis_database(redis_url, 12), redis_database(redis_url, 13)),
+        "rabbitmq": (rabbitmq_url, results),
+    }
+    side_by_side({kind: partial(cluster, engine, image, databases[kind], *servers[kind], pods)
+                  for kind in BROKERS})  # fmt: skip
+
+
+def cluster(engine: Engine, image: str, database: str, broker: str, results: str,
+            pods: list[Pod]) -> None:  # fmt: skip
     found = manifests()
-    urls = url_for(cluster_database, broker, results)
+    urls = url_for(database, broker, results)
 
     def pod(kind: str, name: str) -> Pod:
         w = workload(kind, name, found, urls)
-        first = free_ports(len(w.ports) or 1)
-        moved = {port: first + i for i, port in enumerate(sorted(set(w.ports.values())))}
-        started = Pod(engine, w, image, moved).start()
+        started = Pod(engine, w, image, moved_ports(w.ports.values())).start()
         pods.append(started)
         return started
 
@@ -119,7 +132,7 @@ def test_the_workloads_run_as_the_kubelet_runs_them(
     assert migrate.wait_exit(120) == 0, migrate.logs()
     assert "schema at revision" in migrate.logs()
 
-    db = Db(build_engine(cluster_database, pool_size=1))
+    db = Db(build_engine(database, pool_size=1))
     try:
         organization = db.organization(3)
         person = db.person(organization)

@@ -1,12 +1,13 @@
-"""Which errors say the database is away (never a reason to give a command up) and which
-are errors of a database that answers (they spend the retry budget)."""
+"""Which errors say the database is away, or its schema older than this release's (never a
+reason to give a command up), and which are errors of a database that answers (they spend
+the retry budget)."""
 
 from __future__ import annotations
 
 import psycopg
 import pytest
 from psycopg import errors
-from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 
 from calls_worker.worker.settling import database_away
 
@@ -31,6 +32,13 @@ def wrapped(error: Exception) -> OperationalError:
         (wrapped(errors.SerializationFailure("could not serialize")), False),
         (errors.LockNotAvailable("lock timeout"), False),
         (errors.QueryCanceled("statement timeout"), False),
+        # a schema older than this release's: it waits for migrate as for a database away
+        (errors.UndefinedTable("relation does not exist"), True),
+        (errors.UndefinedColumn("column does not exist"), True),
+        (ProgrammingError("SELECT f()", {}, errors.UndefinedFunction("no function")), True),
+        (errors.UndefinedObject("type does not exist"), True),
+        (errors.SyntaxError("syntax error"), False),
+        (ProgrammingError("SELECT 1", {}, errors.InsufficientPrivilege("denied")), False),
     ],
     ids=lambda value: type(value).__name__ if isinstance(value, Exception) else str(value),
 )

@@ -139,6 +139,13 @@ class RecordingConsumer(Consumer):
             lambda: stores_answer(runtime.unpooled_engine(), self.app.backend),
         )  # fmt: skip
         self.timer.call_repeatedly(WATCH_SECONDS, self.commands_pause.check)
+        # Not a command against a schema older than this release's (outage.py): until
+        # migrate has run, the commands queue is not consumed (pings are answered).
+        queues = self.app.amqp.queues
+        consumed = COMMANDS_QUEUE in (queues.consume_from or {})
+        if consumed and (reason := self.commands_pause.not_ready()) is not None:
+            queues.deselect([COMMANDS_QUEUE])
+            self.commands_pause.hold(reason)
 
     def on_close(self) -> None:
         super().on_close()

@@ -13,6 +13,11 @@ consumer of ``calls.commands``. The messages stay queued, untouched, their deliv
 unchanged. A thread asks the database every few seconds; once it answers, the consumer
 starts again. The sweeps queue is left alone: a sweep fails and is acknowledged, and beat
 sends the next.
+
+A database whose schema is older than this release's (migrate has not run yet) counts as
+away. A worker that starts against one answers pings but does not consume
+``calls.commands`` until migrate has run (``CommandsPause.hold``); a command that meets a
+table or column it does not know waits the same way (settling.database_away).
 """
 
 from __future__ import annotations
@@ -86,6 +91,20 @@ class CommandsPause:
         except Exception:  # the timer must go on; the next check tries again
             logger.exception("pausing or resuming the commands queue failed")
 
+    def not_ready(self) -> str | None:
+        """Why the commands queue may not be consumed now (None: it may)."""
+        try:
+            self.database_answers()
+        except Exception as error:  # away, or not yet this release's schema
+            return str(error).splitlines()[0] if str(error) else repr(error)
+        return None
+
+    def hold(self, reason: str) -> None:
+        """At start, with the commands queue not consumed: until the probe passes."""
+        self._paused(DATABASE)
+        logger.warning("%s: this worker takes no commands off %s until migrate has run and"
+                       " the database answers (they wait there)", reason, self.queue)  # fmt: skip
+
     def _consuming(self) -> bool:
         task_consumer = getattr(self.consumer, "task_consumer", None)
         return task_consumer is not None and task_consumer.consuming_from(self.queue)
@@ -96,11 +115,15 @@ class CommandsPause:
         if not self._consuming():
             return
         self.consumer.cancel_task_queue(self.queue)
+        self._paused(away)
+        logger.warning("%s does not answer: this worker takes no more commands off"
+                       " %s until it does (they wait there)", away, self.queue)  # fmt: skip
+
+    def _paused(self, away: str) -> None:
+        """Paused from now until the probe, started here, finds ``away`` answering."""
         self.paused_since = time.monotonic()
         self._away = away
         self._answered.clear()
-        logger.warning("%s does not answer: this worker takes no more commands off"
-                       " %s until it does (they wait there)", away, self.queue)  # fmt: skip
         threading.Thread(target=self._probe, name="database-probe", daemon=True).start()
 
     def _probe(self) -> None:
@@ -129,10 +152,26 @@ def database_answers(engine: Any) -> bool:
     return True
 
 
+class SchemaBehind(Exception):
+    """The database answers with a schema older than this release's."""
+
+
+def serves_this_release(engine: Any) -> bool:
+    """The database's schema is this release's or a later one: raises while it is not."""
+    from calls_worker.adapters.db.migrate import schema_behind
+
+    reason = schema_behind(engine)
+    if reason is not None:
+        raise SchemaBehind(f"{reason}: run migrate")
+    return True
+
+
 def stores_answer(engine: Any, backend: Any) -> bool:
-    """The database answers, and so does the result backend when it is Redis (a PostgreSQL
-    one is the database): raises while either does not."""
+    """The database answers with this release's schema (or a later one), and so does the
+    result backend when it is Redis (a PostgreSQL one is the database): raises while
+    either does not."""
     database_answers(engine)
+    serves_this_release(engine)
     client = getattr(backend, "client", None)
     if client is not None and hasattr(client, "ping"):
         client.ping()

@@ -9,8 +9,10 @@ tries them (tests/unit/test_settling.py holds the table):
   an outcome the result backend did not take is answered all the same (it is in the
   database) and consumption **pauses** until the backend answers; an invalid command's
   outcome is in no table, so it goes **back later**, to be answered when it returns;
-- the database away (connection refused or lost, shutting down): **retry** with a
-  backoff, whatever the budget, and **pause** consumption;
+- the database away (connection refused or lost, shutting down), or its schema older
+  than this release's (a table, column or function it does not know: migrate has not run
+  yet, docs/upgrades.md): **retry** with a backoff, whatever the budget, and **pause**
+  consumption until it answers with the schema this release needs;
 - a database that answers but failed the command (a deadlock, a serialization failure, a
   pool exhausted): **retry** while the budget lasts (CALLS_WORKER_COMMAND_MAX_RETRIES),
   then **give up**: kept among the rejected commands and acknowledged, its failure stored;
@@ -34,7 +36,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 
 import psycopg
-from sqlalchemy.exc import InterfaceError, OperationalError
+from psycopg import errors as sqlstates
+from sqlalchemy.exc import InterfaceError, OperationalError, ProgrammingError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 
 # Errors worth another try: the database or the network was away for a moment, a deadlock
@@ -46,17 +49,30 @@ TRANSIENT_ERRORS = (
     # Commands read and write through psycopg directly too (adapters/db: _Transaction).
     psycopg.OperationalError,
     psycopg.InterfaceError,
+    # A schema older than this release's (database_away), or a statement the database
+    # refuses whatever the command (a broken grant): the batch stops, each command waits.
+    ProgrammingError,
+    sqlstates.UndefinedTable,
+    sqlstates.UndefinedColumn,
+    sqlstates.UndefinedFunction,
+    sqlstates.UndefinedObject,
 )
 # SQLSTATEs that say the server cannot serve us now: admin or crash shutdown, starting up.
 _SERVER_AWAY = {"57P01", "57P02", "57P03"}
+# SQLSTATEs of a schema older than the statements: undefined table, column, function,
+# object. Bad input never causes these (the statements are this release's own).
+_SCHEMA_BEHIND = {"42P01", "42703", "42883", "42704"}
 
 
 def database_away(error: BaseException) -> bool:
     """Whether ``error`` says the database cannot be reached (connection refused or lost,
-    shutting down, starting up), as opposed to an error of a database that answers (a
-    deadlock, a serialization failure, a pool exhausted by slow commands)."""
+    shutting down, starting up) or cannot serve this release yet (its schema is older), as
+    opposed to an error of a database that answers (a deadlock, a serialization failure, a
+    pool exhausted by slow commands)."""
     cause = getattr(error, "orig", None) or error
     if isinstance(error, InterfaceError) or isinstance(cause, psycopg.InterfaceError):
+        return True
+    if isinstance(cause, psycopg.Error) and cause.sqlstate in _SCHEMA_BEHIND:
         return True
     if isinstance(cause, psycopg.OperationalError):
         state = cause.sqlstate

@@ -154,6 +154,24 @@ def head_revision() -> str | None:
     return ScriptDirectory.from_config(_config()).get_current_head()
 
 
+def schema_behind(engine: Engine) -> str | None:
+    """Why this release may not apply commands yet against the database's schema; None
+    when it may: the schema is at this release's revision, or at one this release does not
+    know, which only a later release's migrate writes (docs/upgrades.md: a later schema
+    keeps what an earlier release uses). Raises while the database does not answer."""
+    current = current_revision(engine)
+    script = ScriptDirectory.from_config(_config())
+    head = script.get_current_head()
+    if current == head:
+        return None
+    if current is None:
+        return f"the database has no calls-worker schema yet (this release needs {head})"
+    known = {revision.revision for revision in script.walk_revisions()}
+    if current not in known:
+        return None  # a later release's
+    return f"the database's schema is at {current}, older than this release's {head}"
+
+
 def _take_turn(connection: Connection) -> None:
     """Hold the migration lock (for the session), waiting for another migrate to finish.
 
