@@ -6,13 +6,16 @@ servers, which speak no TLS: TLS is not tested here. Then, on Redis and on Rabbi
 (outcomes in PostgreSQL, as secret.yaml describes), the two side by side:
 - the migrate Job completes as the schema's owner and grants the app role;
 - the worker becomes ready and answers commands sent from the host;
-- beat's sweep expires a call at its maximum of attempts;
+- beat's sweep, run by the sweeper (the command workers take only commands), expires a
+  call at its maximum of attempts;
+- Flower's /metrics answers without its login, as a scrape asks it;
 - every probe runs on its schedule and passes, and none fails its threshold;
 - SIGTERM with the pod's grace period shuts each one down warm, in time, with exit 0.
 """
 
 from __future__ import annotations
 
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
@@ -140,9 +143,10 @@ def cluster(engine: Engine, image: str, database: str, broker: str, results: str
         account = add_service_account(db.engine, "k8s", organization, SCOPES)
 
         worker = pod("Deployment", "calls-worker")
+        sweeper = pod("Deployment", "calls-worker-sweeper")
         beat = pod("Deployment", "calls-worker-beat")
         flower = pod("Deployment", "calls-worker-flower")
-        running = (worker, beat, flower)
+        running = (worker, sweeper, beat, flower)
 
         def alive() -> bool:
             for p in running:
@@ -164,7 +168,13 @@ def cluster(engine: Engine, image: str, database: str, broker: str, results: str
         created = db.sql("SELECT count(*) FROM calls WHERE uuid <> :u", u=exhausted).scalar()
         assert created == COMMANDS
 
-        # the ConfigMap's sweep interval is 60 s: beat's first sweep comes a minute after it
+        # Flower is scraped without its login (CallsWorkerTaskFailureRate reads it there)
+        flower_metrics = f"http://127.0.0.1:{flower.moved[flower.workload.ports['http']]}/metrics"
+        with urllib.request.urlopen(flower_metrics, timeout=10) as response:
+            assert b"flower_events_total" in response.read()
+
+        # the ConfigMap's sweep interval is 60 s: beat's first sweep comes a minute after it,
+        # and the sweeper (not the command workers) runs it
         wait_until(lambda: alive() and db.row(exhausted)["status"] == "expired", 150,
                    "beat's sweep to expire the exhausted call")  # fmt: skip
 
@@ -189,3 +199,5 @@ def cluster(engine: Engine, image: str, database: str, broker: str, results: str
         assert took < p.workload.grace, f"{p.name} took {took:.1f}s of {p.workload.grace}s"
         assert not p.state()["OOMKilled"]
     assert "warm shutdown" in worker.logs().lower()
+    assert "calls.sweep[" in sweeper.logs()
+    assert "calls.sweep[" not in worker.logs()

@@ -138,25 +138,40 @@ def test_beat_is_one_replica_recreated() -> None:
     assert beat["strategy"]["type"] == "Recreate"
 
 
-def test_worker_probes_ask_the_worker_itself() -> None:
-    container = manifest("worker-deployment.yaml")["spec"]["template"]["spec"]["containers"][0]
-    for probe in ("livenessProbe", "readinessProbe"):
-        assert "calls-worker ping" in " ".join(container[probe]["exec"]["command"])
-    assert "--database" in " ".join(container["readinessProbe"]["exec"]["command"])
+def test_liveness_never_asks_the_broker_or_counts_calls() -> None:
+    """A broker away must not restart every worker, and beat's probe reads no table:
+    liveness is /healthz (worker/health.py); readiness may ask the broker and database."""
+    for name in ("worker-deployment.yaml", "sweeper-deployment.yaml", "beat-deployment.yaml"):
+        container = manifest(name)["spec"]["template"]["spec"]["containers"][0]
+        assert container["livenessProbe"]["httpGet"]["path"] == "/healthz", name
+    beat = manifest("beat-deployment.yaml")["spec"]["template"]["spec"]["containers"][0]
+    assert beat["readinessProbe"]["httpGet"]["path"] == "/healthz"
+    worker = manifest("worker-deployment.yaml")["spec"]["template"]["spec"]["containers"][0]
+    assert "--database" in " ".join(worker["readinessProbe"]["exec"]["command"])
 
 
-def test_workers_scale_on_the_command_queue() -> None:
-    hpa = manifest("worker-hpa.yaml")["spec"]
-    assert hpa["scaleTargetRef"]["name"] == manifest("worker-deployment.yaml")["metadata"]["name"]
-    metric = hpa["metrics"][0]["external"]["metric"]
-    assert metric["name"] == "calls_worker_queue_messages"
-    assert metric["selector"]["matchLabels"] == {"queue": "calls.commands"}
+def test_command_workers_take_only_commands_and_a_sweeper_the_sweeps() -> None:
+    def args(name: str) -> list[str]:
+        spec = manifest(name)["spec"]["template"]["spec"]["containers"][0]
+        found: list[str] = spec["args"]
+        return found
+
+    worker, sweeper = args("worker-deployment.yaml"), args("sweeper-deployment.yaml")
+    assert worker[worker.index("-Q") + 1] == "calls.commands"
+    assert sweeper[sweeper.index("-Q") + 1] == "calls.sweeps"
+
+
+def test_flower_is_scraped() -> None:
+    """Or CallsWorkerTaskFailureRate, on Flower's counters, could never fire."""
+    annotations = manifest("flower-deployment.yaml")["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/scrape"] == "true"
+    assert annotations["prometheus.io/port"] == "5555"
 
 
 def test_every_pod_runs_as_non_root_with_the_same_image() -> None:
     images = set()
-    for name in ("worker-deployment.yaml", "beat-deployment.yaml", "flower-deployment.yaml",
-                 "migrate-job.yaml"):  # fmt: skip
+    for name in ("worker-deployment.yaml", "sweeper-deployment.yaml", "beat-deployment.yaml",
+                 "flower-deployment.yaml", "migrate-job.yaml"):  # fmt: skip
         pod = manifest(name)["spec"]["template"]["spec"]
         assert pod["securityContext"]["runAsNonRoot"] is True, name
         images |= {c["image"] for c in pod["containers"]}
@@ -173,6 +188,9 @@ def test_alert_rules_pass_promtool_and_their_tests() -> None:
         "groups"] for r in g["rules"]}  # fmt: skip
     assert names == {
         "CallsWorkerDown",
+        "CallsWorkerNoCommandWorker",
+        "CallsWorkerCommandsPaused",
+        "CallsWorkerCommandsQueueDeep",
         "CallsWorkerSweepNotRunning",
         "CallsWorkerSweepLagHigh",
         "CallsWorkerRejectedCommandsRising",
@@ -231,7 +249,8 @@ def test_kubernetes_migrates_as_the_owner_and_runs_as_the_least_privileged_role(
         "calls_worker_migrator")  # fmt: skip
     assert database_user(secrets["calls-worker-secrets"]["CALLS_WORKER_DATABASE_URL"]) == (
         "calls_worker_app")  # fmt: skip
-    for name in ("worker-deployment.yaml", "beat-deployment.yaml", "flower-deployment.yaml"):
+    for name in ("worker-deployment.yaml", "sweeper-deployment.yaml", "beat-deployment.yaml",
+                 "flower-deployment.yaml"):
         pod = manifest(name)["spec"]["template"]["spec"]
         refs = {s["secretRef"]["name"] for c in pod["containers"] for s in c.get("envFrom", [])
                 if "secretRef" in s}  # fmt: skip

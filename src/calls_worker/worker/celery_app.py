@@ -20,6 +20,7 @@ from calls_worker.wire import (
 )
 from calls_worker.worker import signer
 from calls_worker.worker.consumer import DeadLetters
+from calls_worker.worker.health import BEAT_MAX_LOOP_SECONDS
 from calls_worker.worker.logs import LogFormat, use_format
 from calls_worker.worker.metrics import (
     MULTIPROC_ENV,
@@ -121,6 +122,9 @@ def create_app(
             },
         },
         beat_schedule_filename=str(settings.data_dir / "beat-schedule"),
+        # Its ticks are beat's heartbeat (/healthz on its metrics port): one at least this often.
+        beat_scheduler="calls_worker.worker.health:BeatScheduler",
+        beat_max_loop_interval=BEAT_MAX_LOOP_SECONDS,
     )
     if (signing := signing_of(settings)) is not None:
         enable_signing(app, signing)
@@ -148,7 +152,7 @@ def create_app(
 
         def serve_worker(**_: Any) -> None:
             if os.environ.get(MULTIPROC_ENV):  # set by `calls-worker worker`
-                serve_worker_metrics(port)
+                serve_worker_metrics(port, broker_url)
 
         def serve_beat(**_: Any) -> None:
             serve_database_metrics(port, runtime_of(app).engine(), broker_url,

@@ -42,6 +42,7 @@ from calls_worker.wire import (
     is_amqp,
 )
 from calls_worker.worker.batching import CommandBatcher
+from calls_worker.worker.health import HEARTBEAT
 from calls_worker.worker.keeping import CommandGaveUp
 from calls_worker.worker.metrics import worker_metrics
 from calls_worker.worker.outage import WATCH_SECONDS, CommandsPause, stores_answer
@@ -139,6 +140,7 @@ class RecordingConsumer(Consumer):
             lambda: stores_answer(runtime.unpooled_engine(), self.app.backend),
         )  # fmt: skip
         self.timer.call_repeatedly(WATCH_SECONDS, self.commands_pause.check)
+        self.timer.call_repeatedly(WATCH_SECONDS, HEARTBEAT.beat)  # liveness (health.py)
         # Not a command against a schema older than this release's (outage.py): until
         # migrate has run, the commands queue is not consumed (pings are answered).
         queues = self.app.amqp.queues
@@ -146,6 +148,8 @@ class RecordingConsumer(Consumer):
         if consumed and (reason := self.commands_pause.not_ready()) is not None:
             queues.deselect([COMMANDS_QUEUE])
             self.commands_pause.hold(reason)
+        elif consumed:
+            worker_metrics().consuming_commands(True)
 
     def on_close(self) -> None:
         super().on_close()

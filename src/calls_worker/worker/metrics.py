@@ -49,6 +49,11 @@ class WorkerMetrics:
     batch_durations: Any
     batches_failed: Any
     outcomes_unstored: Any
+    consuming: Any
+
+    def consuming_commands(self, consuming: bool) -> None:
+        """Set in the worker's main process (outage.py: paused or taking commands)."""
+        self.consuming.set(1 if consuming else 0)
 
     def batch(self, *, size: int, duration: float, result: str) -> None:
         self.batch_sizes.labels(result=result).observe(size)
@@ -80,9 +85,16 @@ class WorkerMetrics:
 @cache
 def worker_metrics() -> WorkerMetrics:
     """This process's counters, made on first use (after fork, in a pool child)."""
-    from prometheus_client import Counter, Histogram
+    from prometheus_client import Counter, Gauge, Histogram
 
     return WorkerMetrics(
+        consuming=Gauge(
+            "calls_worker_commands_consumed",
+            "1 while this worker takes commands off calls.commands; 0 while it is paused"
+            " (the database or the result backend away, or a schema older than its release's:"
+            " run migrate). Absent: no command worker runs.",
+            multiprocess_mode="livemax",
+        ),
         commands=Counter(
             "calls_worker_commands_total",
             "Commands handled, by kind and outcome code (ok, invalid, not_found, conflict).",
@@ -172,13 +184,16 @@ def relay_metrics() -> RelayMetrics:
     )
 
 
-def serve_worker_metrics(port: int) -> None:
-    """Serve the sum of every pool process's counters (call in the worker's main process)."""
-    from prometheus_client import CollectorRegistry, multiprocess, start_http_server
+def serve_worker_metrics(port: int, broker_url: str) -> None:
+    """Serve the sum of every pool process's counters (call in the worker's main process),
+    and its liveness on /healthz (health.py)."""
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from calls_worker.worker.health import serve, worker_alive
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    start_http_server(port, registry=registry)
+    serve(port, registry, lambda: worker_alive(broker_url))
 
 
 def forget_process(pid: int) -> None:
@@ -290,8 +305,10 @@ def serve_database_metrics(
     port: int, engine: Any, broker_url: str, result_backend_url: str | None = None,
     event_queues: list[str] | None = None,
 ) -> None:  # fmt: skip
-    from prometheus_client import CollectorRegistry, start_http_server
+    from prometheus_client import CollectorRegistry
+
+    from calls_worker.worker.health import beat_alive, serve
 
     registry = CollectorRegistry()
     registry.register(DatabaseCollector(engine, broker_url, result_backend_url, event_queues))
-    start_http_server(port, registry=registry)
+    serve(port, registry, beat_alive)

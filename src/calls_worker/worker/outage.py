@@ -31,6 +31,8 @@ from typing import Any, Final
 
 from sqlalchemy import text
 
+from calls_worker.worker.metrics import worker_metrics
+
 logger = logging.getLogger("calls_worker")
 
 # How often a paused worker asks the database whether it answers again.
@@ -121,6 +123,7 @@ class CommandsPause:
 
     def _paused(self, away: str) -> None:
         """Paused from now until the probe, started here, finds ``away`` answering."""
+        worker_metrics().consuming_commands(False)
         self.paused_since = time.monotonic()
         self._away = away
         self._answered.clear()
@@ -142,6 +145,7 @@ class CommandsPause:
         self.paused_since = None
         self._seen = self.watch.away_at
         self.consumer.add_task_queue(self.queue)
+        worker_metrics().consuming_commands(True)
         logger.warning("%s answers again after %.0f s: taking commands off %s",
                        self._away, paused_for, self.queue)  # fmt: skip
 

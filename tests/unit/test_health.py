@@ -1,0 +1,76 @@
+"""Liveness asks the process, never the broker (worker/health.py)."""
+
+from __future__ import annotations
+
+import socket
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from prometheus_client import CollectorRegistry, Counter
+
+from calls_worker.worker import health
+
+
+def free_port() -> int:
+    """A port nothing listens on (a broker away)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture
+def listening() -> Iterator[int]:
+    """A port that accepts connections, as a broker's would."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        yield int(server.getsockname()[1])
+
+
+@pytest.fixture
+def stale(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loop last ran longer ago than liveness allows."""
+    monkeypatch.setattr(health.HEARTBEAT, "at", health.HEARTBEAT.at - 10_000)
+
+
+def test_a_running_loop_is_alive_whatever_the_broker() -> None:
+    health.HEARTBEAT.beat()
+    assert health.worker_alive(f"redis://127.0.0.1:{free_port()}/0")[0] is True
+
+
+def test_a_stopped_loop_with_the_broker_answering_is_wedged(stale: None, listening: int) -> None:
+    assert health.worker_alive(f"redis://127.0.0.1:{listening}/0")[0] is False
+    assert health.worker_alive(f"amqp://guest:guest@127.0.0.1:{listening}//")[0] is False
+
+
+def test_a_stopped_loop_while_the_broker_is_away_is_alive(stale: None) -> None:
+    """The consumer is reconnecting: restarting the worker would mend nothing."""
+    ok, reason = health.worker_alive(f"redis://127.0.0.1:{free_port()}/0")
+    assert ok is True
+    assert "broker is away" in reason
+
+
+def test_beat_is_alive_while_its_scheduler_ticks(monkeypatch: pytest.MonkeyPatch) -> None:
+    health.HEARTBEAT.beat()
+    assert health.beat_alive()[0] is True
+    monkeypatch.setattr(health.HEARTBEAT, "at", health.HEARTBEAT.at - 10_000)
+    assert health.beat_alive()[0] is False
+
+
+def test_healthz_answers_apart_from_the_metrics(monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = CollectorRegistry()
+    Counter("calls_worker_test_total", "A counter.", registry=registry).inc()
+    verdict = {"ok": True}
+    port = free_port()
+    health.serve(port, registry, lambda: (verdict["ok"], "because"))
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        assert b"calls_worker_test_total 1.0" in response.read()
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as response:
+        assert response.read() == b"because\n"
+    verdict["ok"] = False
+    with pytest.raises(urllib.error.HTTPError) as failed:
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
+    assert failed.value.code == 503
+    failed.value.close()
