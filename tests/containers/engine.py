@@ -170,6 +170,8 @@ def started_engine() -> Iterator[Engine]:
                 time.sleep(0.2)
             engine.remove_all_containers()  # a killed run's leftovers
             engine.docker("volume", "prune", "-f")
+            # Images a rebuild replaced, after a week (younger ones are the build cache).
+            engine.docker("image", "prune", "-f", "--filter", "until=168h")
             yield engine
         finally:
             try:

@@ -8,7 +8,8 @@ two Redis on 6379, worker and beat metrics on 9808, and the host's own servers a
 The server images are local stand-ins (tests/containers/images: Debian's packages of the
 same servers), chosen through POSTGRES_IMAGE, REDIS_IMAGE and RABBITMQ_IMAGE; the worker's
 is the image built from deploy/Dockerfile. Then: the database's init script makes the
-roles, migrate completes, a command sent from the host gets its outcome, the worker's
+roles, migrate completes (the API's tables, organizations to call_attempts, made where
+there are none), a command sent from the host gets its outcome, the worker's
 metrics and Flower (behind its login) answer, every service turns healthy, and
 ``docker-compose down`` leaves nothing behind.
 """
@@ -248,12 +249,26 @@ def comes_up_and_answers(settings: Settings) -> None:
     try:
         roles = db.sql("SELECT rolname FROM pg_roles WHERE rolname LIKE 'calls_worker_%'")
         assert sorted(roles.scalars()) == ["calls_worker_app", "calls_worker_migrator"]
+        for table in ("organizations", "persons", "pledge_cases", "calls", "call_attempts"):
+            assert db.sql("SELECT to_regclass(:t)", t=table).scalar() == table, table
         organization = db.organization(3)
         person = db.person(organization)
         account = add_service_account(db.engine, "compose", organization, SCOPES)
     finally:
         db.engine.dispose()
 
+    brokers = ["rabbitmq"] if settings.variant == "rabbitmq" else ["redis", "redis-results"]
+    long_running = ["postgres", "worker", "beat", "flower", *brokers]
+
+    def healthy(names: list[str]) -> bool:
+        states = {name: compose.container(name)["State"] for name in names}
+        for name, state in states.items():
+            assert state["Running"], f"{name} exited: {state}\n{compose.logs()}"
+            assert state["Health"]["Status"] != "unhealthy", f"{name}: {state['Health']}"
+        return all(state["Health"]["Status"] == "healthy" for state in states.values())
+
+    # as a producer would: once the broker answers (the workers wait for it themselves)
+    wait_until(lambda: healthy(brokers), 180, "the broker to turn healthy")
     app = env["CALLS_WORKER_APP_PASSWORD"]
     if settings.variant == "redis":
         broker = f"redis://127.0.0.1:{port['redis']}/0"
@@ -276,14 +291,4 @@ def comes_up_and_answers(settings: Settings) -> None:
     wait_until(lambda: "worker@" in http_get(flower, (user, password))[1], 60,
                "Flower to see the worker")  # fmt: skip
 
-    brokers = ["rabbitmq"] if settings.variant == "rabbitmq" else ["redis", "redis-results"]
-    long_running = ["postgres", "worker", "beat", "flower", *brokers]
-
-    def healthy() -> bool:
-        states = {name: compose.container(name)["State"] for name in long_running}
-        for name, state in states.items():
-            assert state["Running"], f"{name} exited: {state}\n{compose.logs()}"
-            assert state["Health"]["Status"] != "unhealthy", f"{name}: {state['Health']}"
-        return all(state["Health"]["Status"] == "healthy" for state in states.values())
-
-    wait_until(healthy, 180, "every service to turn healthy")
+    wait_until(lambda: healthy(long_running), 180, "every service to turn healthy")

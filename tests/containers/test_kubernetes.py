@@ -32,6 +32,7 @@ from calls_worker.client import CallsClient
 from tests.conftest import create_database, drop_database
 from tests.containers.engine import ROOT, Engine
 from tests.containers.kubelet import Pod, manifests, moved_ports, side_by_side, workload
+from tests.containers.tcp import reachable
 from tests.db_world import Db
 from tests.e2e.conftest import redis_database, wait_until
 
@@ -66,9 +67,10 @@ def cluster_database(server_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def databases(postgres_server_url: str) -> Iterator[dict[str, str]]:
-    """A database for each broker's cluster; the roles dropped after both."""
+    """A database for each broker's cluster, over TCP (tcp.py); the roles dropped after."""
     with ExitStack() as stack:
-        yield {kind: stack.enter_context(cluster_database(postgres_server_url))
+        yield {kind: stack.enter_context(reachable(stack.enter_context(
+                   cluster_database(postgres_server_url))))
                for kind in BROKERS}  # fmt: skip
     server = build_engine(postgres_server_url, pool_size=1)
     with server.begin() as connection:
@@ -199,5 +201,5 @@ def cluster(engine: Engine, image: str, database: str, broker: str, results: str
         assert took < p.workload.grace, f"{p.name} took {took:.1f}s of {p.workload.grace}s"
         assert not p.state()["OOMKilled"]
     assert "warm shutdown" in worker.logs().lower()
-    assert "calls.sweep[" in sweeper.logs()
-    assert "calls.sweep[" not in worker.logs()
+    assert "expiredByOrganization" in sweeper.logs()  # a sweep's result line
+    assert "expiredByOrganization" not in worker.logs()

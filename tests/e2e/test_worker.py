@@ -227,4 +227,6 @@ def test_a_binary_or_oversized_message_is_kept_and_the_worker_lives_on(
     assert worker.popen.poll() is None
     assert worker.popen.pid == pid
     assert {p.pid for p in psutil.Process(pid).children()} == children  # no process replaced
-    assert queues_drained(worker.env["CALLS_WORKER_BROKER_URL"])
+    # acknowledged just after its outcome is stored
+    wait_until(lambda: queues_drained(worker.env["CALLS_WORKER_BROKER_URL"]), 10,
+               "the queue to drain")  # fmt: skip

@@ -145,9 +145,10 @@ class RecordingConsumer(Consumer):
         # migrate has run, the commands queue is not consumed (pings are answered).
         queues = self.app.amqp.queues
         consumed = COMMANDS_QUEUE in (queues.consume_from or {})
-        if consumed and (reason := self.commands_pause.not_ready()) is not None:
+        behind = self.commands_pause.not_ready(runtime.unpooled_engine()) if consumed else None
+        if behind is not None:
             queues.deselect([COMMANDS_QUEUE])
-            self.commands_pause.hold(reason)
+            self.commands_pause.hold(behind)
         elif consumed:
             worker_metrics().consuming_commands(True)
 

@@ -93,12 +93,16 @@ class CommandsPause:
         except Exception:  # the timer must go on; the next check tries again
             logger.exception("pausing or resuming the commands queue failed")
 
-    def not_ready(self) -> str | None:
-        """Why the commands queue may not be consumed now (None: it may)."""
+    def not_ready(self, engine: Any) -> str | None:
+        """At start: why the commands queue may not be consumed (None: it may). Only a
+        database that answers with a schema older than this release's holds it: one that is
+        away is met, and paused for, as at any other time."""
         try:
-            self.database_answers()
-        except Exception as error:  # away, or not yet this release's schema
-            return str(error).splitlines()[0] if str(error) else repr(error)
+            serves_this_release(engine)
+        except SchemaBehind as behind:
+            return str(behind)
+        except Exception:  # away: the outage handling's, once commands meet it
+            return None
         return None
 
     def hold(self, reason: str) -> None:
