@@ -105,7 +105,7 @@ class Engine:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        shutil.rmtree(self.run_dir, ignore_errors=True)
+        _remove_run_dir(self.run_dir)
 
 
 def _stop_leftovers() -> None:
@@ -130,7 +130,17 @@ def _stop_leftovers() -> None:
             with suppress(ProcessLookupError):
                 os.kill(int(proc.name), signal.SIGKILL)
     for folder in Path(RUN_PARENT).glob("cw-docker-*"):
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove_run_dir(folder)
+
+
+def _remove_run_dir(folder: Path) -> None:
+    """The engine's run folder, with what dockerd mounted in it (its netns, an nsfs mount,
+    stays mounted after dockerd exits)."""
+    mounted = [line.split()[1] for line in Path("/proc/mounts").read_text().splitlines()
+               if line.split()[1].startswith(f"{folder}/")]  # fmt: skip
+    for point in sorted(mounted, reverse=True):
+        subprocess.run(["umount", "-l", point], capture_output=True, check=False, timeout=30)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _missing_tools() -> list[str]:
