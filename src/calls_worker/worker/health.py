@@ -18,7 +18,6 @@ Any other path serves the Prometheus metrics as before.
 
 from __future__ import annotations
 
-import logging
 import socket
 import threading
 import time
@@ -28,8 +27,6 @@ from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from celery.beat import PersistentScheduler
 from kombu import Connection
-
-logger = logging.getLogger("calls_worker")
 
 LOOP_STALE_SECONDS = 60.0
 BEAT_MAX_LOOP_SECONDS = 30
