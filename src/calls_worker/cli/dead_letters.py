@@ -27,6 +27,7 @@ import click
 
 from calls_worker.cli import sending
 from calls_worker.cli.output import camel_keys, print_json
+from calls_worker.cli.params import POSITIVE, SECONDS, TEXT
 from calls_worker.cli.replay import command_of, replay_id
 from calls_worker.cli.servers import configured, engine_of
 from calls_worker.config import signing_of
@@ -43,7 +44,7 @@ def _selection(function: Any) -> Any:
         click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S",
                                                      "%Y-%m-%d %H:%M:%S"]),
                      help="Only those received at this time (UTC) or later."),
-        click.option("--reason", metavar="TEXT",
+        click.option("--reason", type=TEXT, metavar="TEXT",
                      help="Only those whose reason contains TEXT (any case)."),
     ]):  # fmt: skip
         function = option(function)
@@ -72,7 +73,8 @@ def dead_letters() -> None:
 @click.option("--since", type=click.DateTime(["%Y-%m-%d", "%Y-%m-%dT%H:%M:%S",
                                              "%Y-%m-%d %H:%M:%S"]),
               help="Only those received at this time (UTC) or later.")  # fmt: skip
-@click.option("--reason", metavar="TEXT", help="Only those whose reason contains TEXT (any case).")
+@click.option("--reason", type=TEXT, metavar="TEXT",
+              help="Only those whose reason contains TEXT (any case).")  # fmt: skip
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
 def dead_letters_list(include_settled: bool, since: datetime | None, reason: str | None,
                       limit: int) -> None:  # fmt: skip
@@ -142,10 +144,10 @@ def _replay(engine: Any, client: Any, servers: Any, rejected: Any, file: Any) ->
 
 
 @dead_letters.command(name="replay")
-@click.argument("rejected_id", type=int, required=False)
+@click.argument("rejected_id", type=POSITIVE, required=False)
 @click.argument("file", type=click.File("rb"), required=False)
 @_selection
-@click.option("--timeout", type=float, default=30.0, show_default=True,
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True,
               help="How long to wait for each outcome.")  # fmt: skip
 def dead_letters_replay(rejected_id: int | None, file: Any, everything: bool,
                         since: datetime | None, reason: str | None,
@@ -219,7 +221,7 @@ def _replay_many(engine: Any, servers: Any, chosen: list[Any], timeout: float) -
 
 
 @dead_letters.command(name="dismiss")
-@click.argument("rejected_ids", type=int, nargs=-1)
+@click.argument("rejected_ids", type=POSITIVE, nargs=-1)
 @_selection
 def dead_letters_dismiss(rejected_ids: tuple[int, ...], everything: bool,
                          since: datetime | None, reason: str | None) -> None:  # fmt: skip

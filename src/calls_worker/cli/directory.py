@@ -17,6 +17,7 @@ from uuid import UUID
 import click
 
 from calls_worker.cli.output import print_json
+from calls_worker.cli.params import POSITIVE, TEXT, Certificate
 from calls_worker.cli.servers import Servers
 from calls_worker.config import get_settings
 from calls_worker.domain.access import SCOPES
@@ -38,15 +39,23 @@ def database_engine() -> Iterator[Any]:
 
 
 def _add(write: Callable[[Any], UUID], missing: str) -> None:
-    """Run ``write`` and print the new uuid; a missing referenced row is a clear error."""
+    """Run ``write`` and print the new uuid. A missing referenced row says which (exit 1);
+    any other refusal by the database says what it refused and why (exit 2)."""
     from sqlalchemy.exc import IntegrityError
 
     with database_engine() as engine:
         try:
             click.echo(str(write(engine)))
-        except IntegrityError:
-            click.echo(f"Error: {missing}", err=True)
-            sys.exit(1)
+        except IntegrityError as error:
+            diag = getattr(error.orig, "diag", None)
+            if getattr(error.orig, "sqlstate", None) == "23503":  # foreign_key_violation
+                click.echo(f"Error: {missing}", err=True)
+                sys.exit(1)
+            why = getattr(diag, "message_primary", None) or str(error.orig).splitlines()[0]
+            detail = getattr(diag, "message_detail", None)
+            click.echo(f"Error: the database refused it: {why}"
+                       + (f" ({detail})" if detail else ""), err=True)  # fmt: skip
+            sys.exit(2)
 
 
 @click.group()
@@ -55,10 +64,10 @@ def organizations() -> None:
 
 
 @organizations.command(name="add")
-@click.option("--name", required=True)
+@click.option("--name", type=TEXT, required=True)
 @click.option(
     "--max-attempts",
-    type=int,
+    type=POSITIVE,
     default=None,
     help="The maximum number of attempts for calls of the persons it owns (none: no limit).",
 )
@@ -183,7 +192,7 @@ _TABLE = (("createdAt", 25), ("uuid", 36), ("status", 9), ("type", 12), ("attemp
 @click.option("--status", type=click.Choice([s.value for s in CallStatus]), default=None)
 @click.option("--type", "call_type", type=click.Choice([t.value for t in CallType]), default=None)
 @click.option("--limit", type=click.IntRange(1, MAX_PAGE), default=DEFAULT_PAGE, show_default=True)
-@click.option("--cursor", default=None, help="Where the previous page said to go on.")
+@click.option("--cursor", type=TEXT, default=None, help="Where the previous page said to go on.")
 @AS_OPTION
 @click.option("--json", "as_json", is_flag=True, help="One JSON object a line, for machines.")
 def calls_list(organization: UUID | None, person: UUID | None, status: str | None,
@@ -207,9 +216,9 @@ def calls_list(organization: UUID | None, person: UUID | None, status: str | Non
         raise click.UsageError(error.message) from None
     with database_engine() as engine:
         page = list_calls(SqlCallReader(engine), parsed, policy=OPEN, signer_sha256=None)
-    if not page["ok"]:
+    if not page["ok"]:  # a cursor not made for this query is a bad argument (exit 2)
         click.echo(f"Error: {page['error']['message']}", err=True)
-        sys.exit(1)
+        sys.exit(2 if page["error"]["code"] == "invalid" else 1)
     if as_json:
         for call in page["calls"]:
             click.echo(json.dumps(call, separators=(",", ":")))
@@ -227,11 +236,11 @@ def service_accounts() -> None:
 
 
 @service_accounts.command(name="add")
-@click.option("--name", required=True)
+@click.option("--name", type=TEXT, required=True)
 @click.option("--organization", type=click.UUID, required=True, help="The one it represents.")
 @click.option("--scope", "scopes", multiple=True, required=True,
               type=click.Choice(list(SCOPES)), help="Repeat for each scope.")  # fmt: skip
-@click.option("--certificate", type=click.File("rb"), default=None,
+@click.option("--certificate", type=Certificate(), default=None,
               help="PEM certificate it signs with (needed where messages are signed).")  # fmt: skip
 def service_accounts_add(name: str, organization: UUID, scopes: tuple[str, ...],
                          certificate: Any) -> None:  # fmt: skip
@@ -239,7 +248,7 @@ def service_accounts_add(name: str, organization: UUID, scopes: tuple[str, ...],
     from calls_worker.adapters.db.directory import add_service_account
     from calls_worker.worker.signer import certificate_sha256
 
-    fingerprint = None if certificate is None else certificate_sha256(certificate.read())
+    fingerprint = None if certificate is None else certificate_sha256(certificate)
     _add(lambda engine: add_service_account(engine, name, organization, scopes, fingerprint),
          f"no organization {organization}")  # fmt: skip
 

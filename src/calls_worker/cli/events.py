@@ -15,6 +15,7 @@ import click
 
 from calls_worker.adapters.db.events import KeptEvent, tail
 from calls_worker.cli.directory import database_engine
+from calls_worker.cli.params import COUNT, SECONDS
 
 # How far back --follow looks again for events that took a lower number but committed
 # after a higher one was shown (numbers are taken at insert, not at commit).
@@ -48,9 +49,9 @@ def events() -> None:
 @click.option("--follow", "-f", is_flag=True, help="Keep printing new events as they are written.")
 @click.option("--call", "call_uuid", type=click.UUID, help="Only the events of this call.")
 @click.option("--json", "as_json", is_flag=True, help="Each event as published, a JSON line.")
-@click.option("--lines", "-n", type=int, default=20, show_default=True,
+@click.option("--lines", "-n", type=COUNT, default=20, show_default=True,
               help="How many of the latest events to print first.")  # fmt: skip
-@click.option("--interval", type=float, default=1.0, show_default=True, hidden=True)
+@click.option("--interval", type=SECONDS, default=1.0, show_default=True, hidden=True)
 def tail_command(follow: bool, call_uuid: UUID | None, as_json: bool, lines: int,
                  interval: float) -> None:  # fmt: skip
     """Print the latest call events, oldest first (with --follow, then the new ones).
@@ -65,12 +66,20 @@ def tail_command(follow: bool, call_uuid: UUID | None, as_json: bool, lines: int
             shown[kept.event["sequence"]] = None
         if not follow:
             return
+        # What was there before is not new: below the first event shown (or, with none
+        # shown, at the latest there is), nothing is printed. Above it, a number missing
+        # from what was shown belonged to a change not committed yet: printed once it is.
+        if shown:
+            floor = min(shown) - 1
+        else:
+            floor = max((k.event["sequence"] for k in tail(engine, call_uuid=call_uuid,
+                                                            limit=1)), default=0)  # fmt: skip
         try:
             while True:
                 time.sleep(interval)
                 # Look again a little below the highest number shown: an event numbered
                 # earlier may have committed later.
-                after = max(shown, default=0) - FOLLOW_SLACK
+                after = max(floor, max(shown, default=0) - FOLLOW_SLACK)
                 for kept in tail(engine, call_uuid=call_uuid, after=after, limit=10_000):
                     if kept.event["sequence"] not in shown:
                         _show(kept, as_json)

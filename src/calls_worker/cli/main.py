@@ -15,7 +15,19 @@ from calls_worker.cli import sending
 from calls_worker.cli.dead_letters import COMMANDS as DEAD_LETTERS_COMMANDS
 from calls_worker.cli.directory import COMMANDS as DIRECTORY_COMMANDS
 from calls_worker.cli.events import COMMANDS as EVENTS_COMMANDS
+from calls_worker.cli.failures import Main, end_on_signals
 from calls_worker.cli.output import print_json
+from calls_worker.cli.params import (
+    POSITIVE,
+    PORT,
+    SECONDS,
+    TEXT,
+    Address,
+    CommandId,
+    Kind,
+    Module,
+    Queues,
+)
 from calls_worker.cli.sending import KINDS
 from calls_worker.cli.servers import celery_app, configured, engine_of
 from calls_worker.config import signing_of
@@ -30,7 +42,7 @@ log_format_option = click.option(
 )
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="calls-worker", prog_name="calls-worker")
 def main() -> None:
     """Consumes call commands and expires calls whose attempts are exhausted.
@@ -38,12 +50,13 @@ def main() -> None:
     With no CALLS_WORKER_DATABASE_URL / CALLS_WORKER_BROKER_URL set, commands use the
     embedded PostgreSQL and Redis kept under CALLS_WORKER_DATA_DIR (.calls-worker).
     """
+    end_on_signals()
 
 
 @main.command()
 @log_format_option
 @click.option("--flower", is_flag=True, help="Also run Flower on 127.0.0.1.")
-@click.option("--flower-port", type=int, default=5555, show_default=True)
+@click.option("--flower-port", type=PORT, default=5555, show_default=True)
 def run(log_format: LogFormat, flower: bool, flower_port: int) -> None:
     """Migrate, then run a worker and beat until Ctrl-C (embedded servers if no URLs)."""
     from calls_worker.cli.supervisor import run_everything, sole_run
@@ -58,12 +71,13 @@ def run(log_format: LogFormat, flower: bool, flower_port: int) -> None:
 
 @main.command()
 @log_format_option
-@click.option("--queues", "-Q", default="calls.commands,calls.sweeps", show_default=True)
-@click.option("--concurrency", "-c", type=int, default=None, help="Processes (default: cores).")
-@click.option("--hostname", "-n", default=None, help="Worker name, e.g. commands@%h.")
-@click.option(
-    "--include", "-I", multiple=True, help="Also import this module (Celery's --include)."
-)
+@click.option("--queues", "-Q", type=Queues(("calls.commands", "calls.sweeps")),
+              default="calls.commands,calls.sweeps", show_default=True)
+@click.option("--concurrency", "-c", type=POSITIVE, default=None,
+              help="Processes (default: cores).")
+@click.option("--hostname", "-n", type=TEXT, default=None, help="Worker name, e.g. commands@%h.")
+@click.option("--include", "-I", type=Module(), multiple=True,
+              help="Also import this module (Celery's --include).")  # fmt: skip
 def worker(
     log_format: LogFormat,
     queues: str,
@@ -103,8 +117,8 @@ def beat(log_format: LogFormat) -> None:
 
 
 @main.command()
-@click.option("--address", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=5555, show_default=True)
+@click.option("--address", type=Address(), default="127.0.0.1", show_default=True)
+@click.option("--port", type=PORT, default=5555, show_default=True)
 def flower(address: str, port: int) -> None:
     """Run Flower, the task dashboard (requires CALLS_WORKER_FLOWER_BASIC_AUTH)."""
     from calls_worker.cli.flower import require_auth, run_flower
@@ -140,9 +154,10 @@ def status(as_json: bool) -> None:
 
 
 @main.command()
-@click.option("--hostname", "-n", required=True, help="The worker's name, e.g. commands@pod-1.")
+@click.option("--hostname", "-n", type=TEXT, required=True,
+              help="The worker's name, e.g. commands@pod-1.")  # fmt: skip
 @click.option("--database", is_flag=True, help="Also check that the database answers.")
-@click.option("--timeout", type=float, default=5.0, show_default=True)
+@click.option("--timeout", type=SECONDS, default=5.0, show_default=True)
 def ping(hostname: str, database: bool, timeout: float) -> None:
     """Exit 0 if this worker answers through the broker (a liveness/readiness probe).
 
@@ -179,6 +194,7 @@ def ping(hostname: str, database: bool, timeout: float) -> None:
 @click.option(
     "--grant-to",
     "grantee",
+    type=TEXT,
     metavar="ROLE",
     help="Then grant ROLE (the workers' least-privilege role, e.g. calls_worker_app) what"
     " the worker needs, and nothing more.",
@@ -268,10 +284,10 @@ def sweep(dry_run: bool) -> None:
 
 
 @main.command()
-@click.argument("kind", type=click.Choice(sorted(KINDS)))
+@click.argument("kind", type=Kind(sorted(KINDS)))
 @click.argument("file", type=click.File("rb"), default="-")
-@click.option("--command-id", help="Your own command id (default: a new UUID).")
-@click.option("--timeout", type=float, default=30.0, show_default=True)
+@click.option("--command-id", type=CommandId(), help="Your own command id (default: a new UUID).")
+@click.option("--timeout", type=SECONDS, default=30.0, show_default=True)
 @click.option(
     "--no-validate",
     is_flag=True,
@@ -308,7 +324,7 @@ def send(
 
 
 @main.command()
-@click.argument("command_id")
+@click.argument("command_id", type=CommandId())
 def outcome(command_id: str) -> None:
     """The outcome the database keeps for COMMAND_ID (for PROCESSED_RETENTION_HOURS, long
     after the result backend forgot it). Exit 1 if there is none: not handled (yet), or older."""
@@ -356,9 +372,14 @@ def schema(out: Path | None) -> None:
     if out is None:
         print_json(schemas)
         return
-    out.mkdir(parents=True, exist_ok=True)
-    for kind, document in schemas.items():
-        (out / f"{kind}.schema.json").write_text(json.dumps(document, indent=2) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for kind, document in schemas.items():
+            (out / f"{kind}.schema.json").write_text(json.dumps(document, indent=2) + "\n")
+    except OSError as error:
+        raise click.BadParameter(
+            f"cannot write there: {error.strerror} ({error.filename})", param_hint="--out"
+        ) from None
     click.echo(f"wrote {len(schemas)} schemas to {out}")
 
 

@@ -2,7 +2,7 @@
 
 It resolves (or starts) the database and the broker, migrates, and runs as child
 processes a command worker, a sweep worker (so a flood of commands never delays a sweep)
-and beat. Ctrl-C or SIGTERM stops the children with a warm shutdown, then the embedded
+and beat. Ctrl-C, SIGTERM or SIGHUP stops the children with a warm shutdown, then the embedded
 servers it started. Children die with it even if it is killed outright (PDEATHSIG).
 """
 
@@ -83,12 +83,15 @@ def run_everything(
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         stopping.append(signum)
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     children: dict[str, subprocess.Popen[bytes]] = {}
     try:
         database_url = servers.database_url()
         broker_url = servers.broker_url(start=True)
+        # The data folder is this run's (sole_run): an embedded Redis running on it, left by
+        # a command that was killed, is this run's to stop as well.
+        servers.started_redis = servers.redis is not None
         engine = build_engine(database_url, pool_size=1)
         upgrade(engine)
         revision = current_revision(engine)
