@@ -6,12 +6,18 @@ import os
 from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, PositiveInt, SecretStr
+from pydantic import BeforeValidator, Field, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from calls_worker.wire import Signing
+
+LogLevel = Annotated[
+    Literal["DEBUG", "INFO", "WARNING", "ERROR"],
+    BeforeValidator(lambda value: value.upper() if isinstance(value, str) else value),
+]
+LogFormat = Literal["text", "json"]
 
 
 class Settings(BaseSettings):
@@ -113,6 +119,22 @@ class Settings(BaseSettings):
         ge=0,
         le=65535,
         description="Port of this process's Prometheus /metrics (0: none).",
+    )
+    log_level: LogLevel = Field(
+        default="INFO",
+        description="What the worker and beat log: DEBUG, INFO, WARNING or ERROR (the"
+        " commands' --loglevel overrides it).",
+    )
+    log_format: LogFormat = Field(
+        default="text",
+        description="text for people, json (one object a line) for machines (the commands'"
+        " --log-format overrides it).",
+    )
+    command_log_level: LogLevel = Field(
+        default="INFO",
+        description="Level of the logger calls_worker.commands, which writes a line per"
+        " command (its outcome) and per group commit. WARNING turns those lines off at high"
+        " rates; warnings, errors and the metrics still count every command.",
     )
     flower_basic_auth: SecretStr | None = Field(
         default=None,

@@ -43,10 +43,10 @@ def test_a_replay_id_is_stable_for_the_same_command() -> None:
     assert replay_id(7, {"a": 1}) != replay_id(8, {"a": 1})
 
 
-def test_the_readme_shows_the_current_settings() -> None:
+def test_the_docs_show_the_current_settings() -> None:
     from calls_worker.config import settings_table
 
-    readme = (ROOT / "README.md").read_text()
+    readme = (ROOT / "docs" / "settings.md").read_text()
     shown = readme.split("<!-- settings:start")[1].split("-->", 1)[1].split("<!-- settings:end")[0]
     assert shown.strip() == settings_table().strip()
 
@@ -104,3 +104,51 @@ def test_the_sweeps_batch_follows_events_unless_set() -> None:
     assert sweep_batch_size(Settings(events=True)) == 1000
     assert sweep_batch_size(Settings(events=False)) == 5000
     assert sweep_batch_size(Settings(events=True, sweep_batch_size=77)) == 77
+
+
+def test_the_lines_per_command_and_per_batch_can_be_turned_down() -> None:
+    from calls_worker.config import Settings
+    from calls_worker.worker import batch_job, keeping
+    from calls_worker.worker.logs import COMMANDS_LOGGER, use_format
+
+    settings = Settings(command_log_level="warning", log_level="debug", log_format="json")
+    assert (settings.command_log_level, settings.log_level) == ("WARNING", "DEBUG")
+    assert keeping.command_lines is batch_job.command_lines is logging.getLogger(COMMANDS_LOGGER)
+    try:
+        use_format("text", settings.command_log_level)
+        assert not keeping.command_lines.isEnabledFor(logging.INFO)
+        assert keeping.command_lines.isEnabledFor(logging.WARNING)
+        use_format("text", "INFO")
+        assert keeping.command_lines.isEnabledFor(logging.INFO)
+    finally:
+        logging.getLogger(COMMANDS_LOGGER).setLevel(logging.NOTSET)
+
+
+# The README's shell blocks that no walkthrough runs, each with what runs it instead.
+RUN_ELSEWHERE = {
+    "./dev run": "tests/e2e/test_walkthrough.py starts it; .ci/run is ./dev test",
+    "docker build -f deploy/Dockerfile": "tests/containers/test_image.py builds this file",
+    "docker compose -f docker-compose.yml -f docker-compose.rabbitmq.yml":
+        "tests/containers/test_compose.py brings both files up",
+    "./dev test-newest": "not in CI: it resolves the newest releases from PyPI (minutes);"
+                         " run by hand before moving the pins",
+}
+
+
+def test_every_shell_block_of_the_readme_is_run_somewhere() -> None:
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    tested = ""
+    for marker in ("walkthrough", "accounts", "checklist"):
+        tested += readme.split(f"<!-- {marker}:start")[1].split(f"<!-- {marker}:end")[0]
+    for block in re.findall(r"```sh\n(.*?)```", readme, re.DOTALL):
+        if block in tested:
+            continue
+        assert any(block.startswith(start) for start in RUN_ELSEWHERE), (
+            f"a shell block of the README that nothing runs:\n{block}"
+        )
+    for where in RUN_ELSEWHERE.values():
+        path = where.split()[0]
+        assert path.startswith(("not", ".ci", "tests/")), where
+        assert not path.startswith("tests/") or (ROOT / path).exists(), where

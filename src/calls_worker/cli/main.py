@@ -18,8 +18,8 @@ from calls_worker.cli.events import COMMANDS as EVENTS_COMMANDS
 from calls_worker.cli.failures import Main, end_on_signals
 from calls_worker.cli.output import print_json
 from calls_worker.cli.params import (
-    POSITIVE,
     PORT,
+    POSITIVE,
     SECONDS,
     TEXT,
     Address,
@@ -30,16 +30,28 @@ from calls_worker.cli.params import (
 )
 from calls_worker.cli.sending import KINDS
 from calls_worker.cli.servers import celery_app, configured, engine_of
-from calls_worker.config import signing_of
-from calls_worker.worker.logs import LogFormat
+from calls_worker.config import LogFormat, LogLevel, signing_of
 
 log_format_option = click.option(
     "--log-format",
     type=click.Choice(get_args(LogFormat)),
-    default="text",
-    show_default=True,
-    help="text for people, json (one object a line) for machines.",
+    default=None,
+    help="text for people, json (one object a line) for machines.  [default:"
+    " CALLS_WORKER_LOG_FORMAT, else text]",
 )
+log_level_option = click.option(
+    "--loglevel",
+    "-l",
+    "log_level",
+    type=click.Choice(get_args(get_args(LogLevel)[0]), case_sensitive=False),
+    default=None,
+    help="What to log.  [default: CALLS_WORKER_LOG_LEVEL, else INFO]",
+)
+
+
+def _logging(settings: Any, log_format: str | None, log_level: str | None) -> tuple[Any, Any]:
+    """The format and level: the option's, else the setting's."""
+    return log_format or settings.log_format, (log_level or settings.log_level).upper()
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -55,22 +67,27 @@ def main() -> None:
 
 @main.command()
 @log_format_option
+@log_level_option
 @click.option("--flower", is_flag=True, help="Also run Flower on 127.0.0.1.")
 @click.option("--flower-port", type=PORT, default=5555, show_default=True)
-def run(log_format: LogFormat, flower: bool, flower_port: int) -> None:
+def run(log_format: LogFormat | None, log_level: LogLevel | None, flower: bool,
+        flower_port: int) -> None:  # fmt: skip
     """Migrate, then run a worker and beat until Ctrl-C (embedded servers if no URLs)."""
     from calls_worker.cli.supervisor import run_everything, sole_run
 
     servers = configured()
+    log_format, log_level = _logging(servers.settings, log_format, log_level)
     with sole_run(servers.settings.data_dir):
         status = run_everything(
-            servers, log_format=log_format, flower_port=flower_port if flower else None
-        )
+            servers, log_format=log_format, log_level=log_level,
+            flower_port=flower_port if flower else None,
+        )  # fmt: skip
     sys.exit(status)
 
 
 @main.command()
 @log_format_option
+@log_level_option
 @click.option("--queues", "-Q", type=Queues(("calls.commands", "calls.sweeps")),
               default="calls.commands,calls.sweeps", show_default=True)
 @click.option("--concurrency", "-c", type=POSITIVE, default=None,
@@ -79,7 +96,8 @@ def run(log_format: LogFormat, flower: bool, flower_port: int) -> None:
 @click.option("--include", "-I", type=Module(), multiple=True,
               help="Also import this module (Celery's --include).")  # fmt: skip
 def worker(
-    log_format: LogFormat,
+    log_format: LogFormat | None,
+    log_level: LogLevel | None,
     queues: str,
     concurrency: int | None,
     hostname: str | None,
@@ -87,11 +105,12 @@ def worker(
 ) -> None:
     """Run a Celery worker consuming the command and sweep queues."""
     servers = configured()
+    log_format, log_level = _logging(servers.settings, log_format, log_level)
     if servers.settings.metrics_port:
         from calls_worker.worker.metrics import prepare_multiprocess_dir
 
         prepare_multiprocess_dir()
-    argv = ["worker", "--loglevel", "INFO", "--queues", queues, "--without-mingle"]
+    argv = ["worker", "--loglevel", log_level, "--queues", queues, "--without-mingle"]
     if concurrency:
         argv += ["--concurrency", str(concurrency)]
     if hostname:
@@ -106,12 +125,14 @@ def worker(
 
 @main.command()
 @log_format_option
-def beat(log_format: LogFormat) -> None:
+@log_level_option
+def beat(log_format: LogFormat | None, log_level: LogLevel | None) -> None:
     """Run Celery beat: the sweep every CALLS_WORKER_SWEEP_INTERVAL_SECONDS. Run one only."""
     servers = configured()
+    log_format, log_level = _logging(servers.settings, log_format, log_level)
     servers.settings.data_dir.mkdir(parents=True, exist_ok=True)
     try:
-        celery_app(servers, log_format).start(["beat", "--loglevel", "INFO"])
+        celery_app(servers, log_format).start(["beat", "--loglevel", log_level])
     finally:
         servers.stop()
 

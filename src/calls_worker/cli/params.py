@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 
-class Text(click.ParamType):
+class Text(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.3 on
     """Printable text that is not blank (a name, a hostname, a role)."""
 
     name = "text"
@@ -41,7 +41,7 @@ class Seconds(click.FloatRange):
         return seconds
 
 
-class Queues(click.ParamType):
+class Queues(click.ParamType):  # type: ignore[type-arg]
     """A comma-separated list of the worker's own queues."""
 
     name = "queues"

@@ -19,9 +19,8 @@ from calls_worker.adapters.embedded import (
     start_postgres,
     start_redis,
 )
-from calls_worker.config import Settings, get_settings
+from calls_worker.config import LogFormat, Settings, get_settings
 from calls_worker.wire import is_amqp
-from calls_worker.worker.logs import LogFormat
 
 
 @dataclass

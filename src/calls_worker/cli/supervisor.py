@@ -12,9 +12,12 @@ import ctypes
 import fcntl
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -22,13 +25,16 @@ from types import FrameType
 
 import click
 
+from calls_worker.adapters.embedded import free_port
 from calls_worker.cli.servers import Servers
-from calls_worker.worker.logs import LogFormat
+from calls_worker.config import LogFormat, LogLevel
 
 SHUTDOWN_GRACE_SECONDS = 60
 # The children's metrics ports: CALLS_WORKER_METRICS_PORT, and the next two.
 METRICS_ORDER = ("worker", "sweeper", "beat")
 _PR_SET_PDEATHSIG = 1
+# How long a child may take to serve its metrics port before the run gives up on it.
+SERVE_WAIT_SECONDS = 120
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
@@ -72,7 +78,8 @@ def sole_run(data_dir: Path) -> Iterator[None]:
 
 
 def run_everything(
-    servers: Servers, *, log_format: LogFormat, flower_port: int | None = None
+    servers: Servers, *, log_format: LogFormat, log_level: LogLevel = "INFO",
+    flower_port: int | None = None,
 ) -> int:
     """Run until a signal or until a child dies; the exit status."""
     from calls_worker.adapters.db.engine import build_engine
@@ -104,9 +111,10 @@ def run_everything(
             "CALLS_WORKER_RESULT_BACKEND_URL": servers.result_backend_url(start=True),
             "CALLS_WORKER_DATA_DIR": str(servers.settings.data_dir.resolve()),
         }
-        fmt = ["--log-format", log_format]
-        port = servers.settings.metrics_port
-        ports = {name: (port + n if port else 0) for n, name in enumerate(METRICS_ORDER)}
+        fmt = ["--log-format", log_format, "--loglevel", log_level]
+        settings = servers.settings
+        ports = metrics_ports(settings.metrics_port,
+                              explicit="metrics_port" in settings.model_fields_set)  # fmt: skip
         children["worker"] = _spawn(
             ["worker", *fmt, "-Q", "calls.commands", "-n", "commands@%h"],
             {**env, "CALLS_WORKER_METRICS_PORT": str(ports["worker"])},
@@ -128,6 +136,13 @@ def run_everything(
             click.echo(line)
         click.echo(f"schema at revision {revision}")
         for name, child in children.items():
+            # An address is shown once it is served: a child that cannot serve its port
+            # exits saying why, and this run stops.
+            if ports[name] and not _serves(child, ports[name], stopping):
+                if stopping:
+                    return 0
+                click.echo(f"{name} exited; stopping", err=True)
+                return 1
             metrics = f", metrics on http://127.0.0.1:{ports[name]}/metrics" if ports[name] else ""
             click.echo(f"{name}: pid {child.pid}{metrics}")
         if flower_login:
@@ -152,6 +167,55 @@ def run_everything(
         _stop(children)
         servers.stop()
         click.echo("stopped")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("0.0.0.0", port))  # noqa: S104 - where the children will listen
+        except OSError:
+            return False
+    return True
+
+
+def metrics_ports(port: int, *, explicit: bool) -> dict[str, int]:
+    """The children's metrics ports: CALLS_WORKER_METRICS_PORT and the next two (none with
+    0). When those are taken (another run, on a data folder of its own) and the setting was
+    left at its default, free ports are picked and the banner shows them; when it was set,
+    this run is refused, naming it."""
+    if not port:
+        return {name: 0 for name in METRICS_ORDER}
+    wanted = {name: port + n for n, name in enumerate(METRICS_ORDER)}
+    taken = [p for p in wanted.values() if p > 65535 or not _port_free(p)]
+    if not taken:
+        return wanted
+    if explicit:
+        raise click.ClickException(
+            f"metrics port {', '.join(map(str, taken))} is in use: set CALLS_WORKER_METRICS_PORT"
+            f" to the first of three free ports (this run uses it and the next two), or to 0"
+            f" to serve no metrics"
+        )
+    click.echo(
+        f"metrics ports {port}-{port + 2} are in use (another run?): using free ones, shown"
+        " below; CALLS_WORKER_METRICS_PORT chooses them",
+        err=True,
+    )
+    return {name: free_port() for name in METRICS_ORDER}
+
+
+def _serves(child: subprocess.Popen[bytes], port: int, stopping: list[int]) -> bool:
+    """Whether ``child`` came to serve ``port`` (False once it exited, or on a signal)."""
+    deadline = time.monotonic() + SERVE_WAIT_SECONDS
+    while time.monotonic() < deadline and not stopping and child.poll() is None:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=1):
+                return True
+        except urllib.error.HTTPError:
+            return True  # it answers: 503 says only that it is not ready yet
+        except OSError:
+            time.sleep(0.1)
+    return False
 
 
 def _stop(children: dict[str, subprocess.Popen[bytes]]) -> None:

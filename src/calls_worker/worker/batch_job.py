@@ -23,6 +23,7 @@ from calls_worker.worker.keeping import (
     keep_refused,
     log_outcome,
 )
+from calls_worker.worker.logs import COMMANDS_LOGGER
 from calls_worker.worker.messages import Message, apply_messages
 from calls_worker.worker.metrics import worker_metrics
 from calls_worker.worker.outage import OUTCOME_STORE
@@ -39,6 +40,7 @@ from calls_worker.worker.settling import (
 )
 
 logger = logging.getLogger("calls_worker")
+command_lines = logging.getLogger(COMMANDS_LOGGER)
 
 Item = tuple[str, str, dict[str, Any], Any, Any]
 """A message of a batch, as the pool process gets it: task name, id, request, args, kwargs."""
@@ -134,7 +136,7 @@ def apply_batch(task: Task[Any, Any], items: list[Item]
     metrics = worker_metrics()
     metrics.batch(size=len(items), duration=duration,
                   result="stopped" if result.stopped_by is not None else "done")  # fmt: skip
-    logger.info(
+    command_lines.info(
         "batch of %d commands applied in %.1f ms: %d transaction(s)%s",
         len(items), duration * 1000, result.commits,
         f", {result.redone} part(s) applied again after a refused write" if result.redone else "",

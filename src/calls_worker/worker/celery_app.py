@@ -7,7 +7,7 @@ from typing import Any
 
 from celery import Celery, signals
 
-from calls_worker.config import Settings, signing_of
+from calls_worker.config import LogFormat, Settings, signing_of
 from calls_worker.wire import (
     PRUNE_TASK,
     RECONCILE_TASK,
@@ -21,7 +21,7 @@ from calls_worker.wire import (
 from calls_worker.worker import signer
 from calls_worker.worker.consumer import DeadLetters
 from calls_worker.worker.health import BEAT_MAX_LOOP_SECONDS
-from calls_worker.worker.logs import LogFormat, use_format
+from calls_worker.worker.logs import use_format
 from calls_worker.worker.metrics import (
     MULTIPROC_ENV,
     forget_process,
@@ -135,7 +135,7 @@ def create_app(
     app.steps["worker"].add(EventRelayStep)
 
     def set_format(**_: Any) -> None:
-        use_format(log_format)
+        use_format(log_format, settings.command_log_level)
 
     # weak=False: the handler is a closure that would otherwise be collected at once.
     signals.after_setup_logger.connect(set_format, weak=False)

@@ -18,6 +18,8 @@ Any other path serves the Prometheus metrics as before.
 
 from __future__ import annotations
 
+import logging
+import os
 import socket
 import threading
 import time
@@ -32,6 +34,8 @@ LOOP_STALE_SECONDS = 60.0
 BEAT_MAX_LOOP_SECONDS = 30
 BEAT_STALE_SECONDS = 4.0 * BEAT_MAX_LOOP_SECONDS
 HEALTH_PATH = "/healthz"
+# The exit status of a process whose metrics port is taken (sysexits' EX_CONFIG).
+EXIT_PORT_TAKEN = 78
 
 
 class Heartbeat:
@@ -109,5 +113,15 @@ def serve(port: int, registry: Any, alive: Callable[[], tuple[bool, str]]) -> No
                        [("Content-Type", "text/plain; charset=utf-8")])  # fmt: skip
         return [f"{reason}\n".encode()]
 
-    server = make_server("0.0.0.0", port, app, ThreadingWSGIServer, handler_class=_Quiet)  # noqa: S104 - a pod's port
+    try:
+        server = make_server("0.0.0.0", port, app, ThreadingWSGIServer, handler_class=_Quiet)  # noqa: S104 - a pod's port
+    except OSError as error:
+        # A process must not run claiming a port it does not serve (probes and scrapes
+        # would reach whoever holds it): it ends here, saying what to change.
+        logging.getLogger(__name__).critical(
+            "cannot serve metrics and /healthz on port %s: %s. Set CALLS_WORKER_METRICS_PORT"
+            " to a free port (0: none)", port, error.strerror,
+        )
+        logging.shutdown()
+        os._exit(EXIT_PORT_TAKEN)
     threading.Thread(target=server.serve_forever, name="metrics", daemon=True).start()

@@ -12,12 +12,14 @@ from calls_worker.adapters.db import journal
 from calls_worker.domain.commands import Command
 from calls_worker.domain.errors import DomainError, InvalidCommand
 from calls_worker.domain.outcome import Outcome
+from calls_worker.worker.logs import COMMANDS_LOGGER
 from calls_worker.worker.messages import KIND_BY_TASK, Message
 from calls_worker.worker.metrics import worker_metrics
 from calls_worker.worker.runtime import Runtime
 from calls_worker.worker.signer import as_sent
 
 logger = logging.getLogger("calls_worker")
+command_lines = logging.getLogger(COMMANDS_LOGGER)
 
 # How much of a command's body a log line shows (the rejected-commands table keeps it all).
 LOGGED_PREFIX = 512
@@ -82,7 +84,7 @@ def log_outcome(command: Command, message: Message, outcome: Outcome) -> None:
     call_uuid = outcome["call"]["uuid"] if outcome["ok"] else command.call_uuid_or_none
     code = "ok" if outcome["ok"] else outcome["error"]["code"]
     worker_metrics().command(kind, code)
-    logger.info(
+    command_lines.info(
         "command %s %s call=%s outcome=%s",
         kind,
         command_id,
