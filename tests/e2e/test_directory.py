@@ -32,6 +32,9 @@ def test_organizations_persons_and_pledge_cases_are_added_and_listed(
 
     organizations = json.loads(cli(database_url, "organizations", "list").stdout)
     assert {"uuid": str(organization), "name": "Acme", "maxCallAttempts": 2} in organizations
+    table = cli(database_url, "organizations", "list", "--table").stdout.splitlines()
+    assert table[0].split() == ["uuid", "name", "maxCallAttempts"]
+    assert f"{organization}  Acme" in "\n".join(table)
     persons = json.loads(cli(database_url, "persons", "list", "--organization",
                              str(organization)).stdout)  # fmt: skip
     assert persons == [{"uuid": str(person), "owningOrganizationUuid": str(organization)}]

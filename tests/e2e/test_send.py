@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from uuid import uuid4
 
 import pytest
 
@@ -32,8 +33,9 @@ def send(env: dict[str, str], *args: str, stdin: bytes = b"",
 @pytest.mark.parametrize(
     ("name", "content", "status", "says"),
     [
-        ("latin-1.json", '{"notes": "Müller"}'.encode("latin-1"), 2, "not UTF-8 text"),
-        ("binary.json", b"\x00\xff\xfe\x01binary", 2, "not UTF-8 text"),
+        ("latin-1.json", '{"notes": "Müller"}'.encode("latin-1"), 2,
+         "not UTF-8 text (byte 0xfc at offset 12)"),
+        ("binary.json", b"\x00\xff\xfe\x01binary", 2, "not UTF-8 text (byte 0xff at offset 1)"),
         ("empty.json", b"", 2, "command is invalid"),
         ("huge.json", b'{"notes": "' + b"x" * 1_100_000 + b'"}', 2, "over 1048576 bytes"),
         ("a-directory", None, 2, "Is a directory"),
@@ -98,3 +100,36 @@ def test_send_on_a_terminal_says_what_it_waits_for(database_url: str, redis_url:
         finally:
             os.close(terminal)
             child.kill()
+
+
+def test_a_broker_that_does_not_answer_is_said_and_nothing_is_sent(
+    database_url: str, tmp_path: Path
+) -> None:
+    (tmp_path / "c.json").write_text('{"personUuid": "x"}')
+    done = send(env_for(database_url, "redis://:secret@127.0.0.1:9/0"), "create",
+                str(tmp_path / "c.json"))  # fmt: skip
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 2, output
+    assert "does not answer" in output
+    assert "nothing was sent" in output
+    assert "secret" not in output
+    assert "Traceback" not in output
+
+
+def test_no_outcome_in_time_says_the_command_id_to_ask_later(
+    database_url: str, redis_url: str, tmp_path: Path
+) -> None:
+    from tests.e2e.conftest import redis_database
+
+    nobody_consumes = redis_database(redis_url, 13)
+    command = {"personUuid": str(uuid4()), "organizationUuid": str(uuid4())}
+    done = send(env_for(database_url, nobody_consumes), "create", "-", "--timeout", "1",
+                "--command-id", "ask-me-later", stdin=json.dumps(command).encode())  # fmt: skip
+    import redis
+
+    redis.Redis.from_url(nobody_consumes).flushdb()  # the command nobody will take
+    output = (done.stdout + done.stderr).decode(errors="replace")
+    assert done.returncode == 3, output
+    assert "sent command ask-me-later" in done.stderr.decode()
+    assert "`calls-worker outcome ask-me-later`" in output
+    assert "Traceback" not in output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from uuid import UUID, uuid4
 
 from tests.db_world import Db
@@ -47,10 +48,12 @@ def test_calls_list_and_show_as_a_service_account(db: Db, database_url: str) -> 
     assert {c["uuid"] for c in listed} == {str(c) for c in reached}
     assert all("attempts" in c for c in listed)
 
-    table = cli(database_url, "calls", "list", "--as", str(account), "--limit", "1")
+    table = cli(database_url, "calls", "list", "--as", str(account), "--limit", "1", "--table")
     assert table.returncode == 0, table.stderr
     header, row = table.stdout.splitlines()
     assert header.split()[:3] == ["createdAt", "uuid", "status"]
+    starts = [[m.start() for m in re.finditer(r"\S+", line)] for line in (header, row)]
+    assert starts[0] == starts[1], (header, row)  # each value under its heading
     assert row.split()[1] in {str(c) for c in reached}
     cursor = table.stderr.split("--cursor ")[1].strip()
     second = cli(database_url, "calls", "list", "--as", str(account), "--limit", "1",

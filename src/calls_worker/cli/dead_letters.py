@@ -26,7 +26,7 @@ from uuid import UUID
 import click
 
 from calls_worker.cli import sending
-from calls_worker.cli.output import camel_keys, print_json
+from calls_worker.cli.output import Group, camel_keys, output_options, print_json, show_rows
 from calls_worker.cli.params import POSITIVE, SECONDS, TEXT
 from calls_worker.cli.replay import command_of, replay_id
 from calls_worker.cli.servers import configured, engine_of
@@ -62,7 +62,7 @@ def _chosen(engine: Any, everything: bool, since: datetime | None, reason: str |
                          reason=reason)  # fmt: skip
 
 
-@click.group(name="dead-letters")
+@click.group(cls=Group, name="dead-letters")
 def dead_letters() -> None:
     """Commands the worker could not handle, kept with the reason: list, replay, dismiss."""
 
@@ -76,18 +76,22 @@ def dead_letters() -> None:
 @click.option("--reason", type=TEXT, metavar="TEXT",
               help="Only those whose reason contains TEXT (any case).")  # fmt: skip
 @click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@output_options
 def dead_letters_list(include_settled: bool, since: datetime | None, reason: str | None,
-                      limit: int) -> None:  # fmt: skip
-    """Print the rejected commands waiting for an operator, oldest first, as JSON."""
+                      limit: int, as_json: bool, as_table: bool) -> None:  # fmt: skip
+    """Print the rejected commands waiting for an operator, oldest first (as JSON, with
+    their raw body and details)."""
 
     servers = configured()
     engine = engine_of(servers)
     try:
         chosen = _chosen(engine, False, since, reason, include_settled, limit)
-        print_json([camel_keys(asdict(r)) for r in chosen])
     finally:
         engine.dispose()
         servers.stop()
+    show_rows([camel_keys(asdict(r)) for r in chosen],
+              ["id", "receivedAt", "taskName", "commandId", "reason", "replayedAt",
+               "dismissedAt"], as_json, as_table)  # fmt: skip
 
 
 def usable_own_id(command_id: str | None) -> bool:
@@ -172,6 +176,7 @@ def dead_letters_replay(rejected_id: int | None, file: Any, everything: bool,
     if many and file is not None:
         raise click.UsageError("FILE corrects one command: give it with REJECTED_ID only")
     servers = configured()
+    sending.check_broker(servers)
     engine = engine_of(servers)
     try:
         if rejected_id is not None:

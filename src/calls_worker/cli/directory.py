@@ -16,7 +16,7 @@ from uuid import UUID
 
 import click
 
-from calls_worker.cli.output import print_json
+from calls_worker.cli.output import Group, output_options, print_json, show_rows, table, wants_json
 from calls_worker.cli.params import POSITIVE, TEXT, Certificate
 from calls_worker.cli.servers import Servers
 from calls_worker.config import get_settings
@@ -58,7 +58,7 @@ def _add(write: Callable[[Any], UUID], missing: str) -> None:
             sys.exit(2)
 
 
-@click.group()
+@click.group(cls=Group)
 def organizations() -> None:
     """Organizations: a person's owning organization sets how many attempts its calls get."""
 
@@ -79,15 +79,17 @@ def organizations_add(name: str, max_attempts: int | None) -> None:
 
 
 @organizations.command(name="list")
-def organizations_list() -> None:
-    """Every organization, as JSON."""
+@output_options
+def organizations_list(as_json: bool, as_table: bool) -> None:
+    """Every organization."""
     from calls_worker.adapters.db.directory import list_organizations
 
     with database_engine() as engine:
-        print_json(list_organizations(engine))
+        rows = list_organizations(engine)
+    show_rows(rows, ["uuid", "name", "maxCallAttempts"], as_json, as_table)
 
 
-@click.group()
+@click.group(cls=Group)
 def persons() -> None:
     """Persons, each owned by an organization (whose maximum applies to their calls)."""
 
@@ -104,15 +106,17 @@ def persons_add(organization: UUID) -> None:
 
 @persons.command(name="list")
 @click.option("--organization", type=click.UUID, default=None)
-def persons_list(organization: UUID | None) -> None:
-    """Persons (of one owning organization), as JSON."""
+@output_options
+def persons_list(organization: UUID | None, as_json: bool, as_table: bool) -> None:
+    """Persons (of one owning organization)."""
     from calls_worker.adapters.db.directory import list_persons
 
     with database_engine() as engine:
-        print_json(list_persons(engine, organization))
+        rows = list_persons(engine, organization)
+    show_rows(rows, ["uuid", "owningOrganizationUuid"], as_json, as_table)
 
 
-@click.group(name="pledge-cases")
+@click.group(cls=Group, name="pledge-cases")
 def pledge_cases() -> None:
     """Pledge cases, each of a person; a call may name one of its person's."""
 
@@ -128,15 +132,17 @@ def pledge_cases_add(person: UUID) -> None:
 
 @pledge_cases.command(name="list")
 @click.option("--person", type=click.UUID, default=None)
-def pledge_cases_list(person: UUID | None) -> None:
-    """Pledge cases (of one person), as JSON."""
+@output_options
+def pledge_cases_list(person: UUID | None, as_json: bool, as_table: bool) -> None:
+    """Pledge cases (of one person)."""
     from calls_worker.adapters.db.directory import list_pledge_cases
 
     with database_engine() as engine:
-        print_json(list_pledge_cases(engine, person))
+        rows = list_pledge_cases(engine, person)
+    show_rows(rows, ["uuid", "personUuid"], as_json, as_table)
 
 
-@click.group()
+@click.group(cls=Group)
 def calls() -> None:
     """Calls, as stored."""
 
@@ -182,8 +188,8 @@ def calls_show(call: UUID, account: UUID | None) -> None:
     print_json(shown)
 
 
-_TABLE = (("createdAt", 25), ("uuid", 36), ("status", 9), ("type", 12), ("attemptCount", 8),
-          ("organizationUuid", 36), ("personUuid", 36))  # fmt: skip
+_COLUMNS = ["createdAt", "uuid", "status", "type", "attemptCount", "organizationUuid",
+            "personUuid"]  # fmt: skip
 
 
 @calls.command(name="list")
@@ -194,11 +200,13 @@ _TABLE = (("createdAt", 25), ("uuid", 36), ("status", 9), ("type", 12), ("attemp
 @click.option("--limit", type=click.IntRange(1, MAX_PAGE), default=DEFAULT_PAGE, show_default=True)
 @click.option("--cursor", type=TEXT, default=None, help="Where the previous page said to go on.")
 @AS_OPTION
-@click.option("--json", "as_json", is_flag=True, help="One JSON object a line, for machines.")
+@output_options
 def calls_list(organization: UUID | None, person: UUID | None, status: str | None,
                call_type: str | None, limit: int, cursor: str | None, account: UUID | None,
-               as_json: bool) -> None:  # fmt: skip
-    """A page of calls, newest first; the command for the next page goes to standard error."""
+               as_json: bool, as_table: bool) -> None:  # fmt: skip
+    """A page of calls, newest first; the command for the next page goes to standard error.
+
+    As JSON: one call a line."""
     import json
 
     from calls_worker.adapters.db.listing import SqlCallReader
@@ -219,18 +227,16 @@ def calls_list(organization: UUID | None, person: UUID | None, status: str | Non
     if not page["ok"]:  # a cursor not made for this query is a bad argument (exit 2)
         click.echo(f"Error: {page['error']['message']}", err=True)
         sys.exit(2 if page["error"]["code"] == "invalid" else 1)
-    if as_json:
+    if wants_json(as_json, as_table):
         for call in page["calls"]:
             click.echo(json.dumps(call, separators=(",", ":")))
     else:
-        click.echo("  ".join(name.ljust(width) for name, width in _TABLE).rstrip())
-        for call in page["calls"]:
-            click.echo("  ".join(str(call[name]).ljust(width) for name, width in _TABLE).rstrip())
+        click.echo(table(page["calls"], _COLUMNS))
     if page["nextCursor"]:
         click.echo(f"next page: --cursor {page['nextCursor']}", err=True)
 
 
-@click.group(name="service-accounts")
+@click.group(cls=Group, name="service-accounts")
 def service_accounts() -> None:
     """Service accounts: each acts for one organization, with scopes (docs/domain.md)."""
 
@@ -254,12 +260,15 @@ def service_accounts_add(name: str, organization: UUID, scopes: tuple[str, ...],
 
 
 @service_accounts.command(name="list")
-def service_accounts_list() -> None:
-    """Every service account, as JSON."""
+@output_options
+def service_accounts_list(as_json: bool, as_table: bool) -> None:
+    """Every service account."""
     from calls_worker.adapters.db.directory import list_service_accounts
 
     with database_engine() as engine:
-        print_json(list_service_accounts(engine))
+        rows = list_service_accounts(engine)
+    show_rows(rows, ["uuid", "name", "organizationUuid", "scopes", "disabledAt"],
+              as_json, as_table)  # fmt: skip
 
 
 @service_accounts.command(name="disable")

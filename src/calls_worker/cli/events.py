@@ -15,6 +15,7 @@ import click
 
 from calls_worker.adapters.db.events import KeptEvent, tail
 from calls_worker.cli.directory import database_engine
+from calls_worker.cli.output import Group
 from calls_worker.cli.params import COUNT, SECONDS
 
 # How far back --follow looks again for events that took a lower number but committed
@@ -40,7 +41,7 @@ def _show(kept: KeptEvent, as_json: bool) -> None:
     click.echo(json.dumps(kept.event, ensure_ascii=False) if as_json else line(kept))
 
 
-@click.group(name="events")
+@click.group(cls=Group, name="events")
 def events() -> None:
     """Call events: every change of a call, as subscribers receive it."""
 

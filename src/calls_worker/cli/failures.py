@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from calls_worker.cli.output import Group
+
 # PostgreSQL's SQLSTATEs for a table, column, function or type this release expects and the
 # database lacks: the schema is behind (or absent).
 _SCHEMA_BEHIND = {"42P01", "42703", "42883", "42704"}
@@ -42,7 +44,7 @@ def explain(error: BaseException) -> click.ClickException | None:
     return None
 
 
-class Main(click.Group):
+class Main(Group):
     """The top-level group: known failures become messages (exit 1)."""
 
     def invoke(self, ctx: click.Context) -> Any:

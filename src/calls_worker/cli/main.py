@@ -326,20 +326,31 @@ def send(
     """Queue one command (its JSON from FILE, a path from where you are, or - for stdin)
     and print its outcome.
 
+    The command id goes to standard error as soon as it is sent.
+
     Exit status: 0 ok, 1 an error outcome, 2 refused before sending (the reason on
-    standard error, or the invalid outcome on standard output).
+    standard error, or the invalid outcome on standard output), 3 sent but no outcome
+    within --timeout (`calls-worker outcome ID` tells it later).
     """
     text = sending.read_command(file)
     servers = configured()
     signing = signing_of(servers.settings)
     if account is not None and signing is not None:
         sending.check_signs_as(servers, account, signing.certificate)
+    sending.check_broker(servers)
     with sending.client(servers, account) as client:
         if no_validate:
             handle = client.send_unchecked(KINDS[kind], text, command_id=command_id)
         else:
             handle = sending.queue(client, KINDS[kind], text, command_id)
-        outcome = handle.outcome(timeout)
+        click.echo(f"sent command {handle.command_id}", err=True)
+        try:
+            outcome = handle.outcome(timeout)
+        except TimeoutError:
+            click.echo(f"Error: no outcome for command {handle.command_id} within {timeout:g} s."
+                       f" It was sent: `calls-worker outcome {handle.command_id}` tells it"
+                       " once a worker has applied it", err=True)  # fmt: skip
+            sys.exit(3)
     print_json(outcome)
     sys.exit(0 if outcome["ok"] else 1)
 

@@ -68,9 +68,26 @@ def read_command(file: Any) -> str:
     try:
         return str(raw.decode("utf-8-sig"))  # a byte order mark is not part of the JSON
     except UnicodeDecodeError as error:
+        offset = error.start + (3 if raw.startswith(b"\xef\xbb\xbf") else 0)
         raise Refused(
-            f"the command is not UTF-8 text (byte {error.start}): give its JSON in UTF-8"
+            f"the command is not UTF-8 text (byte 0x{raw[offset]:02x} at offset {offset}):"
+            " give its JSON in UTF-8"
         ) from None
+
+
+def check_broker(servers: Servers) -> None:
+    """Exit 2, nothing sent, when the broker does not answer (a client would otherwise
+    retry for long, then fail with a traceback)."""
+    from kombu import Connection
+
+    url = servers.broker_url(start=False)
+    try:
+        with Connection(url, connect_timeout=5) as connection:
+            connection.ensure_connection(max_retries=1, timeout=5)
+    except Exception as error:  # whatever the transport raises: it does not answer
+        shown = Connection(url).as_uri()  # without the password
+        raise Refused(f"the broker {shown} does not answer ({error}): nothing was sent; check"
+                      " CALLS_WORKER_BROKER_URL") from None  # fmt: skip
 
 
 def check_signs_as(servers: Servers, account: UUID, certificate: Path) -> None:

@@ -23,6 +23,12 @@ from calls_worker.config import LogFormat, Settings, get_settings
 from calls_worker.wire import is_amqp
 
 
+class NoBroker(click.ClickException):
+    """No broker is configured and none runs: nothing can be sent (exit status 2)."""
+
+    exit_code = 2
+
+
 @dataclass
 class Servers:
     """Resolved URLs, and the embedded servers this process started or attached to."""
@@ -47,7 +53,7 @@ class Servers:
             self.redis = running_redis(self.settings.data_dir / "redis")
             if self.redis is None:
                 if not start:
-                    raise click.ClickException(
+                    raise NoBroker(
                         "no broker: set CALLS_WORKER_BROKER_URL, or start the worker with "
                         "`calls-worker run` (it starts an embedded Redis) in another terminal"
                     )

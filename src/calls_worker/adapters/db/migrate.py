@@ -70,7 +70,7 @@ class Plan:
             " the triggers, the worker's indexes and tables, and backfill both, online"
             f" (revision {head})",
             "upgrade": f"upgrade the worker's objects from revision {self.revision} to {head}",
-            "current": f"nothing: at revision {head} already",
+            "current": f"do nothing: the schema is at revision {head} already",
             "refuse": "refuse: the Calls tables do not meet what the worker needs:\n"
             + "\n".join(f"  - {p}" for p in self.problems),
         }[self.action]
