@@ -37,5 +37,6 @@ def producer(broker_url: str, result_backend_url: str) -> Celery:
 
 # app = producer("amqp://user:password@rabbitmq:5672//", "redis://redis:6379/0")
 # result = app.send_task("calls.create", queue="calls.commands", task_id="my-command-id",
-#                        kwargs={"command": {"personUuid": "...", "organizationUuid": "..."}})
+#                        kwargs={"command": {"personUuid": "...", "organizationUuid": "..."}},
+#                        headers={"sentAt": datetime.now(UTC).isoformat()})  # for the figures
 # result.get(timeout=10)   # {"ok": true, "call": {...}}

@@ -44,6 +44,7 @@ from calls_worker.wire import (
     celery_config,
     close_app,
     enable_signing,
+    sent_at_header,
 )
 
 
@@ -232,7 +233,7 @@ class CallsClient:
             kwargs["signedFor"] = {"id": command_id, "task": TASK_NAMES[kind]}
         result = self._app.send_task(
             TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE,
-            ignore_result=ignore_result,
+            ignore_result=ignore_result, headers=sent_at_header(datetime.now(UTC)),
         )  # fmt: skip
         return CommandHandle(command_id, stamped, result, self, ignore_result, kind)
 
@@ -390,8 +391,9 @@ class CallsClient:
         if self._signed:
             kwargs["signedFor"] = {"id": command_id, "task": TASK_NAMES[kind]}
         result = self._app.send_task(
-            TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE
-        )
+            TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE,
+            headers=sent_at_header(datetime.now(UTC)),
+        )  # fmt: skip
         return CommandHandle(command_id, {}, result, self, kind=kind, raw=command)
 
     def close(self) -> None:

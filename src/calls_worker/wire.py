@@ -6,7 +6,7 @@ See docs/wire-format.md.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Final
 
@@ -50,6 +50,31 @@ OUTCOME_TASK: Final = "calls.outcome"
 RECONCILE_TASK: Final = "calls.reconcile"
 # A query, not a command: a page of calls, newest first (docs/wire-format.md).
 LIST_TASK: Final = "calls.list"
+
+# A command message's header (docs/wire-format.md, "Headers"): when the producer sent it,
+# ISO 8601 with its offset (e.g. 2026-03-01T09:00:00.123+00:00). The worker times a command
+# from it to its outcome (calls_worker_command_latency_seconds), and beat the age of the
+# oldest queued command; a message without it, or with one it cannot read, is counted and
+# handled as any other, untimed. It never changes what the command does.
+SENT_AT_HEADER: Final = "sentAt"
+
+
+def sent_at_header(now: datetime) -> dict[str, str]:
+    """The header for a message sent at ``now`` (an aware datetime)."""
+    return {SENT_AT_HEADER: now.isoformat(timespec="milliseconds")}
+
+
+def sent_at(headers: Any) -> float | None:
+    """The Unix time a message's ``sentAt`` header says; None without a readable one."""
+    value = headers.get(SENT_AT_HEADER) if isinstance(headers, dict) else None
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        when = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return None if when.tzinfo is None else when.timestamp()
+
 
 # Call events (docs/wire-format.md, "Call events"): the relay publishes each as a Celery
 # task message (task EVENTS_TASK, or CALLS_WORKER_EVENTS_TASK; JSON; keyword arguments

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import uuid4
 
@@ -11,7 +11,7 @@ from celery import Celery
 from sqlalchemy import Engine
 
 from calls_worker.client import CallsClient
-from calls_worker.wire import RECONCILE_TASK, SWEEP_TASK, SWEEPS_QUEUE
+from calls_worker.wire import RECONCILE_TASK, SWEEP_TASK, SWEEPS_QUEUE, sent_at_header
 from calls_worker.worker.metrics import serve_database_metrics
 from tests.db_world import ISSUED, Db
 from tests.e2e.conftest import (
@@ -63,6 +63,19 @@ def test_worker_metrics_count_what_happened(
         command_count(after, "cancel", "not_found") - command_count(before, "cancel", "not_found")
         == 1
     )
+    # Each command is timed from its producer's sentAt header to its answer; the one sent
+    # by a plain Celery app, without the header, is counted untimed.
+    def timed(samples: dict, kind: str) -> float:  # type: ignore[type-arg]
+        return float(samples.get(("calls_worker_command_latency_seconds_count",
+                                  (("kind", kind),)), 0.0))  # fmt: skip
+
+    assert timed(after, "create") - timed(before, "create") == 3
+    assert timed(after, "add_attempt") - timed(before, "add_attempt") == 2
+    assert timed(after, "cancel") - timed(before, "cancel") == 1
+    untimed = ("calls_worker_commands_untimed_total", ())
+    assert after[untimed] - before.get(untimed, 0) == 1
+    slowest = ("calls_worker_command_latency_seconds_bucket", (("kind", "create"), ("le", "30.0")))
+    assert after[slowest] - before.get(slowest, 0) == 3  # each answered within 30 s
     expired = ("calls_worker_sweep_expired_calls_total", ())
     assert after[expired] - before.get(expired, 0) == 2
     sweeps = ("calls_worker_sweep_duration_seconds_count", ())
@@ -105,6 +118,34 @@ def test_database_metrics_match_the_database(db: Db, engine: Engine, redis_url: 
     assert 90 <= scrape(port)[("calls_worker_sweep_lag_seconds", ())] < 100
     assert ("calls_worker_queue_messages", (("queue", "calls.commands"),)) in samples
     assert ("calls_worker_last_sweep_timestamp_seconds", ()) not in samples  # none ran yet
+
+
+def test_the_oldest_queued_command_is_aged_from_its_sent_at(engine: Engine, redis_url: str) -> None:
+    import redis
+
+    broker = redis_database(redis_url, 3)  # no worker takes from it
+    queue = redis.Redis.from_url(broker)
+    queue.flushdb()
+    port = free_ports(1)
+    serve_database_metrics(port, engine, broker)
+    oldest = ("calls_worker_commands_oldest_age_seconds", ())
+    assert scrape(port)[oldest] == 0  # nothing queued
+    with Celery("old-producer", set_as_current=False, broker=broker) as producer:
+        sent = datetime.now(UTC) - timedelta(seconds=120)
+        producer.send_task("calls.cancel", kwargs={"command": {}}, queue="calls.commands",
+                           headers=sent_at_header(sent))  # fmt: skip
+        producer.send_task("calls.cancel", kwargs={"command": {}}, queue="calls.commands",
+                           headers=sent_at_header(datetime.now(UTC)))  # fmt: skip
+    try:
+        assert 120 <= scrape(port)[oldest] < 150  # the head: the first sent, not the last
+        queue.rpop("calls.commands")  # a worker took it; the head is a message just sent
+        assert scrape(port)[oldest] < 30
+        queue.rpop("calls.commands")
+        queue.lpush("calls.commands", b'{"headers": {}, "body": ""}')  # a producer without it
+        assert oldest not in scrape(port)  # unknown, rather than a made-up age
+    finally:
+        queue.flushdb()
+        queue.close()
 
 
 @pytest.mark.slow

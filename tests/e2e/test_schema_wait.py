@@ -23,7 +23,7 @@ from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.migrate import head_revision, schema_behind, upgrade
 from calls_worker.client import CallsClient
 from tests.db_world import Db
-from tests.e2e.conftest import own_worker, redis_database, wait_until
+from tests.e2e.conftest import own_worker, redis_database, scrape, wait_until
 
 pytestmark = pytest.mark.slow
 
@@ -71,9 +71,16 @@ def test_a_worker_waits_for_migrate_before_taking_commands(
                 time.sleep(WAIT)
                 assert queued(w.broker) == 1, worker.output()[-3000:]
                 assert "takes no commands off calls.commands until migrate" in worker.output()
+                port = int(worker.env["CALLS_WORKER_METRICS_PORT"])
+                paused = {reason: ("calls_worker_commands_paused", (("reason", reason),))
+                          for reason in ("schema", "database")}  # fmt: skip
+                shown = scrape(port)  # a paused worker does not look idle: it says why
+                assert shown[("calls_worker_commands_consumed", ())] == 0
+                assert (shown[paused["schema"]], shown[paused["database"]]) == (1, 0)
                 upgrade(w.engine)
                 outcome: Any = sent.outcome(60)
             assert outcome["ok"] is True, outcome
+            assert scrape(port)[paused["schema"]] == 0
             assert w.db.sql("SELECT count(*) FROM worker_rejected_commands").scalar() == 0
         finally:
             worker.stop()

@@ -121,7 +121,7 @@ def test_no_outcome_in_time_says_the_command_id_to_ask_later(
 ) -> None:
     from tests.e2e.conftest import redis_database
 
-    nobody_consumes = redis_database(redis_url, 13)
+    nobody_consumes = redis_database(redis_url, 8)
     command = {"personUuid": str(uuid4()), "organizationUuid": str(uuid4())}
     done = send(env_for(database_url, nobody_consumes), "create", "-", "--timeout", "1",
                 "--command-id", "ask-me-later", stdin=json.dumps(command).encode())  # fmt: skip

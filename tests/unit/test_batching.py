@@ -45,6 +45,7 @@ class FakeRequest:
         self.id = f"command-{n}"
         self.delivery_info = {"redelivered": redelivered}
         self.type = "calls.create"
+        self.request_dict = {"id": self.id, "sentAt": f"2026-03-01T09:00:0{n}+00:00"}
         self.settled: list[str] = []
         self.events: list[str] = []
         self.stored = stored
@@ -77,11 +78,18 @@ class FakeRequest:
 def _no_worker_state(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(batching, "task_ready", lambda request: None)
     monkeypatch.setattr(batching, "worker_metrics", lambda: _Metrics())
+    ANSWERED.clear()
+
+
+ANSWERED: list[tuple[str, float | None]] = []
 
 
 class _Metrics:
     def batch_failed(self, reason: str) -> None:
         pass
+
+    def answered(self, task_name: str, sent: float | None, now: float) -> None:
+        ANSWERED.append((task_name, sent))
 
     def rejection(self, stage: str) -> None:
         pass
@@ -154,6 +162,9 @@ def test_each_message_is_settled_as_its_pool_process_says() -> None:
                                              ["accepted", "requeue"]]  # fmt: skip
     assert requests[1].events == ["task-retried"]
     assert requests[2].events == ["task-failed"]
+    # Timed from their sentAt: the one applied and the one given up (its failure is its
+    # outcome); not the one retried, nor those requeued (they come back to be answered).
+    assert ANSWERED == [("calls.create", 1772355600.0), ("calls.create", 1772355602.0)]
 
 
 def test_a_lost_pool_process_requeues_what_was_not_stored() -> None:

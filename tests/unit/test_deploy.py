@@ -191,6 +191,8 @@ def test_alert_rules_pass_promtool_and_their_tests() -> None:
         "CallsWorkerNoCommandWorker",
         "CallsWorkerCommandsPaused",
         "CallsWorkerCommandsQueueDeep",
+        "CallsWorkerCommandsOldest",
+        "CallsWorkerCommandLatencyHigh",
         "CallsWorkerSweepNotRunning",
         "CallsWorkerSweepLagHigh",
         "CallsWorkerRejectedCommandsRising",

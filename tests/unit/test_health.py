@@ -114,3 +114,19 @@ def test_run_picks_free_metrics_ports_when_the_default_ones_are_taken() -> None:
         with pytest.raises(click.ClickException, match="set CALLS_WORKER_METRICS_PORT"):
             metrics_ports(taken, explicit=True)  # chosen by the user: refused, naming it
     assert metrics_ports(0, explicit=True) == dict.fromkeys(METRICS_ORDER, 0)
+
+
+def test_the_sent_at_header_is_read_only_when_it_says_a_moment() -> None:
+    from datetime import UTC, datetime, timedelta, timezone
+
+    from calls_worker.wire import sent_at, sent_at_header
+
+    moment = datetime(2026, 3, 1, 9, 0, 0, 123000, tzinfo=timezone(timedelta(hours=2)))
+    header = sent_at_header(moment)
+    assert header == {"sentAt": "2026-03-01T09:00:00.123+02:00"}
+    assert sent_at(header) == moment.timestamp()
+    utc = datetime(2026, 3, 1, 7, tzinfo=UTC)
+    assert sent_at({"sentAt": "2026-03-01T07:00:00Z"}) == utc.timestamp()
+    for unreadable in ({}, {"sentAt": "2026-03-01T09:00:00"}, {"sentAt": "yesterday"},
+                       {"sentAt": 1772355600}, {"sentAt": "2" * 100}, None, "sentAt"):  # fmt: skip
+        assert sent_at(unreadable) is None, unreadable

@@ -3,6 +3,7 @@ the tests; the worker's RabbitMQ queues deleted (a test's or a benchmark's lefto
 
 from __future__ import annotations
 
+import json
 from contextlib import suppress
 from typing import Any
 
@@ -45,6 +46,31 @@ def queue_lengths(broker_url: str) -> dict[str, int]:
         return {queue: int(connection.llen(queue)) for queue in (COMMANDS_QUEUE, SWEEPS_QUEUE)}
     finally:
         connection.close()
+
+
+def oldest_command_sent_at(broker_url: str) -> float | None:
+    """When the producer sent the command at the head of ``calls.commands`` (the next one a
+    worker takes), from its sentAt header, as a Unix time; None when the queue is empty or
+    its head has no readable header. Redis only: kombu's Redis transport pushes on the
+    left and takes from the right, so the head is read without taking it. RabbitMQ cannot
+    show a message without delivering it (and a quorum queue counts each delivery towards
+    its delivery limit), so this raises NotImplementedError there."""
+    if is_amqp(broker_url):
+        raise NotImplementedError("RabbitMQ cannot show a queue's head without delivering it")
+    import redis
+
+    from calls_worker.wire import sent_at
+
+    connection = redis.Redis.from_url(broker_url, socket_timeout=5)
+    try:
+        head = connection.lindex(COMMANDS_QUEUE, -1)
+    finally:
+        connection.close()
+    if head is None:
+        return None
+    with suppress(ValueError, TypeError):
+        return sent_at(json.loads(head).get("headers"))
+    return None
 
 
 def waiting(broker_url: str, queue: str) -> int:

@@ -57,6 +57,7 @@ from billiard.exceptions import WorkerLostError
 from celery import Task
 from celery.worker.state import task_ready
 
+from calls_worker.wire import sent_at
 from calls_worker.worker.batch_job import (
     DONE,
     REQUEUE,
@@ -125,6 +126,7 @@ class BatchRequest:
         # (consumer._tolerate_lost_channel): settling it raises nothing here.
         if what == DONE:
             request.on_success((False, detail, runtime))
+            answered(request)
             return
         if what == REQUEUE_LATER:
             self._requeue_later([request])
@@ -134,6 +136,8 @@ class BatchRequest:
             request.reject(requeue=True)
             return
         request.acknowledge()
+        if what != RETRIED:  # given up: its failure is its outcome
+            answered(request)
         event = "task-retried" if what == RETRIED else "task-failed"
         request.send_event(event, exception=detail, traceback="")
 
@@ -181,8 +185,16 @@ class BatchRequest:
             return False
         task_ready(request)
         request.acknowledge()
+        answered(request)
         request.send_event("task-failed", exception=reason, traceback="")
         return True
+
+
+def answered(request: Any) -> None:
+    """Time the command from its producer's sentAt to now, its outcome stored and its
+    message acknowledged (counted untimed without the header)."""
+    headers = getattr(request, "request_dict", None)
+    worker_metrics().answered(str(getattr(request, "type", "?")), sent_at(headers), time.time())
 
 
 class CommandBatcher:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cache
@@ -20,6 +21,10 @@ from typing import Any
 from calls_worker.domain.commands import CommandKind
 
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+PAUSE_REASONS = ("database", "results", "schema")
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600,
+                   1800, 3600)  # fmt: skip
+LATENCY_KINDS = frozenset(("create", "add_attempt", "complete", "cancel", "expire"))
 
 
 def prepare_multiprocess_dir() -> str:
@@ -50,10 +55,26 @@ class WorkerMetrics:
     batches_failed: Any
     outcomes_unstored: Any
     consuming: Any
+    paused: Any
+    latency: Any
+    untimed: Any
 
-    def consuming_commands(self, consuming: bool) -> None:
-        """Set in the worker's main process (outage.py: paused or taking commands)."""
+    def consuming_commands(self, consuming: bool, why: tuple[str, ...] = ()) -> None:
+        """Set in the worker's main process (outage.py: paused or taking commands); ``why``:
+        what it waits for (database, results, schema)."""
         self.consuming.set(1 if consuming else 0)
+        for reason in PAUSE_REASONS:
+            self.paused.labels(reason=reason).set(0 if consuming else int(reason in why))
+
+    def answered(self, task_name: str, sent: float | None, now: float) -> None:
+        """A command answered: from its producer's sentAt to now (clocks apart by a
+        little may make that negative: counted as 0)."""
+        if sent is None:
+            self.untimed.inc()
+            return
+        kind = task_name.removeprefix("calls.")
+        self.latency.labels(kind=kind if kind in LATENCY_KINDS else "other").observe(
+            max(0.0, now - sent))  # fmt: skip
 
     def batch(self, *, size: int, duration: float, result: str) -> None:
         self.batch_sizes.labels(result=result).observe(size)
@@ -88,6 +109,25 @@ def worker_metrics() -> WorkerMetrics:
     from prometheus_client import Counter, Gauge, Histogram
 
     return WorkerMetrics(
+        paused=Gauge(
+            "calls_worker_commands_paused",
+            "1 while this worker takes no commands because of reason: the database or the"
+            " result backend ('results') away, or a schema older than its release's"
+            " ('schema': run migrate).",
+            ["reason"],
+            multiprocess_mode="livemax",
+        ),
+        latency=Histogram(
+            "calls_worker_command_latency_seconds",
+            "From the time the producer sent a command (its sentAt header) to its outcome"
+            " stored and its message acknowledged: queueing, retries and applying, by kind.",
+            ["kind"],
+            buckets=LATENCY_BUCKETS,
+        ),
+        untimed=Counter(
+            "calls_worker_commands_untimed_total",
+            "Commands answered whose message had no readable sentAt header (not timed).",
+        ),
         consuming=Gauge(
             "calls_worker_commands_consumed",
             "1 while this worker takes commands off calls.commands; 0 while it is paused"
@@ -223,7 +263,13 @@ class DatabaseCollector:
 
         from calls_worker.adapters.db.events import backlog
         from calls_worker.adapters.db.journal import operational_figures
-        from calls_worker.adapters.queue import event_queue_lengths, memory, queue_lengths
+        from calls_worker.adapters.queue import (
+            event_queue_lengths,
+            memory,
+            oldest_command_sent_at,
+            queue_lengths,
+        )
+        from calls_worker.wire import COMMANDS_QUEUE, is_amqp
 
         figures = operational_figures(self._engine)
         yield GaugeMetricFamily(
@@ -265,9 +311,20 @@ class DatabaseCollector:
         queues = GaugeMetricFamily(
             "calls_worker_queue_messages", "Messages waiting in a queue.", labels=["queue"]
         )
-        for queue, length in queue_lengths(self._broker_url).items():
+        lengths = queue_lengths(self._broker_url)
+        for queue, length in lengths.items():
             queues.add_metric([queue], length)
         yield queues
+        if not is_amqp(self._broker_url):
+            head = oldest_command_sent_at(self._broker_url)
+            if head is not None or not lengths.get(COMMANDS_QUEUE):
+                yield GaugeMetricFamily(
+                    "calls_worker_commands_oldest_age_seconds",
+                    "How long the command at the head of calls.commands has waited since its"
+                    " producer sent it (its sentAt header; 0: the queue is empty). Redis only;"
+                    " absent when the head has no sentAt header.",
+                    0.0 if head is None else max(0.0, time.time() - head),
+                )
         subscribers = GaugeMetricFamily(
             "calls_worker_event_queue_messages",
             "Call events waiting in a subscriber's queue bound to calls.events (Redis: every"

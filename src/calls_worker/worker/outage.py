@@ -107,7 +107,7 @@ class CommandsPause:
 
     def hold(self, reason: str) -> None:
         """At start, with the commands queue not consumed: until the probe passes."""
-        self._paused(DATABASE)
+        self._paused(DATABASE, ("schema",))
         logger.warning("%s: this worker takes no commands off %s until migrate has run and"
                        " the database answers (they wait there)", reason, self.queue)  # fmt: skip
 
@@ -125,9 +125,12 @@ class CommandsPause:
         logger.warning("%s does not answer: this worker takes no more commands off"
                        " %s until it does (they wait there)", away, self.queue)  # fmt: skip
 
-    def _paused(self, away: str) -> None:
+    def _paused(self, away: str, why: tuple[str, ...] | None = None) -> None:
         """Paused from now until the probe, started here, finds ``away`` answering."""
-        worker_metrics().consuming_commands(False)
+        if why is None:
+            named = (("database", DATABASE), ("results", OUTCOME_STORE))
+            why = tuple(reason for reason, what in named if what in away)
+        worker_metrics().consuming_commands(False, why)
         self.paused_since = time.monotonic()
         self._away = away
         self._answered.clear()
