@@ -12,11 +12,16 @@ add-attempt for each call created, to the worker with group commit and to one wi
 A fifth worker, with ``CALLS_WORKER_EVENTS=off``, takes the same creates and add-attempts:
 the cost of call events (the others write one per command, and their relays publish it
 to a subscriber queue bound for every kind, as in production with one subscriber).
+A sixth traces every command (OpenTelemetry, ``OTEL_EXPORTER_OTLP_ENDPOINT`` set, the
+SDK's default batch processor) to an OTLP/HTTP receiver this benchmark starts on
+127.0.0.1 (tests/otlp.py: it decodes and keeps every span, as a collector would), each
+message carrying a producer's ``traceparent``: the cost of tracing, against the worker
+without it in the same round, and the spans that arrived against those expected.
 A burst is timed from the first publish to the last outcome stored, and compared with
 the no-op bursts of its round; the round with the median ratio is the figure (the
 machine's speed drifts between rounds, so rates are only compared within one). Goals:
 both commands ≥ 1.0× the no-op task (moonshot 1.5×), and ≥ 0.8× the batched no-op;
-with events ≥ 0.9× without.
+with events ≥ 0.9× without; traced ≥ 0.9× untraced.
 
 The lag of call events under that load: for every event the bursts wrote, from its
 change's transaction to the relay's mark after the broker accepted it (the outbox's
@@ -54,15 +59,18 @@ from bench.noop_worker import BATCHED_NOOP_QUEUE, NOOP_QUEUE, NOOP_TASK
 from bench.workers import bench_env, process, wait_for_ping
 from calls_worker.config import Settings
 from calls_worker.wire import COMMANDS_QUEUE, TASK_NAMES, celery_config
+from tests.otlp import otlp_receiver
 
-Message = tuple[str, str, dict[str, Any]]
-"""A task name, its queue and its keyword arguments."""
+Message = tuple[str, str, dict[str, Any], dict[str, str]]
+"""A task name, its queue, its keyword arguments and its headers of ours."""
 
 CONCURRENCY = "2"
 SINGLE_QUEUE = "bench.commands.single"
 """The queue of the worker that applies each command on its own (batch size 1)."""
 OFF_QUEUE = "bench.commands.events-off"
 """The queue of the worker with call events off."""
+TRACED_QUEUE = "bench.commands.traced"
+"""The queue of the worker that traces every command."""
 SUBSCRIBER_QUEUE = "bench.commands.call-events"
 PARTS = ("main", "pool", "postgres", "redis", "producer")
 
@@ -73,8 +81,9 @@ def publish_and_wait(app: Celery, broker: str, messages: list[Message]) -> float
     ids = [str(uuid4()) for _ in messages]
     started = time.perf_counter()
     with app.producer_or_acquire() as producer:
-        for task_id, (name, queue, kwargs) in zip(ids, messages, strict=True):
-            app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue, producer=producer)
+        for task_id, (name, queue, kwargs, headers) in zip(ids, messages, strict=True):
+            app.send_task(name, kwargs=kwargs, task_id=task_id, queue=queue, producer=producer,
+                          headers=headers)  # fmt: skip
     keys = [f"celery-task-meta-{task_id}" for task_id in ids]
     for start in range(0, len(keys), 1000):  # outcomes arrive roughly in publishing order
         chunk = keys[start : start + 1000]
@@ -131,10 +140,12 @@ def run(count: int, rounds: int, batch: int = DEFAULT_BATCH,
         batch_wait_ms: int = DEFAULT_BATCH_WAIT_MS) -> list[Row]:  # fmt: skip
     logs = Path(tempfile.mkdtemp(prefix="bench-logs-"))
     kinds = ("noop", "noop_batched", "create", "add_attempt", "create_single",
-             "add_attempt_single", "create_off", "add_attempt_off")  # fmt: skip
+             "add_attempt_single", "create_off", "add_attempt_off", "create_traced",
+             "add_attempt_traced")  # fmt: skip
     rates: dict[str, list[float]] = {kind: [] for kind in kinds}
     cpu: dict[str, list[dict[str, float]]] = {kind: [] for kind in rates}
-    with fresh_database("calls_worker_bench_commands") as url, broker() as broker_url:
+    with (fresh_database("calls_worker_bench_commands") as url, broker() as broker_url,
+          otlp_receiver() as receiver):  # fmt: skip
         organization, person = seed_person(url, None)
         app = Celery("bench-producer", set_as_current=False)
         app.conf.update(celery_config(broker_url, broker_url))
@@ -142,6 +153,8 @@ def run(count: int, rounds: int, batch: int = DEFAULT_BATCH,
                         CALLS_WORKER_COMMAND_BATCH_WAIT_MS=str(batch_wait_ms))  # fmt: skip
         single_env = {**env, "CALLS_WORKER_COMMAND_BATCH_SIZE": "1"}
         off_env = {**env, "CALLS_WORKER_EVENTS": "off"}
+        traced_env = {**env, "OTEL_EXPORTER_OTLP_ENDPOINT": receiver.endpoint,
+                      "OTEL_SERVICE_NAME": "calls-worker-bench"}  # fmt: skip
         noop_argv = ["-m", "bench.noop_worker", broker_url, "--concurrency", CONCURRENCY]
         batched_argv = [*noop_argv, "--queue", BATCHED_NOOP_QUEUE, "--batch", str(batch),
                         "--batch-wait-ms", str(batch_wait_ms), "--name", "noopbatched"]  # fmt: skip
@@ -151,6 +164,8 @@ def run(count: int, rounds: int, batch: int = DEFAULT_BATCH,
                        "-n", "single@%h"]  # fmt: skip
         off_argv = ["-m", "calls_worker", "worker", "-Q", OFF_QUEUE, "-c", CONCURRENCY,
                     "-n", "off@%h"]  # fmt: skip
+        traced_argv = ["-m", "calls_worker", "worker", "-Q", TRACED_QUEUE, "-c", CONCURRENCY,
+                       "-n", "traced@%h"]  # fmt: skip
         subscriber(broker_url)
         try:
             with (
@@ -159,13 +174,14 @@ def run(count: int, rounds: int, batch: int = DEFAULT_BATCH,
                 process(worker_argv, env, logs / "worker.log") as worker,
                 process(single_argv, single_env, logs / "single.log") as single,
                 process(off_argv, off_env, logs / "off.log") as off,
+                process(traced_argv, traced_env, logs / "traced.log") as traced,
             ):
-                for name in ("noop@", "noopbatched@", "bench@", "single@", "off@"):
+                for name in ("noop@", "noopbatched@", "bench@", "single@", "off@", "traced@"):
                     wait_for_ping(broker_url, name)
                 meters = {
                     "noop": CpuMeter(noop.pid), "noop_batched": CpuMeter(noop_batched.pid),
                     "worker": CpuMeter(worker.pid), "single": CpuMeter(single.pid),
-                    "off": CpuMeter(off.pid),
+                    "off": CpuMeter(off.pid), "traced": CpuMeter(traced.pid),
                 }  # fmt: skip
                 for _ in range(rounds):
                     for kind, messages in _round(count, organization, person).items():
@@ -176,13 +192,27 @@ def run(count: int, rounds: int, batch: int = DEFAULT_BATCH,
                         rates[kind].append(count / seconds)
                         cpu[kind].append({part: 1000 * s / count for part, s in spent.items()})
                     subscriber(broker_url)  # emptied: what it received costs Redis memory
+                traced_sent = 2 * count * rounds
+                deadline = time.monotonic() + 60  # the last spans go within 5 s (the SDK's)
+                while (time.monotonic() < deadline
+                       and len(_command_spans(receiver)) < traced_sent):  # fmt: skip
+                    time.sleep(0.5)
+                spans = {"expected": traced_sent, "received": len(_command_spans(receiver)),
+                         "batch_spans": sum(s.name == "calls.batch"
+                                            for s in receiver.received()),
+                         "continued_the_producers_trace": sum(
+                             s.parent_span_id != "" for s in _command_spans(receiver))}  # fmt: skip
                 peak = statistics.median(rates["create"])
                 latencies = send_to_outcome(app, broker_url, organization, person, peak * 0.1)
                 lags = event_lags(url)
         finally:
             app.close()
             subscriber(broker_url, delete=True)
-    return _rows(count, rounds, batch, batch_wait_ms, rates, cpu, latencies, peak, lags)
+    return _rows(count, rounds, batch, batch_wait_ms, rates, cpu, latencies, peak, lags, spans)
+
+
+def _command_spans(receiver: Any) -> list[Any]:
+    return [s for s in receiver.received() if s.name.startswith("calls.") and s.kind == 5]
 
 
 def subscriber(broker_url: str, *, delete: bool = False) -> None:
@@ -226,7 +256,8 @@ def event_lags(database_url: str, timeout: float = 120) -> list[float]:
 
 def _rows(count: int, rounds: int, batch: int, batch_wait_ms: int,
           rates: dict[str, list[float]], cpu: dict[str, list[dict[str, float]]],
-          latencies: list[float], peak: float, lags: list[float]) -> list[Row]:  # fmt: skip
+          latencies: list[float], peak: float, lags: list[float],
+          spans: dict[str, int]) -> list[Row]:  # fmt: skip
     rows = []
     for kind in ("create", "add_attempt"):
         # Each round's burst is compared with the no-op bursts sent just before it; the
@@ -236,8 +267,9 @@ def _rows(count: int, rounds: int, batch: int, batch_wait_ms: int,
             ("noop_batched", 0.8, "≥ 0.8× baseline"),
             ("single", None, "(before group commit, for comparison)"),
             ("off", 0.9, "≥ 0.9× baseline"),
+            ("traced", None, ""),
         ):
-            own = baseline in ("single", "off")
+            own = baseline in ("single", "off", "traced")
             base_rates = rates[f"{kind}_{baseline}" if own else baseline]
             ratios = [rate / base for rate, base in zip(rates[kind], base_rates, strict=True)]
             middle = sorted(range(rounds), key=ratios.__getitem__)[(rounds - 1) // 2]
@@ -259,10 +291,26 @@ def _rows(count: int, rounds: int, batch: int, batch_wait_ms: int,
             label = {"noop": "no-op Celery task /s",
                      "noop_batched": "no-op batched the same way /s",
                      "single": f"{kind} with batch size 1 /s",
-                     "off": f"{kind} with events off /s"}[baseline]  # fmt: skip
+                     "off": f"{kind} with events off /s",
+                     "traced": f"{kind} untraced /s"}[baseline]  # fmt: skip
             met = True if goal_ratio is None else rate >= goal_ratio * base_rate
             versus = {"noop": "no-op", "noop_batched": "batched no-op",
-                      "single": "batch size 1", "off": "events off"}[baseline]  # fmt: skip
+                      "single": "batch size 1", "off": "events off",
+                      "traced": "untraced"}[baseline]  # fmt: skip
+            if baseline == "traced":  # the traced worker against the one that is not
+                ratios = [base / rate for rate, base in zip(rates[kind], base_rates, strict=True)]
+                middle = sorted(range(rounds), key=ratios.__getitem__)[(rounds - 1) // 2]
+                rate, base_rate = base_rates[middle], rates[kind][middle]
+                met = rate >= 0.9 * base_rate and spans["received"] == spans["expected"]
+                details |= {"ratios": [round(r, 3) for r in ratios], "spans": spans,
+                            "rates": [round(r, 1) for r in base_rates],
+                            "baseline_rates": [round(r, 1) for r in rates[kind]],
+                            "cpu_ms_per_command": _median_parts(base_cpu),
+                            "baseline_cpu_ms_per_task": _median_parts(cpu[kind])}  # fmt: skip
+                rows.append(Row("commands", f"{kind} commands/s traced (OTLP/HTTP) vs untraced",
+                                rate, "/s", label, base_rate,
+                                "≥ 0.9× baseline, every span received", met, details))  # fmt: skip
+                continue
             rows.append(Row("commands", f"{kind} commands/s ({count:,}, batches ≤ {batch})"
                             f" vs {versus}", rate, "/s", label, base_rate, goal, met,
                             details))  # fmt: skip
@@ -289,7 +337,7 @@ def _rows(count: int, rounds: int, batch: int, batch_wait_ms: int,
 def _worker_of(kind: str) -> str:
     if kind.startswith("noop"):
         return kind
-    for own in ("single", "off"):
+    for own in ("single", "off", "traced"):
         if kind.endswith(f"_{own}"):
             return own
     return "worker"
@@ -350,18 +398,27 @@ def _round(count: int, organization: UUID, person: UUID) -> dict[str, list[Messa
     now = datetime.now(UTC).isoformat()
     create, add_attempt = TASK_NAMES["create"], TASK_NAMES["add_attempt"]
     bursts: dict[str, list[Message]] = {
-        "noop": [(NOOP_TASK, NOOP_QUEUE, {"command": {}}) for _ in range(count)],
-        "noop_batched": [(NOOP_TASK, BATCHED_NOOP_QUEUE, {"command": {}}) for _ in range(count)],
+        "noop": [(NOOP_TASK, NOOP_QUEUE, {"command": {}}, {}) for _ in range(count)],
+        "noop_batched": [
+            (NOOP_TASK, BATCHED_NOOP_QUEUE, {"command": {}}, {}) for _ in range(count)
+        ],
     }
-    for suffix, queue in (("", COMMANDS_QUEUE), ("_single", SINGLE_QUEUE), ("_off", OFF_QUEUE)):
+    for suffix, queue in (("", COMMANDS_QUEUE), ("_single", SINGLE_QUEUE), ("_off", OFF_QUEUE),
+                          ("_traced", TRACED_QUEUE)):  # fmt: skip
         calls = [str(uuid4()) for _ in range(count)]
+        traced = suffix == "_traced"
         bursts[f"create{suffix}"] = [(create, queue, {"command": {
             "uuid": call, "personUuid": str(person), "organizationUuid": str(organization),
-            "issuedAt": now}}) for call in calls]  # fmt: skip
+            "issuedAt": now}}, _traceparent() if traced else {}) for call in calls]  # fmt: skip
         bursts[f"add_attempt{suffix}"] = [(add_attempt, queue, {"command": {
             "callUuid": call, "userUuid": str(person), "attemptedAt": now,
-            "issuedAt": now}}) for call in calls]  # fmt: skip
+            "issuedAt": now}}, _traceparent() if traced else {}) for call in calls]  # fmt: skip
     return bursts
+
+
+def _traceparent() -> dict[str, str]:
+    """A producer's W3C trace context: a trace and a span of its own, sampled."""
+    return {"traceparent": f"00-{uuid4().hex}-{uuid4().hex[:16]}-01"}
 
 
 def _median_parts(samples: list[dict[str, float]]) -> dict[str, float]:

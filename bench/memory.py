@@ -41,15 +41,16 @@ def run(count: int) -> list[Row]:
 
         def commands(n: int) -> list[Message]:
             calls = [str(uuid4()) for _ in range(n // 2)]
+            none: dict[str, str] = {}
             return [
                 (TASK_NAMES["create"], COMMANDS_QUEUE, {"command": {
                     "uuid": call, "personUuid": str(person),
-                    "organizationUuid": str(organization), "issuedAt": now}})
+                    "organizationUuid": str(organization), "issuedAt": now}}, none)
                 for call in calls
             ] + [
                 (TASK_NAMES["add_attempt"], COMMANDS_QUEUE, {"command": {
                     "callUuid": call, "userUuid": str(person), "attemptedAt": now,
-                    "issuedAt": now}})
+                    "issuedAt": now}}, none)
                 for call in calls
             ]  # fmt: skip
 

@@ -17,7 +17,7 @@ from uuid import UUID
 import click
 
 from calls_worker.cli.output import Group, output_options, print_json, show_rows, table, wants_json
-from calls_worker.cli.params import POSITIVE, TEXT, Certificate
+from calls_worker.cli.params import TEXT, Certificate
 from calls_worker.cli.servers import Servers
 from calls_worker.config import get_settings
 from calls_worker.domain.access import SCOPES
@@ -58,6 +58,17 @@ def _add(write: Callable[[Any], UUID], missing: str) -> None:
             sys.exit(2)
 
 
+def _max_attempts(value: int | None) -> int | None:
+    """The worker's schema holds a maximum to more than 0 (docs/domain.md): said here, not
+    left to the database's refusal."""
+    if value is not None and value < 1:
+        raise click.BadParameter(
+            f"{value}: a maximum is 1 attempt or more (a call at 0 would expire before its"
+            " first attempt); for no limit, leave --max-attempts out"
+        )
+    return value
+
+
 @click.group(cls=Group)
 def organizations() -> None:
     """Organizations: a person's owning organization sets how many attempts its calls get."""
@@ -67,7 +78,8 @@ def organizations() -> None:
 @click.option("--name", type=TEXT, required=True)
 @click.option(
     "--max-attempts",
-    type=POSITIVE,
+    type=int,
+    callback=lambda _ctx, _param, value: _max_attempts(value),
     default=None,
     help="The maximum number of attempts for calls of the persons it owns (none: no limit).",
 )

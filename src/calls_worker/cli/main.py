@@ -88,7 +88,7 @@ def run(log_format: LogFormat | None, log_level: LogLevel | None, flower: bool,
 @main.command()
 @log_format_option
 @log_level_option
-@click.option("--queues", "-Q", type=Queues(("calls.commands", "calls.sweeps")),
+@click.option("--queues", "-Q", type=Queues(),
               default="calls.commands,calls.sweeps", show_default=True)
 @click.option("--concurrency", "-c", type=POSITIVE, default=None,
               help="Processes (default: cores).")

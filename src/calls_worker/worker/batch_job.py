@@ -38,6 +38,7 @@ from calls_worker.worker.settling import (
     database_away,
     decide,
 )
+from calls_worker.worker.tracing import batch_spans
 
 logger = logging.getLogger("calls_worker")
 command_lines = logging.getLogger(COMMANDS_LOGGER)
@@ -59,7 +60,24 @@ def apply_batch(task: Task[Any, Any], items: list[Item]
                 ) -> list[tuple[str, str]]:  # fmt: skip
     """In a pool process: apply a batch of command messages ``(task name, id, request,
     args, kwargs)`` (messages.py); for each, what became of it (settling.py decides) and
-    a short description (the outcome's repr, or the error)."""
+    a short description (the outcome's repr, or the error). Traced when an OTLP endpoint
+    is configured (tracing.py)."""
+    spans = batch_spans(items)
+    if spans is None:
+        return _apply_batch(task, items)
+    codes: list[str | None] = [None] * len(items)
+    try:
+        settled = _apply_batch(task, items, codes)
+    except BaseException as error:
+        spans.failed(error)
+        raise
+    spans.end([(what, code) for (what, _), code in zip(settled, codes, strict=True)])
+    return settled
+
+
+def _apply_batch(task: Task[Any, Any], items: list[Item],
+                 codes: list[str | None] | None = None) -> list[tuple[str, str]]:  # fmt: skip
+    """``apply_batch``'s work; ``codes``, when given, gets each outcome's code."""
     app = task.app
     runtime = runtime_of(app)
     started = time.perf_counter()
@@ -69,6 +87,10 @@ def apply_batch(task: Task[Any, Any], items: list[Item]
         messages, runtime.unit_of_work, policy=runtime.access_policy, signed=runtime.signed,
         stop_on=(*TRANSIENT_ERRORS, SoftTimeLimitExceeded),
     )  # fmt: skip
+    if codes is not None:
+        for n, one in enumerate(applied):
+            if one.outcome is not None:
+                codes[n] = "ok" if one.outcome["ok"] else one.outcome["error"]["code"]
     budget = runtime.settings.command_max_retries
     alone = len(result.outcomes) == 1
     stored: dict[int, Outcome] = {}

@@ -18,7 +18,7 @@ from calls_worker.wire import (
     celery_config,
     enable_signing,
 )
-from calls_worker.worker import signer
+from calls_worker.worker import signer, tracing
 from calls_worker.worker.consumer import DeadLetters
 from calls_worker.worker.health import BEAT_MAX_LOOP_SECONDS
 from calls_worker.worker.logs import use_format
@@ -143,6 +143,7 @@ def create_app(
 
     def process_shutdown(**_: Any) -> None:
         runtime_of(app).dispose()
+        tracing.shutdown()  # the spans not sent yet, if tracing is on
         if os.environ.get(MULTIPROC_ENV):
             forget_process(os.getpid())
 
