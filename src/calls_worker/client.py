@@ -15,7 +15,6 @@ With RabbitMQ, name where outcomes are kept: a Redis, or the worker's PostgreSQL
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -44,24 +43,9 @@ from calls_worker.wire import (
     Signing,
     celery_config,
     close_app,
+    command_headers,
     enable_signing,
-    sent_at_header,
 )
-
-
-def _headers() -> dict[str, str]:
-    """A command message's headers of ours: when it is sent (``sentAt``), and the producer's
-    trace (W3C ``traceparent`` and ``tracestate``) when the producer uses OpenTelemetry,
-    so that its trace continues through the command in the worker. A producer that has
-    not imported OpenTelemetry has nothing of it imported here."""
-    headers = sent_at_header(datetime.now(UTC))
-    if "opentelemetry" in sys.modules:
-        from opentelemetry.propagate import inject
-
-        carrier: dict[str, str] = {}
-        inject(carrier)
-        headers |= {key: carrier[key] for key in ("traceparent", "tracestate") if key in carrier}
-    return headers
 
 
 class CommandFailed(Exception):
@@ -249,7 +233,7 @@ class CallsClient:
             kwargs["signedFor"] = {"id": command_id, "task": TASK_NAMES[kind]}
         result = self._app.send_task(
             TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE,
-            ignore_result=ignore_result, headers=_headers(),
+            ignore_result=ignore_result, headers=command_headers(datetime.now(UTC)),
         )  # fmt: skip
         return CommandHandle(command_id, stamped, result, self, ignore_result, kind)
 
@@ -408,7 +392,7 @@ class CallsClient:
             kwargs["signedFor"] = {"id": command_id, "task": TASK_NAMES[kind]}
         result = self._app.send_task(
             TASK_NAMES[kind], kwargs=kwargs, task_id=command_id, queue=COMMANDS_QUEUE,
-            headers=_headers(),
+            headers=command_headers(datetime.now(UTC)),
         )  # fmt: skip
         return CommandHandle(command_id, {}, result, self, kind=kind, raw=command)
 

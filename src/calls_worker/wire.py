@@ -5,6 +5,7 @@ See docs/wire-format.md.
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -62,6 +63,21 @@ SENT_AT_HEADER: Final = "sentAt"
 def sent_at_header(now: datetime) -> dict[str, str]:
     """The header for a message sent at ``now`` (an aware datetime)."""
     return {SENT_AT_HEADER: now.isoformat(timespec="milliseconds")}
+
+
+def command_headers(now: datetime) -> dict[str, str]:
+    """A command message's headers of ours: when it is sent (``sentAt``), and the producer's
+    trace (W3C ``traceparent`` and ``tracestate``) when the producer uses OpenTelemetry,
+    so that its trace continues through the command in the worker. A producer that has
+    not imported OpenTelemetry has nothing of it imported here."""
+    headers = sent_at_header(now)
+    if "opentelemetry" in sys.modules:
+        from opentelemetry.propagate import inject
+
+        carrier: dict[str, str] = {}
+        inject(carrier)
+        headers |= {key: carrier[key] for key in ("traceparent", "tracestate") if key in carrier}
+    return headers
 
 
 def sent_at(headers: Any) -> float | None:

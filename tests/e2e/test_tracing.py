@@ -88,10 +88,12 @@ def test_without_an_endpoint_nothing_of_opentelemetry_is_loaded() -> None:
     script = (
         "import sys\n"
         "from calls_worker.worker import batch_job, celery_app, tracing\n"
-        "from calls_worker.client import _headers\n"
+        "from datetime import UTC, datetime\n"
+        "from calls_worker.client import CallsClient\n"
+        "from calls_worker.wire import command_headers\n"
         "assert tracing.batch_spans([('calls.create', 'x', {'traceparent': 'y'}, (), {})])"
         " is None\n"
-        "assert set(_headers()) == {'sentAt'}\n"
+        "assert set(command_headers(datetime.now(UTC))) == {'sentAt'}\n"
         "loaded = [m for m in sys.modules if m.startswith('opentelemetry')]\n"
         "assert not loaded, loaded\n"
     )

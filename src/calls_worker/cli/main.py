@@ -6,7 +6,7 @@ import json
 import sys
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, get_args
+from typing import Any
 from uuid import UUID
 
 import click
@@ -18,40 +18,15 @@ from calls_worker.cli.events import COMMANDS as EVENTS_COMMANDS
 from calls_worker.cli.failures import Main, end_on_signals
 from calls_worker.cli.output import print_json
 from calls_worker.cli.params import (
-    PORT,
-    POSITIVE,
     SECONDS,
     TEXT,
-    Address,
     CommandId,
     Kind,
-    Module,
-    Queues,
 )
+from calls_worker.cli.processes import COMMANDS as PROCESS_COMMANDS
 from calls_worker.cli.sending import KINDS
-from calls_worker.cli.servers import celery_app, configured, engine_of
-from calls_worker.config import LogFormat, LogLevel, signing_of
-
-log_format_option = click.option(
-    "--log-format",
-    type=click.Choice(get_args(LogFormat)),
-    default=None,
-    help="text for people, json (one object a line) for machines.  [default:"
-    " CALLS_WORKER_LOG_FORMAT, else text]",
-)
-log_level_option = click.option(
-    "--loglevel",
-    "-l",
-    "log_level",
-    type=click.Choice(get_args(get_args(LogLevel)[0]), case_sensitive=False),
-    default=None,
-    help="What to log.  [default: CALLS_WORKER_LOG_LEVEL, else INFO]",
-)
-
-
-def _logging(settings: Any, log_format: str | None, log_level: str | None) -> tuple[Any, Any]:
-    """The format and level: the option's, else the setting's."""
-    return log_format or settings.log_format, (log_level or settings.log_level).upper()
+from calls_worker.cli.servers import configured, engine_of
+from calls_worker.config import signing_of
 
 
 @click.group(cls=Main, context_settings={"help_option_names": ["-h", "--help"]})
@@ -63,94 +38,6 @@ def main() -> None:
     embedded PostgreSQL and Redis kept under CALLS_WORKER_DATA_DIR (.calls-worker).
     """
     end_on_signals()
-
-
-@main.command()
-@log_format_option
-@log_level_option
-@click.option("--flower", is_flag=True, help="Also run Flower on 127.0.0.1.")
-@click.option("--flower-port", type=PORT, default=5555, show_default=True)
-def run(log_format: LogFormat | None, log_level: LogLevel | None, flower: bool,
-        flower_port: int) -> None:  # fmt: skip
-    """Migrate, then run a worker and beat until Ctrl-C (embedded servers if no URLs)."""
-    from calls_worker.cli.supervisor import run_everything, sole_run
-
-    servers = configured()
-    log_format, log_level = _logging(servers.settings, log_format, log_level)
-    with sole_run(servers.settings.data_dir):
-        status = run_everything(
-            servers, log_format=log_format, log_level=log_level,
-            flower_port=flower_port if flower else None,
-        )  # fmt: skip
-    sys.exit(status)
-
-
-@main.command()
-@log_format_option
-@log_level_option
-@click.option("--queues", "-Q", type=Queues(),
-              default="calls.commands,calls.sweeps", show_default=True)
-@click.option("--concurrency", "-c", type=POSITIVE, default=None,
-              help="Processes (default: cores).")
-@click.option("--hostname", "-n", type=TEXT, default=None, help="Worker name, e.g. commands@%h.")
-@click.option("--include", "-I", type=Module(), multiple=True,
-              help="Also import this module (Celery's --include).")  # fmt: skip
-def worker(
-    log_format: LogFormat | None,
-    log_level: LogLevel | None,
-    queues: str,
-    concurrency: int | None,
-    hostname: str | None,
-    include: tuple[str, ...],
-) -> None:
-    """Run a Celery worker consuming the command and sweep queues."""
-    servers = configured()
-    log_format, log_level = _logging(servers.settings, log_format, log_level)
-    if servers.settings.metrics_port:
-        from calls_worker.worker.metrics import prepare_multiprocess_dir
-
-        prepare_multiprocess_dir()
-    argv = ["worker", "--loglevel", log_level, "--queues", queues, "--without-mingle"]
-    if concurrency:
-        argv += ["--concurrency", str(concurrency)]
-    if hostname:
-        argv += ["--hostname", hostname]
-    for module in include:
-        argv += ["--include", module]
-    try:
-        celery_app(servers, log_format).worker_main(argv)
-    finally:
-        servers.stop()
-
-
-@main.command()
-@log_format_option
-@log_level_option
-def beat(log_format: LogFormat | None, log_level: LogLevel | None) -> None:
-    """Run Celery beat: the sweep every CALLS_WORKER_SWEEP_INTERVAL_SECONDS. Run one only."""
-    servers = configured()
-    log_format, log_level = _logging(servers.settings, log_format, log_level)
-    servers.settings.data_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        celery_app(servers, log_format).start(["beat", "--loglevel", log_level])
-    finally:
-        servers.stop()
-
-
-@main.command()
-@click.option("--address", type=Address(), default="127.0.0.1", show_default=True)
-@click.option("--port", type=PORT, default=5555, show_default=True)
-def flower(address: str, port: int) -> None:
-    """Run Flower, the task dashboard (requires CALLS_WORKER_FLOWER_BASIC_AUTH)."""
-    from calls_worker.cli.flower import require_auth, run_flower
-
-    servers = configured()
-    auth = servers.settings.flower_basic_auth
-    basic_auth = require_auth(auth.get_secret_value() if auth else None)
-    try:
-        run_flower(celery_app(servers), basic_auth, address, port)
-    finally:
-        servers.stop()
 
 
 @main.command()
@@ -415,5 +302,6 @@ def schema(out: Path | None) -> None:
     click.echo(f"wrote {len(schemas)} schemas to {out}")
 
 
-for _command in [*DIRECTORY_COMMANDS, *EVENTS_COMMANDS, *DEAD_LETTERS_COMMANDS]:
+for _command in [*PROCESS_COMMANDS, *DIRECTORY_COMMANDS, *EVENTS_COMMANDS,
+                 *DEAD_LETTERS_COMMANDS]:
     main.add_command(_command)
