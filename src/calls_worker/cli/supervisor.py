@@ -2,8 +2,8 @@
 
 It resolves (or starts) the database and the broker, migrates, and runs as child
 processes a command worker, a sweep worker (so a flood of commands never delays a sweep)
-and beat. Ctrl-C, SIGTERM or SIGHUP stops the children with a warm shutdown, then the embedded
-servers it started. Children die with it even if it is killed outright (PDEATHSIG).
+and beat. Ctrl-C, SIGTERM or SIGHUP stops the children with a warm shutdown, then the
+embedded servers it started. Children die with it even if it is killed outright (PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -141,7 +141,9 @@ def run_everything(
             if ports[name] and not _serves(child, ports[name], stopping):
                 if stopping:
                     return 0
-                click.echo(f"{name} exited; stopping", err=True)
+                why = ("exited" if child.poll() is not None else
+                       f"did not serve port {ports[name]} in {SERVE_WAIT_SECONDS} s")  # fmt: skip
+                click.echo(f"{name} {why}; stopping", err=True)
                 return 1
             metrics = f", metrics on http://127.0.0.1:{ports[name]}/metrics" if ports[name] else ""
             click.echo(f"{name}: pid {child.pid}{metrics}")
