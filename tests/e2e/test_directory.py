@@ -75,3 +75,15 @@ def test_a_cursor_not_made_for_the_query_is_a_bad_argument(database_url: str) ->
     assert refused.returncode == 2, refused.stderr
     assert "the cursor" in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_a_database_without_the_schema_is_said_not_a_traceback(empty_database_url: str) -> None:
+    shown = cli(empty_database_url, "events", "tail")
+    assert shown.returncode == 1, shown.stderr
+    assert "schema is missing or older than this release" in shown.stderr
+    assert "calls-worker migrate" in shown.stderr
+    assert "Traceback" not in shown.stderr
+    nowhere = cli("postgresql://nobody@127.0.0.1:9/none", "organizations", "list")
+    assert nowhere.returncode == 1, nowhere.stderr
+    assert "the database does not answer" in nowhere.stderr
+    assert "Traceback" not in nowhere.stderr

@@ -14,10 +14,6 @@ import click
 
 from calls_worker.cli.output import Group
 
-# PostgreSQL's SQLSTATEs for a table, column, function or type this release expects and the
-# database lacks: the schema is behind (or absent).
-_SCHEMA_BEHIND = {"42P01", "42703", "42883", "42704"}
-
 
 def explain(error: BaseException) -> click.ClickException | None:
     """A ClickException saying what went wrong, for the failures a person can act on."""
@@ -31,7 +27,9 @@ def explain(error: BaseException) -> click.ClickException | None:
             f"the database does not answer ({first}): check CALLS_WORKER_DATABASE_URL, or"
             " that the server runs"
         )
-    if sqlstate in _SCHEMA_BEHIND:
+    from calls_worker.worker.settling import SCHEMA_BEHIND  # the worker's own list, on error only
+
+    if sqlstate in SCHEMA_BEHIND:
         return click.ClickException(
             f"the database's schema is missing or older than this release ({first}): run"
             " `calls-worker migrate` (docs/upgrades.md)"

@@ -61,7 +61,7 @@ TRANSIENT_ERRORS = (
 _SERVER_AWAY = {"57P01", "57P02", "57P03"}
 # SQLSTATEs of a schema older than the statements: undefined table, column, function,
 # object. Bad input never causes these (the statements are this release's own).
-_SCHEMA_BEHIND = {"42P01", "42703", "42883", "42704"}
+SCHEMA_BEHIND = {"42P01", "42703", "42883", "42704"}
 
 
 def database_away(error: BaseException) -> bool:
@@ -72,7 +72,7 @@ def database_away(error: BaseException) -> bool:
     cause = getattr(error, "orig", None) or error
     if isinstance(error, InterfaceError) or isinstance(cause, psycopg.InterfaceError):
         return True
-    if isinstance(cause, psycopg.Error) and cause.sqlstate in _SCHEMA_BEHIND:
+    if isinstance(cause, psycopg.Error) and cause.sqlstate in SCHEMA_BEHIND:
         return True
     if isinstance(cause, psycopg.OperationalError):
         state = cause.sqlstate
