@@ -55,11 +55,24 @@ def unreachable(what: str) -> None:
     pytest.skip(what)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--cluster", action="store_true",
+        help="run the tests of tests/cluster (a RabbitMQ cluster, a PostgreSQL failover);"
+        " ./dev test leaves them out, ./dev test-cluster runs them",
+    )  # fmt: skip
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
-        for suite in ("integration", "e2e"):
+        for suite in ("integration", "e2e", "cluster"):
             if f"{os.sep}{suite}{os.sep}" in str(item.path):
                 item.add_marker(getattr(pytest.mark, suite))
+    if not config.getoption("--cluster"):
+        left_out = [item for item in items if item.get_closest_marker("cluster")]
+        if left_out:
+            config.hook.pytest_deselected(items=left_out)
+            items[:] = [item for item in items if not item.get_closest_marker("cluster")]
 
 
 @pytest.fixture(scope="session")

@@ -26,6 +26,9 @@ def wrapped(error: Exception) -> OperationalError:
         (errors.AdminShutdown("terminating connection"), True),
         (errors.CrashShutdown("crash"), True),
         (errors.ConnectionFailure("connection failure"), True),
+        # a standby: the writable primary is elsewhere (a failover, a URL without
+        # target_session_attrs=read-write)
+        (errors.ReadOnlySqlTransaction("read-only transaction"), True),
         (InterfaceError("SELECT 1", {}, psycopg.InterfaceError("closed")), True),
         (psycopg.InterfaceError("the connection is closed"), True),
         (errors.DeadlockDetected("deadlock detected"), False),

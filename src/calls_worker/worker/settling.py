@@ -56,9 +56,13 @@ TRANSIENT_ERRORS = (
     sqlstates.UndefinedColumn,
     sqlstates.UndefinedFunction,
     sqlstates.UndefinedObject,
+    # A standby answering (a URL without target_session_attrs=read-write, or a host listed
+    # whose role changed): the primary is elsewhere, and a new connection may find it.
+    sqlstates.ReadOnlySqlTransaction,
 )
-# SQLSTATEs that say the server cannot serve us now: admin or crash shutdown, starting up.
-_SERVER_AWAY = {"57P01", "57P02", "57P03"}
+# SQLSTATEs that say the server cannot serve us now: admin or crash shutdown, starting up;
+# read-only (a standby, not the primary the writes need).
+_SERVER_AWAY = {"57P01", "57P02", "57P03", "25006"}
 # SQLSTATEs of a schema older than the statements: undefined table, column, function,
 # object. Bad input never causes these (the statements are this release's own).
 SCHEMA_BEHIND = {"42P01", "42703", "42883", "42704"}
@@ -72,7 +76,7 @@ def database_away(error: BaseException) -> bool:
     cause = getattr(error, "orig", None) or error
     if isinstance(error, InterfaceError) or isinstance(cause, psycopg.InterfaceError):
         return True
-    if isinstance(cause, psycopg.Error) and cause.sqlstate in SCHEMA_BEHIND:
+    if isinstance(cause, psycopg.Error) and cause.sqlstate in SCHEMA_BEHIND | {"25006"}:
         return True
     if isinstance(cause, psycopg.OperationalError):
         state = cause.sqlstate
