@@ -22,12 +22,17 @@ class Report:
             Path(path).write_text(json.dumps(self.rows, indent=1) + "\n")
 
     def markdown(self) -> str:
-        lines = ["| fault | iterations | commands | lost | doubled | seeds |",
-                 "|---|---|---|---|---|---|"]  # fmt: skip
+        """A row per fault: the counts summed over its iterations, the rest listed."""
+        lines = ["| fault | iterations | commands | lost | doubled | also | seeds |",
+                 "|---|---|---|---|---|---|---|"]  # fmt: skip
         for fault, runs in self.rows.items():
             total = {key: sum(int(run.get(key, 0)) for run in runs)
                      for key in ("commands", "lost", "doubled")}  # fmt: skip
+            also = "; ".join(
+                ", ".join(f"{key} {value}" for key, value in run.items()
+                          if key not in (*total, "seed"))
+                for run in runs)  # fmt: skip
             seeds = ", ".join(str(run["seed"]) for run in runs)
             lines.append(f"| {fault} | {len(runs)} | {total['commands']:,} | {total['lost']}"
-                         f" | {total['doubled']} | {seeds} |")  # fmt: skip
+                         f" | {total['doubled']} | {also} | {seeds} |")  # fmt: skip
         return "\n".join(lines)

@@ -177,4 +177,5 @@ def _one_failover(synchronous: bool, redis_url: str, base: Path,
     assert given_up == 0, "no command was given up for want of a primary"
     assert overlaps == 0, "two sweeps ran at once"
     assert after > 0, "the sweep ran on the new primary"
-    return {"commands": len(sent), "lost": lost, "doubled": doubled}
+    return {"commands": len(sent), "lost": lost, "doubled": doubled,
+            "sweeps_on_the_new_primary": after}  # fmt: skip

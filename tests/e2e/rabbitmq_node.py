@@ -34,14 +34,17 @@ def _program(name: str) -> str:
 class RabbitNode:
     """``start()``, ``stop()``, ``start()`` again: the same node with the same data."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, conf: str = "", group: int | None = None) -> None:
+        """``conf``: more lines of rabbitmq.conf; ``group``: the group id the node runs as
+        (the user staying the same), which firewall rules can match its traffic by."""
         self.base = base
+        self.group = group
         self.name = f"calls-test-{uuid.uuid4().hex[:8]}@localhost"
         self.port = free_ports(1)
         self.dist_port = free_ports(1)
         for folder in ("mnesia", "log"):
             (base / folder).mkdir(parents=True, exist_ok=True)
-        (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n")
+        (base / "rabbitmq.conf").write_text(f"listeners.tcp.local = 127.0.0.1:{self.port}\n{conf}")
         (base / "enabled_plugins").write_text("[].\n")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -62,20 +65,21 @@ class RabbitNode:
             "RABBITMQ_FEATURE_FLAGS_FILE": str(self.base / "feature_flags"),
         }
 
-    def ctl(self, *args: str, timeout: float = 90) -> str:
+    def ctl(self, *args: str, timeout: float = 90, program: str = "rabbitmqctl") -> str:
+        """``rabbitmqctl`` (or ``rabbitmq-queues``, ...) on this node; its output."""
         done = subprocess.run(
-            [_program("rabbitmqctl"), "-n", self.name, *args], env=self._env(),
+            [_program(program), "-n", self.name, *args], env=self._env(),
             capture_output=True, text=True, timeout=timeout, check=False,
         )  # fmt: skip
         if done.returncode != 0:
-            raise RuntimeError(f"rabbitmqctl {' '.join(args)}: {done.stderr or done.stdout}")
+            raise RuntimeError(f"{program} {' '.join(args)}: {done.stderr or done.stdout}")
         return done.stdout
 
     def start(self) -> None:
         log = (self.base / "server.out").open("ab")
         self.process = subprocess.Popen(
             [_program("rabbitmq-server")], env=self._env(), stdout=log,
-            stderr=subprocess.STDOUT, start_new_session=True,
+            stderr=subprocess.STDOUT, start_new_session=True, group=self.group,
         )  # fmt: skip
         log.close()
         # await_startup fails at once while the node has not registered its name yet.

@@ -130,3 +130,11 @@ def test_the_sent_at_header_is_read_only_when_it_says_a_moment() -> None:
     for unreadable in ({}, {"sentAt": "2026-03-01T09:00:00"}, {"sentAt": "yesterday"},
                        {"sentAt": 1772355600}, {"sentAt": "2" * 100}, None, "sentAt"):  # fmt: skip
         assert sent_at(unreadable) is None, unreadable
+
+
+def test_a_broker_is_reachable_when_any_node_of_its_list_is(listening: int) -> None:
+    """A cluster's nodes, as the worker is given them: the first one down is not the broker
+    away (the liveness probe must not restart a worker that failed over)."""
+    down = free_port()
+    assert health.broker_reachable(f"amqp://g:g@127.0.0.1:{down}//;amqp://g:g@127.0.0.1:{listening}//")
+    assert not health.broker_reachable(f"amqp://g:g@127.0.0.1:{down}//;amqp://g:g@127.0.0.1:{down}//")

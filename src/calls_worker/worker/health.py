@@ -56,15 +56,18 @@ HEARTBEAT = Heartbeat()
 
 
 def broker_reachable(broker_url: str, timeout: float = 2.0) -> bool:
-    """Whether the broker's address accepts a TCP connection (no login, no protocol)."""
-    connection = Connection(broker_url.split(";")[0])
-    host = connection.hostname or "127.0.0.1"
-    port = connection.port or connection.transport.default_port or 6379
-    try:
-        with socket.create_connection((host, int(port)), timeout=timeout):
-            return True
-    except OSError:
-        return False
+    """Whether the broker's address accepts a TCP connection (no login, no protocol); of a
+    list of brokers (``;``-separated, a cluster's nodes), any of them."""
+    for url in broker_url.split(";"):
+        connection = Connection(url.strip())
+        host = connection.hostname or "127.0.0.1"
+        port = connection.port or connection.transport.default_port or 6379
+        try:
+            with socket.create_connection((host, int(port)), timeout=timeout):
+                return True
+        except OSError:
+            continue
+    return False
 
 
 def worker_alive(broker_url: str) -> tuple[bool, str]:
