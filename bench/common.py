@@ -13,7 +13,7 @@ import platform
 import statistics
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -88,6 +88,43 @@ def copy_of(server: str, template_name: str) -> Iterator[Engine]:
     finally:
         engine.dispose()
         _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def on_filled_database(name: str, fill: Callable[[Engine], None],
+                       measure: Callable[[Engine], list[Row]], keep: bool) -> list[Row]:
+    """``measure`` on database ``name`` of the server, ``fill``ed first unless an earlier
+    run left it filled (marked by a table ``bench_filled``), then dropped. ``keep``: only
+    fill it, and leave it for a later run (filling ten million rows takes half an hour)."""
+    server = server_url()
+    engine = build_engine(database_url(server, name), pool_size=2)
+    try:
+        if not _filled(engine, server, name):
+            engine.dispose()
+            _admin(server, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
+            engine = build_engine(database_url(server, name), pool_size=2)
+            fill(engine)
+            with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
+                c.execute(text("VACUUM ANALYZE"))
+                c.execute(text("CREATE TABLE bench_filled ()"))
+        return [] if keep else measure(engine)
+    finally:
+        engine.dispose()
+        if not keep:
+            _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _filled(engine: Engine, server: str, name: str) -> bool:
+    admin = build_engine(server, pool_size=1)
+    try:
+        with admin.connect() as connection:
+            exists = connection.execute(
+                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).scalar()
+    finally:
+        admin.dispose()
+    if not exists:
+        return False
+    with engine.connect() as connection:
+        return connection.execute(text("SELECT to_regclass('bench_filled')")).scalar() is not None
 
 
 def timed(action: Any) -> tuple[float, Any]:

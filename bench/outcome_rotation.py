@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import Engine, text
 
-from bench.common import Row, _admin, database_url, median, print_table, server_url, write_results
-from calls_worker.adapters.db.engine import build_engine
+from bench.common import Row, median, on_filled_database, print_table, write_results
 from calls_worker.adapters.db.journal import rotate_processed, set_processed_retention
 from calls_worker.adapters.db.migrate import upgrade
 
@@ -81,6 +81,24 @@ def checkpoint(engine: Engine) -> None:
         connection.execute(text("CHECKPOINT"))
 
 
+def costs(engine: Engine, action: Callable[[], Any]) -> tuple[float, int, Any]:
+    """``action``'s seconds and WAL bytes after a checkpoint, and what it returned."""
+    checkpoint(engine)
+    position = wal_position(engine)
+    started = time.perf_counter()
+    value = action()
+    seconds = time.perf_counter() - started
+    return seconds, wal_since(engine, position), value
+
+
+def vacuum_seconds(engine: Engine, table: str) -> float:
+    """What the VACUUM after a DELETE takes (autovacuum's work, done here at once)."""
+    started = time.perf_counter()
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
+        connection.execute(text(f"VACUUM {table}"))
+    return time.perf_counter() - started
+
+
 def delete_old(engine: Engine, before_age: str, batch_size: int = 10_000) -> int:
     """The release before's prune, on the baseline table."""
     deleted = 0
@@ -118,42 +136,9 @@ def server_loop(engine: Engine, statement: str, count: int) -> float:
 def run(rows: int, statements: int, keep: bool = False) -> list[Row]:
     """``keep``: fill a database once (``calls_worker_bench_rotation_<rows>``) and leave it,
     filled, for a later run to measure (filling 10,000,000 takes half an hour here)."""
-    server = server_url()
-    name = f"calls_worker_bench_rotation_{rows}"
-    engine = build_engine(database_url(server, name), pool_size=2)
-    try:
-        if not _filled(server, name, rows):
-            engine.dispose()
-            _admin(server, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
-            engine = build_engine(database_url(server, name), pool_size=2)
-            _fill(engine, rows)
-        if keep:
-            return []
-        return _measure(engine, rows, statements)
-    finally:
-        engine.dispose()
-        if not keep:
-            _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _filled(server: str, name: str, rows: int) -> bool:
-    admin = build_engine(server, pool_size=1)
-    try:
-        with admin.connect() as connection:
-            exists = connection.execute(
-                text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}
-            ).scalar()
-    finally:
-        admin.dispose()
-    if not exists:
-        return False
-    engine = build_engine(database_url(server, name), pool_size=1)
-    try:
-        with engine.connect() as connection:
-            done = connection.execute(text("SELECT to_regclass('bench_filled')")).scalar()
-            return done is not None
-    finally:
-        engine.dispose()
+    return on_filled_database(f"calls_worker_bench_rotation_{rows}",
+                              lambda engine: _fill(engine, rows),
+                              lambda engine: _measure(engine, rows, statements), keep)
 
 
 def _fill(engine: Engine, rows: int) -> None:
@@ -170,9 +155,6 @@ def _fill(engine: Engine, rows: int) -> None:
     set_processed_retention(engine, timedelta(0))  # every rotation is due at once
     rotate_processed(engine)  # a is previous now (b was empty: swapped)
     fill(engine, "worker_processed_commands_b", rows + 1, recent, "1 hour")
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(text("VACUUM ANALYZE"))
-        connection.execute(text("CREATE TABLE bench_filled ()"))
     print(f"  filled in {time.perf_counter() - started:.0f} s", flush=True)
 
 
@@ -197,32 +179,19 @@ def _measure(engine: Engine, rows: int, statements: int) -> list[Row]:
     sizes = {"old_before": table_bytes(engine, "bench_processed_old"),
              "new_before": table_bytes(engine, *new_tables)}  # fmt: skip
 
-    checkpoint(engine)
-    position = wal_position(engine)
-    started = time.perf_counter()
-    deleted = delete_old(engine, "72 hours")
-    delete_seconds = time.perf_counter() - started
-    delete_wal = wal_since(engine, position)
-    started = time.perf_counter()
-    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as connection:
-        connection.execute(text("VACUUM bench_processed_old"))
-    vacuum_seconds = time.perf_counter() - started
+    delete_seconds, delete_wal, deleted = costs(engine, lambda: delete_old(engine, "72 hours"))
+    vacuumed = vacuum_seconds(engine, "bench_processed_old")
     sizes["old_after"] = table_bytes(engine, "bench_processed_old")
     assert deleted == rows, deleted
 
-    checkpoint(engine)
-    position = wal_position(engine)
-    started = time.perf_counter()
-    rotation = rotate_processed(engine)
-    rotate_seconds = time.perf_counter() - started
-    rotate_wal = wal_since(engine, position)
+    rotate_seconds, rotate_wal, rotation = costs(engine, lambda: rotate_processed(engine))
     sizes["new_after"] = table_bytes(engine, *new_tables)
     assert rotation.swapped
     with engine.connect() as connection:
         left = connection.execute(text("SELECT count(*) FROM worker_processed_commands")).scalar()
     assert left == recent, left
     gib = {k: round(v / 2**30, 2) for k, v in sizes.items()}
-    print(f"  forgot {rows:,}: DELETE {delete_seconds:.1f} s (+ VACUUM {vacuum_seconds:.1f} s),"
+    print(f"  forgot {rows:,}: DELETE {delete_seconds:.1f} s (+ VACUUM {vacuumed:.1f} s),"
           f" {delete_wal / 2**20:.0f} MiB WAL; rotation {rotate_seconds * 1000:.1f} ms,"
           f" {rotate_wal / 2**10:.0f} KiB WAL; GiB {gib}", flush=True)  # fmt: skip
     # Per command: record an outcome, look one up (ids that exist in the older table).
@@ -250,7 +219,7 @@ def _measure(engine: Engine, rows: int, statements: int) -> list[Row]:
         Row("rotation", f"forget {rows:,} outcomes (rotation)", rotate_seconds, "s",
             "row-by-row DELETE (release before)", delete_seconds, "≤ 0.1×",
             rotate_seconds <= 0.1 * delete_seconds,
-            details | {"delete_vacuum_seconds": round(vacuum_seconds, 2)}),
+            details | {"delete_vacuum_seconds": round(vacuumed, 2)}),
         Row("rotation", f"WAL to forget {rows:,} outcomes", rotate_wal / 2**20, "MiB",
             "row-by-row DELETE (release before)", delete_wal / 2**20, "≤ 0.01×",
             rotate_wal <= 0.01 * delete_wal, details),

@@ -171,8 +171,9 @@ class Settings(BaseSettings):
     events_retention_hours: PositiveInt = Field(
         default=72,
         description="How long a published event stays in worker_call_events (for `calls-worker"
-        " events tail`, and a subscriber catching up) before calls.prune deletes it."
-        " Unpublished events are never deleted.",
+        " events tail`, and a subscriber catching up) before calls.prune drops its hour's"
+        " partition. Read by `calls-worker migrate`, which sets it as the owner; the worker's"
+        " own setting changes nothing. Unpublished events are never dropped.",
     )
     events_relay_batch_size: int = Field(
         default=500,

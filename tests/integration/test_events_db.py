@@ -10,7 +10,13 @@ from uuid import UUID, uuid4
 import pytest
 from sqlalchemy import Engine
 
-from calls_worker.adapters.db.events import backlog, prune_published, relay_batch, tail
+from calls_worker.adapters.db.events import (
+    backlog,
+    prune_published,
+    relay_batch,
+    set_events_retention,
+    tail,
+)
 from calls_worker.adapters.db.unit_of_work import SqlUnitOfWork
 from calls_worker.domain.commands import CommandKind, parse_command
 from calls_worker.domain.outcome import Outcome, call_json
@@ -235,10 +241,13 @@ def test_tail_and_prune(lone_db: Db) -> None:
     first = tail(engine, limit=1)[0].event["sequence"]
     assert tail(engine, after=first) == []
     relay_batch(engine, 2, lambda events: None)
-    assert prune_published(engine, keep=timedelta(hours=1)) == 0
-    db.sql("UPDATE worker_call_events SET recorded_at = now() - interval '2 hours',"
-           " published_at = now() - interval '2 hours' WHERE published_at IS NOT NULL")  # fmt: skip
-    assert prune_published(engine, keep=timedelta(hours=1), batch=1) == 2
+    set_events_retention(engine, timedelta(hours=1))
+    assert prune_published(engine).deleted == 0
+    # Moved into the past, where no hourly partition is: the default one holds them.
+    db.sql("UPDATE worker_call_events SET recorded_at = now() - interval '30 hours',"
+           " published_at = now() - interval '30 hours'"
+           " WHERE published_at IS NOT NULL")  # fmt: skip
+    assert prune_published(engine).deleted == 2
     assert backlog(engine).unpublished == 2
     assert len(db.events()) == 2
 

@@ -12,7 +12,13 @@ from sqlalchemy import Engine, make_url, text
 from sqlalchemy.exc import OperationalError, ProgrammingError
 
 from calls_worker.adapters.db.engine import build_engine
-from calls_worker.adapters.db.events import backlog, prune_published, relay_batch, tail
+from calls_worker.adapters.db.events import (
+    backlog,
+    prune_published,
+    relay_batch,
+    set_events_retention,
+    tail,
+)
 from calls_worker.adapters.db.journal import (
     operational_figures,
     reconcile_due_calls,
@@ -100,7 +106,9 @@ def test_the_worker_does_everything_as_the_app_role(roles: tuple[str, str]) -> N
         assert backlog(app).unpublished == 4  # created, two attempts added, expired
         assert relay_batch(app, 10, lambda events: None) == 4
         assert [kept.event["kind"] for kept in tail(app)][-1] == "call.expired"
-        assert prune_published(app, timedelta(0)) == 4
+        set_events_retention(admin, timedelta(0))  # as the owner sets it
+        pruned = prune_published(app)  # dropped whole, once their hour is over: none yet
+        assert (pruned.dropped, pruned.deleted, pruned.busy) == (0, 0, 0)
         record_rejected(app, task_name="calls.create", command_id=None, raw_body="{}",
                         reason="test")  # fmt: skip
         set_processed_retention(admin, timedelta(0))  # as the owner sets it
@@ -114,9 +122,12 @@ def test_the_worker_does_everything_as_the_app_role(roles: tuple[str, str]) -> N
             " VALUES ('around', 'create', '{}')",
             "UPDATE worker_processed_rotation SET current_table = 'a'",
             "UPDATE worker_processed_rotation SET keep = interval '0'",
+            "UPDATE worker_call_events_retention SET keep = interval '0'",
+            "DROP TABLE worker_call_events_default",
         ):
             refused = (ProgrammingError, OperationalError)  # no privilege; a view of a union
-            with pytest.raises(refused, match=r"permission denied|cannot delete"), app.begin() as c:
+            denied = r"permission denied|cannot delete|must be owner"
+            with pytest.raises(refused, match=denied), app.begin() as c:
                 c.execute(text(forbidden))
         assert reconcile_due_calls(app) == (0, 0)
         with pytest.raises(ProgrammingError, match="permission denied"), app.begin() as c:

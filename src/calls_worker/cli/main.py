@@ -126,6 +126,7 @@ def migrate(grantee: str | None, check: bool, batch_size: int) -> None:
     Where the Calls API's tables exist already, adopts them online (docs/database.md), or
     refuses with every way they differ from what the worker needs, changing nothing.
     """
+    from calls_worker.adapters.db.events import set_events_retention
     from calls_worker.adapters.db.journal import set_processed_retention
     from calls_worker.adapters.db.migrate import (
         ContractBroken,
@@ -150,6 +151,9 @@ def migrate(grantee: str | None, check: bool, batch_size: int) -> None:
         hours = servers.settings.processed_retention_hours
         set_processed_retention(engine, timedelta(hours=hours))
         click.echo(f"command outcomes kept {hours} h at least")
+        events_hours = servers.settings.events_retention_hours
+        set_events_retention(engine, timedelta(hours=events_hours))
+        click.echo(f"call events kept {events_hours} h at least after they are published")
         if grantee is not None:
             try:
                 grant_to(engine, grantee)

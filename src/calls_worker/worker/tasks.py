@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping
-from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -207,15 +206,21 @@ def register_tasks(app: Celery) -> None:
                         kept_since.isoformat(), hours)  # fmt: skip
         # Outcomes kept for producers in PostgreSQL (adapters/results.py), past their expiry.
         expired = journal.forget_expired_results(runtime.engine())
-        # Call events published longer ago than their retention (unpublished ones stay).
-        events_hours = runtime.settings.events_retention_hours
-        events = prune_published(runtime.engine(), timedelta(hours=events_hours))
-        if events:
-            logger.info("forgot %d call events published more than %dh ago", events,
-                        events_hours)  # fmt: skip
+        # Call events: the coming hours' partitions made, the hours whose events were all
+        # published longer ago than the owner's retention dropped whole (0013).
+        events = prune_published(runtime.engine())
+        if events.dropped or events.deleted:
+            logger.info("forgot the call events of %d hours (about %d events) and %d more,"
+                        " all published longer ago than their retention", events.dropped,
+                        events.dropped_rows_estimate, events.deleted)  # fmt: skip
+        if events.busy:
+            logger.warning("%d partitions of call events not made or dropped: commands held"
+                           " the table for 2 s; the next run tries again", events.busy)  # fmt: skip
         return {"rotated": rotation.swapped, "retentionHours": hours,
                 "keptSince": kept_since.isoformat(), "resultsForgotten": expired,
-                "eventsForgotten": events}  # fmt: skip
+                "eventsForgotten": events.deleted,
+                "eventPartitionsDropped": events.dropped,
+                "eventPartitionsMade": events.created}  # fmt: skip
 
     app.task(name=PRUNE_TASK, bind=True, queue=SWEEPS_QUEUE, acks_late=True)(prune)
 

@@ -1,5 +1,5 @@
-"""The outbox of call events (``worker_call_events``, migration 0010): what the relay
-publishes, what operators tail, and what is pruned.
+"""The outbox of call events (``worker_call_events``, migrations 0010 and 0013: partitioned by
+the hour): what the relay publishes, what operators tail, and what is pruned.
 
 Writers are the unit of work (``SqlCallEvents``, below) and the sweep's statement
 (sweep.py); this module also reads and settles what they wrote.
@@ -32,12 +32,14 @@ _COLUMNS = (
 )
 # The partial index on unpublished events serves this, however large the table grows.
 _PENDING = text(
-    f"SELECT {_COLUMNS} FROM worker_call_events WHERE published_at IS NULL"
+    f"SELECT {_COLUMNS}, recorded_at FROM worker_call_events WHERE published_at IS NULL"
     " ORDER BY seq LIMIT :limit"
 )
 # A lost mark only publishes the events again (at least once): no need to wait for the disk.
+# By the partition key too, so that only the partitions of those events are read.
 _MARK = text(
-    "UPDATE worker_call_events SET published_at = clock_timestamp() WHERE seq = ANY(:seqs)"
+    "UPDATE worker_call_events SET published_at = clock_timestamp()"
+    " WHERE seq = ANY(:seqs) AND recorded_at = ANY(:recorded)"
 )
 
 
@@ -74,7 +76,8 @@ def relay_batch(
         rows = connection.execute(_PENDING, {"limit": limit}).all()
         if rows:
             publish([as_event(row) for row in rows])
-            connection.execute(_MARK, {"seqs": [row.seq for row in rows]})
+            connection.execute(_MARK, {"seqs": [row.seq for row in rows],
+                                       "recorded": sorted({row.recorded_at for row in rows})})
         connection.commit()
         return len(rows)
 
@@ -138,27 +141,43 @@ def backlog(engine: Engine) -> Backlog:
     return Backlog(int(count), max(0.0, float(age)))
 
 
-PRUNE_BATCH = 10_000
+@dataclass(frozen=True)
+class Pruned:
+    """What one prune of the outbox did (``calls_worker_prune_call_events``, 0013)."""
+
+    created: int
+    """Hourly partitions made ahead."""
+    dropped: int
+    """Partitions dropped whole: every event in them published longer ago than the
+    retention."""
+    dropped_rows_estimate: int
+    """Their rows, as the statistics count them (not counted one by one)."""
+    held: int
+    """Partitions past the retention kept for an event unpublished or published since."""
+    busy: int
+    """Partitions not created or dropped because writes held the table for 2 s."""
+    deleted: int
+    """Events deleted one by one from the default partition (none in a normal run)."""
 
 
-def prune_published(engine: Engine, keep: timedelta, batch: int = PRUNE_BATCH) -> int:
-    """Delete the events published longer than ``keep`` ago, a batch per transaction (the
-    BRIN index on ``recorded_at`` finds them: an event is recorded before it is
-    published); how many. Unpublished events are never pruned."""
-    deleted = 0
-    while True:
-        with engine.begin() as connection:
-            result = connection.execute(
-                text(
-                    "DELETE FROM worker_call_events WHERE seq = ANY(ARRAY("
-                    " SELECT seq FROM worker_call_events WHERE recorded_at < now() - :keep"
-                    " AND published_at < now() - :keep LIMIT :batch))"
-                ),
-                {"keep": keep, "batch": batch},
-            )
-        deleted += result.rowcount
-        if result.rowcount < batch:
-            return deleted
+def prune_published(engine: Engine) -> Pruned:
+    """Make the coming hours' partitions, drop the old ones whose events were all published
+    longer ago than the retention the owner set (set_events_retention), and delete such
+    events from the default partition. Unpublished events are never pruned."""
+    with engine.begin() as connection:
+        report = connection.execute(text("SELECT calls_worker_prune_call_events()")).scalar_one()
+    return Pruned(created=report["created"], dropped=report["dropped"],
+                  dropped_rows_estimate=report["droppedRowsEstimate"], held=report["held"],
+                  busy=report["busy"], deleted=report["deleted"])  # fmt: skip
+
+
+def set_events_retention(engine: Engine, keep: timedelta) -> None:
+    """Keep published events for ``keep`` at least. Only the owner of the worker's objects
+    may (``calls-worker migrate`` does, from CALLS_WORKER_EVENTS_RETENTION_HOURS): the
+    worker's role reads it and cannot change it (0013)."""
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE worker_call_events_retention SET keep = :keep"),
+                           {"keep": keep})  # fmt: skip
 
 
 # A command's event (domain/events.py), written after its change. The owning organization

@@ -22,15 +22,20 @@ GRANT SELECT, INSERT, UPDATE ON worker_service_accounts TO calls_worker_app;
 GRANT SELECT ON worker_call_reach, worker_secrets TO calls_worker_app;           -- listing
 -- Outcomes for producers when the result backend is PostgreSQL (0009); DELETE: expiry.
 GRANT SELECT, INSERT, UPDATE, DELETE ON worker_results TO calls_worker_app;
--- Call events (0010): INSERT with each change; UPDATE: the relay marks them published;
--- DELETE: calls.prune forgets published ones past the retention.
+-- Call events (0010, 0013): INSERT with each change (numbered by worker_call_events_seq);
+-- UPDATE: the relay marks them published; DELETE: the previous release's calls.prune
+-- (revoked in the next release; this one drops partitions through the function below).
 GRANT SELECT, INSERT, UPDATE, DELETE ON worker_call_events TO calls_worker_app;
-GRANT USAGE ON SEQUENCE worker_rejected_commands_id_seq, worker_sweep_runs_id_seq
-    TO calls_worker_app;
+GRANT SELECT ON worker_call_events_retention TO calls_worker_app;               -- status
+GRANT USAGE ON SEQUENCE worker_rejected_commands_id_seq, worker_sweep_runs_id_seq,
+    worker_call_events_seq TO calls_worker_app;
 -- Beat's periodic check of the due-calls record (SECURITY DEFINER: it repairs as the owner).
 GRANT EXECUTE ON FUNCTION calls_worker_reconcile_due_calls() TO calls_worker_app;
 -- calls.prune: forget the outcomes older than the retention, a table at a time (0008), by
 -- the retention the owner set (0011; the worker's role cannot change it).
 GRANT EXECUTE ON FUNCTION calls_worker_rotate_processed_commands() TO calls_worker_app;
+-- calls.prune: make the coming hours' partitions of call events, drop the old ones whole,
+-- by the retention the owner set (0013).
+GRANT EXECUTE ON FUNCTION calls_worker_prune_call_events() TO calls_worker_app;
 -- The previous release's call (its argument is ignored); revoked with it in the next release.
 GRANT EXECUTE ON FUNCTION calls_worker_rotate_processed_commands(interval) TO calls_worker_app;

@@ -158,6 +158,6 @@ call_events = Table(
     Column("owning_organization_uuid", UUID(as_uuid=True)),
     Column("call", JSON, nullable=False),
     Column("expiry", JSON),
-    Column("recorded_at", DateTime(timezone=True), nullable=False),
+    Column("recorded_at", DateTime(timezone=True), primary_key=True),  # the partition key
     Column("published_at", DateTime(timezone=True)),
 )
