@@ -189,6 +189,15 @@ class Settings(BaseSettings):
         description="How often an idle relay looks for new events (a busy one does not wait);"
         " the least latency an event can have is about half of it.",
     )
+    events_relay_lanes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Lanes of the relay: the calls are shared between them by their uuid, and"
+        " each lane is published by one worker at a time (its advisory lock), so that as many"
+        " workers publish at once. Set the same value on every worker: relays with different"
+        " values publish some events twice (in order).",
+    )
     events_watch_queues: str = Field(
         default="",
         description="Comma-separated subscriber queues bound to calls.events whose depth the"

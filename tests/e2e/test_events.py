@@ -147,8 +147,10 @@ def test_with_no_subscriber_bound_nothing_accumulates(
     assert not broker.exists("ae.undeliver")
 
 
-# The soak of the relay: CI runs ROUNDS rounds of a stream of STREAM_CALLS calls each.
+# The soak of the relay: CI runs ROUNDS rounds of a stream of STREAM_CALLS calls each, the
+# relays publishing the round's number of lanes (LANES).
 ROUNDS = 2
+LANES = (1, 3)
 STREAM_CALLS = 30
 DIE_CHANCE = "0.3"
 RELAY_BATCH = 4
@@ -196,7 +198,8 @@ def stream(engine: Any, calls: int, seed: int) -> list[UUID]:
     return made
 
 
-def relay_worker(database_url: str, broker_url: str, tmp: Path, name: str) -> Process:
+def relay_worker(database_url: str, broker_url: str, tmp: Path, name: str,
+                 lanes: int = 1) -> Process:  # fmt: skip
     """A worker whose relay dies at random (tests.e2e.faults), on a queue nothing sends to."""
     return Process(
         ["worker", "-c", "1", "-n", f"{name}@%h", "-Q", f"test.idle-{name}",
@@ -204,6 +207,7 @@ def relay_worker(database_url: str, broker_url: str, tmp: Path, name: str) -> Pr
         worker_env(database_url, broker_url, tmp, CALLS_WORKER_TEST_RELAY_DIE=DIE_CHANCE,
                    CALLS_WORKER_EVENTS_RELAY_BATCH_SIZE=str(RELAY_BATCH),
                    CALLS_WORKER_EVENTS_RELAY_INTERVAL_MS="20",
+                   CALLS_WORKER_EVENTS_RELAY_LANES=str(lanes),
                    CALLS_WORKER_TEST_RELAY_WINDOW_SECONDS="0.1"),
         tmp / f"{name}.log",
     )  # fmt: skip
@@ -239,7 +243,8 @@ def test_relays_killed_between_publishing_and_marking_never_skip_nor_reorder(
                         current = None
                     if current is None:
                         workers[n] = relay_worker(database_url, broker_url, tmp_path,
-                                                  f"relay-{n}{len(lives)}")  # fmt: skip
+                                                  f"relay-{n}{len(lives)}",
+                                                  LANES[round_])  # fmt: skip
                         lives.append(workers[n])
                 time.sleep(0.1)
             producer.join()

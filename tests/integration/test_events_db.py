@@ -12,6 +12,7 @@ from sqlalchemy import Engine
 
 from calls_worker.adapters.db.events import (
     backlog,
+    lane_of,
     prune_published,
     relay_batch,
     set_events_retention,
@@ -284,3 +285,39 @@ def test_every_kind_of_event_matches_the_committed_schema(
     broken = {**events[0], "kind": "call.renamed"}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+
+
+def test_lanes_share_the_calls_and_each_keeps_its_calls_order(lone_db: Db) -> None:
+    """Two lanes: each round of lane n publishes the events of the calls lane_of gives it,
+    in seq order; lane 0 and lane 1 publish at once (their own locks), while a second relay
+    of the same lane finds it held."""
+    db, engine = lone_db, lone_db.engine
+    organization = db.organization(None)
+    calls = []
+    for _ in range(16):  # in one lane only: a chance of 2 in 65,536
+        person = db.person(organization)
+        created = db.send("create", {"personUuid": str(person),
+                                     "organizationUuid": str(organization)})  # fmt: skip
+        calls.append(created["call"]["uuid"])
+    for call in calls * 2:  # attempts interleaved across the calls
+        db.send("add_attempt", {"callUuid": call, "userUuid": str(uuid4()),
+                                "attemptedAt": ISSUED})  # fmt: skip
+    lanes = {call: lane_of(call, 2) for call in calls}
+    assert set(lanes.values()) == {0, 1}, "both lanes have calls (uuids are random)"
+    published: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
+    inner: list[int | None] = []
+
+    def lane_zero(events: list[dict[str, Any]]) -> None:
+        published[0].extend(events)
+        # While lane 0's round holds its lock: lane 1 publishes, another lane 0 cannot.
+        inner.append(relay_batch(engine, 100, published[1].extend, lane=1, lanes=2))
+        inner.append(relay_batch(engine, 100, lambda e: None, lane=0, lanes=2))
+
+    assert relay_batch(engine, 100, lane_zero, lane=0, lanes=2) == len(published[0])
+    assert inner == [len(published[1]), None]
+    assert len(published[0]) + len(published[1]) == 16 * 3
+    for lane, events in published.items():
+        assert {lanes[e["callUuid"]] for e in events} == {lane}
+        sequences = [e["sequence"] for e in events]
+        assert sequences == sorted(sequences)
+    assert backlog(engine).unpublished == 0

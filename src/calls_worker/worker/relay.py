@@ -2,12 +2,15 @@
 
 A step of every ``calls-worker worker``: a thread of the worker's main process, next to
 Celery's consumer, with a database connection and a broker connection of its own. Each
-round is one transaction of ``events.relay_batch``: the relay's advisory lock, the oldest
-unpublished events, published one after the other (each accepted by the broker: a
+round is one transaction of ``events.relay_batch``: a lane's advisory lock, the lane's
+oldest unpublished events, published one after the other (each accepted by the broker: a
 publisher confirm on RabbitMQ, the LPUSH on Redis), marked published, committed. So
-however many workers run, one relay publishes at a time, in ``seq`` order (the order of a
-call's changes), and an event is marked only once the broker holds it; a relay that dies
-in between leaves it to be published again (consumers de-duplicate by ``eventId``).
+however many workers run, one relay publishes a lane at a time, in ``seq`` order (the
+order of a call's changes: a call is in one lane), and an event is marked only once the
+broker holds it; a relay that dies in between leaves it to be published again (consumers
+de-duplicate by ``eventId``). With CALLS_WORKER_EVENTS_RELAY_LANES above 1, the calls are
+shared between that many lanes, and as many workers publish at once: each relay goes round
+the lanes, taking the next whose lock is free (staying on one while it has full batches).
 
 Events are Celery task messages: task CALLS_WORKER_EVENTS_TASK, JSON, keyword arguments
 ``{"event": {...}}``, the task id the event's id, on the durable topic exchange
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import threading
 import time
 from collections.abc import Iterator
@@ -193,11 +197,14 @@ class Relay:
     after ``interval`` seconds; after a failure, a backoff, telling the log once."""
 
     def __init__(self, database_url: str, publisher: Publisher, *, batch_size: int,
-                 interval: float) -> None:  # fmt: skip
+                 interval: float, lanes: int = 1) -> None:  # fmt: skip
         self.database_url = database_url
         self.publisher = publisher
         self.batch_size = batch_size
         self.interval = interval
+        self.lanes = lanes
+        # Where this relay starts: relays starting together spread over the lanes.
+        self._lane = random.randrange(lanes)  # noqa: S311  (a spread, not a secret)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False
@@ -215,11 +222,14 @@ class Relay:
         engine = build_engine(self.database_url, pool_size=1, pre_ping=False)
         metrics = relay_metrics()
         backoff = 1.0
+        idle = 0  # lanes in a row that had less than a batch to publish, or another relay
         try:
             while not self._stop.is_set():
                 started = time.perf_counter()
+                lane = self._lane
                 try:
-                    published = relay_batch(engine, self.batch_size, self.publisher.publish)
+                    published = relay_batch(engine, self.batch_size, self.publisher.publish,
+                                            lane=lane, lanes=self.lanes)  # fmt: skip
                 except Exception as error:
                     self.publisher.close()
                     engine.dispose()
@@ -239,7 +249,14 @@ class Relay:
                     metrics.published.inc(published)
                     metrics.round_seconds.observe(time.perf_counter() - started)
                 if published is None or published < self.batch_size:
-                    self._stop.wait(self.interval)
+                    # On to the next lane; a pause once every lane was looked at.
+                    self._lane = (lane + 1) % self.lanes
+                    idle += 1
+                    if idle >= self.lanes:
+                        idle = 0
+                        self._stop.wait(self.interval)
+                else:
+                    idle = 0  # a full batch: this lane again, at once
         finally:
             self.publisher.close()
             engine.dispose()
@@ -265,6 +282,7 @@ class EventRelayStep(bootsteps.StartStopStep):
             Publisher(worker.app, settings.events_task),
             batch_size=settings.events_relay_batch_size,
             interval=settings.events_relay_interval_ms / 1000,
+            lanes=settings.events_relay_lanes,
         )
         self.relay.start()
 

@@ -22,19 +22,26 @@ from calls_worker.service.unit_of_work import CallEvents
 
 from .transaction import OnTransaction
 
-# Held (for its transaction) by the relay that publishes: one relay at a time, across
-# every process of the deployment (the migration and the sweep hold ...001 and ...002).
+# Held (for its transaction) by the relay that publishes a lane: one relay a lane at a
+# time, across every process of the deployment (the migration and the sweep hold ...001
+# and ...002). Lane n takes RELAY_LOCK + n: lane 0's is the lock of the single relay of
+# the releases before lanes.
 RELAY_LOCK = 7_304_118_003
+MAX_LANES = 64
 
 _COLUMNS = (
     "seq, event_id, kind, occurred_at, call_uuid, organization_uuid,"
     " owning_organization_uuid, call, expiry"
 )
 # The partial index on unpublished events serves this, however large the table grows.
-_PENDING = text(
+_PENDING = (
     f"SELECT {_COLUMNS}, recorded_at FROM worker_call_events WHERE published_at IS NULL"
-    " ORDER BY seq LIMIT :limit"
+    "{lane} ORDER BY seq LIMIT :limit"
 )
+# A call's lane: the first 32 bits of its uuid, modulo the lanes (lane_of, in Python).
+_LANE = (" AND CAST(CAST('x' || substr(CAST(call_uuid AS text), 1, 8) AS bit(32)) AS bigint)"
+         " % :lanes = :lane")
+_PENDING_ALL, _PENDING_LANE = text(_PENDING.format(lane="")), text(_PENDING.format(lane=_LANE))
 # A lost mark only publishes the events again (at least once): no need to wait for the disk.
 # By the partition key too, so that only the partitions of those events are read.
 _MARK = text(
@@ -53,27 +60,44 @@ def as_event(row: Any) -> dict[str, Any]:
     )  # fmt: skip
 
 
-def relay_batch(
-    engine: Engine, limit: int, publish: Callable[[list[dict[str, Any]]], None]
-) -> int | None:
-    """Publish up to ``limit`` unpublished events, oldest first, then mark them published.
+def lane_of(call_uuid: UUID | str, lanes: int) -> int:
+    """The lane whose relay publishes the events of ``call_uuid``, of ``lanes``."""
+    return int(str(call_uuid)[:8], 16) % lanes
 
-    One transaction holds the relay's advisory lock from before it reads the events until
+
+def relay_batch(
+    engine: Engine, limit: int, publish: Callable[[list[dict[str, Any]]], None], *,
+    lane: int = 0, lanes: int = 1,
+) -> int | None:  # fmt: skip
+    """Publish up to ``limit`` unpublished events of lane ``lane`` of ``lanes`` (the calls
+    lane_of gives it), oldest first, then mark them published.
+
+    One transaction holds the lane's advisory lock from before it reads the events until
     their marks are committed, so no two relays ever publish the same event at once, and
     a relay that comes next reads only what is still unpublished. ``publish`` must return
     only once the broker has accepted every event (and raise otherwise): an event is
     marked after that, in the same transaction. A relay that dies between the two leaves
     the events unmarked, and the next one publishes them again (at least once, never
-    skipped). How many were published; None when another relay holds the lock.
+    skipped). How many were published; None when another relay holds the lane's lock.
+
+    A call's events keep their order whatever the lanes: all of them are in one lane, and
+    a round reads its lane's unpublished events in ``seq`` order, so an event goes out
+    only after every earlier event of its call, in the same round or marked published
+    before it. (Relays configured with different numbers of lanes would read some calls
+    in two lanes at once: those events go out twice, in order, never out of it.)
     """
     with engine.connect() as connection:
         connection.execute(text("SET LOCAL synchronous_commit = off"))
         if not connection.execute(
-            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RELAY_LOCK}
+            text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RELAY_LOCK + lane}
         ).scalar():
             connection.rollback()
             return None
-        rows = connection.execute(_PENDING, {"limit": limit}).all()
+        if lanes > 1:
+            rows = connection.execute(_PENDING_LANE, {"limit": limit, "lane": lane,
+                                                      "lanes": lanes}).all()  # fmt: skip
+        else:
+            rows = connection.execute(_PENDING_ALL, {"limit": limit}).all()
         if rows:
             publish([as_event(row) for row in rows])
             connection.execute(_MARK, {"seqs": [row.seq for row in rows],
