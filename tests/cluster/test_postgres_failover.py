@@ -38,6 +38,7 @@ import redis
 from calls_worker.adapters.db.engine import build_engine
 from calls_worker.adapters.db.migrate import upgrade
 from calls_worker.client import CallsClient
+from calls_worker.wire import PRUNE_TASK, SWEEPS_QUEUE
 from tests.cluster.pg_pair import Pair
 from tests.cluster.report import Report
 from tests.db_world import ISSUED, Db
@@ -158,6 +159,12 @@ def _one_failover(synchronous: bool, redis_url: str, base: Path,
         wait_until(lambda: db.sql(
             "SELECT count(*) = 0 FROM worker_call_events WHERE published_at IS NULL"
         ).scalar(), 60, "the relay to publish every event on the new primary")  # fmt: skip
+        # The hourly prune (the outcomes' rotation, the events' partitions) runs there too.
+        control = control_app_for(broker)
+        pruned = control.send_task(PRUNE_TASK, queue=SWEEPS_QUEUE).get(timeout=60)
+        control.close()
+        assert pruned["rotated"] is False, pruned  # its retention has not passed
+        assert pruned["retentionHours"] == 72, pruned
         runs = db.sql(
             "SELECT finished_at - make_interval(secs => duration_seconds) AS started,"
             " finished_at FROM worker_sweep_runs WHERE NOT skipped ORDER BY finished_at"

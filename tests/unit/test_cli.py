@@ -132,6 +132,8 @@ RUN_ELSEWHERE = {
         "tests/containers/test_compose.py brings both files up",
     "./dev test-newest": "not in CI: it resolves the newest releases from PyPI (minutes);"
                          " run by hand before moving the pins",
+    "./dev test-cluster": "not in CI: tests/cluster needs RabbitMQ's own nodes and iptables,"
+                          " and 25 minutes; its last run is in docs/reliability.md",
 }
 
 
