@@ -96,12 +96,16 @@ def on_filled_database(name: str, fill: Callable[[Engine], None],
     run left it filled (marked by a table ``bench_filled``), then dropped. ``keep``: only
     fill it, and leave it for a later run (filling ten million rows takes half an hour)."""
     server = server_url()
+    state = _state(server, name)
+    if state == "filling":
+        raise RuntimeError(
+            f"database {name} exists but is not marked filled: a fill is running, or was"
+            f" cut short (then drop it to start again); left as it is")
+    if state == "absent":
+        _admin(server, f'CREATE DATABASE "{name}"')
     engine = build_engine(database_url(server, name), pool_size=2)
     try:
-        if not _filled(engine, server, name):
-            engine.dispose()
-            _admin(server, f'DROP DATABASE IF EXISTS "{name}"', f'CREATE DATABASE "{name}"')
-            engine = build_engine(database_url(server, name), pool_size=2)
+        if state == "absent":
             fill(engine)
             with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as c:
                 c.execute(text("VACUUM ANALYZE"))
@@ -109,11 +113,12 @@ def on_filled_database(name: str, fill: Callable[[Engine], None],
         return [] if keep else measure(engine)
     finally:
         engine.dispose()
-        if not keep:
+        if not keep:  # measured: changed by it, so never measured again
             _admin(server, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-def _filled(engine: Engine, server: str, name: str) -> bool:
+def _state(server: str, name: str) -> str:
+    """"absent", "filled" (marked by a table ``bench_filled``) or "filling"."""
     admin = build_engine(server, pool_size=1)
     try:
         with admin.connect() as connection:
@@ -122,9 +127,14 @@ def _filled(engine: Engine, server: str, name: str) -> bool:
     finally:
         admin.dispose()
     if not exists:
-        return False
-    with engine.connect() as connection:
-        return connection.execute(text("SELECT to_regclass('bench_filled')")).scalar() is not None
+        return "absent"
+    engine = build_engine(database_url(server, name), pool_size=1)
+    try:
+        with engine.connect() as connection:
+            marked = connection.execute(text("SELECT to_regclass('bench_filled')")).scalar()
+    finally:
+        engine.dispose()
+    return "filled" if marked is not None else "filling"
 
 
 def timed(action: Any) -> tuple[float, Any]:
