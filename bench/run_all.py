@@ -1,6 +1,6 @@
 """Every benchmark, one after the other, then one table and bench/results.json.
 
-python -m bench.run_all          # the goals' sizes (35 minutes, and bench.brokers' 4)
+python -m bench.run_all          # the goals' sizes (45 minutes, and bench.brokers' 4)
 python -m bench.run_all --quick  # small sizes, to check the benchmarks run
 """
 
@@ -8,7 +8,17 @@ from __future__ import annotations
 
 import argparse
 
-from bench import brokers, commands, events, lag, listing, memory, sweep
+from bench import (
+    brokers,
+    commands,
+    events,
+    lag,
+    listing,
+    memory,
+    postgres_cpu,
+    relay_lanes,
+    sweep,
+)
 from bench.common import print_table, write_results
 
 
@@ -24,6 +34,8 @@ def main() -> None:
         rows += listing.run(100_000, inserts=200)
         rows += brokers.run(300, rounds=1)
         rows += events.run(2_000, rounds=1)
+        rows += relay_lanes.run(2_000, rounds=1, broker_name="redis")
+        rows += postgres_cpu.run(300, batch=32, rounds=1)
     else:
         rows = sweep.run(1_000_000, [1_000_000, 5_000_000])
         rows += commands.run(5_000, rounds=5)
@@ -32,6 +44,8 @@ def main() -> None:
         rows += listing.run(5_000_000, inserts=2_000)
         rows += brokers.run(3_000, rounds=3)
         rows += events.run(20_000, rounds=3)
+        rows += relay_lanes.run(20_000, rounds=3, broker_name="redis")
+        rows += postgres_cpu.run(3_000, batch=32, rounds=3)
     print()
     print_table(rows)
     write_results(rows)

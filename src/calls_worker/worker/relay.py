@@ -10,7 +10,7 @@ order of a call's changes: a call is in one lane), and an event is marked only o
 broker holds it; a relay that dies in between leaves it to be published again (consumers
 de-duplicate by ``eventId``). With CALLS_WORKER_EVENTS_RELAY_LANES above 1, the calls are
 shared between that many lanes, and as many workers publish at once: each relay goes round
-the lanes, taking the next whose lock is free (staying on one while it has full batches).
+the lanes, a round on each whose lock is free, and rests once a whole turn found little.
 
 Events are Celery task messages: task CALLS_WORKER_EVENTS_TASK, JSON, keyword arguments
 ``{"event": {...}}``, the task id the event's id, on the durable topic exchange
@@ -248,15 +248,16 @@ class Relay:
                 if published:
                     metrics.published.inc(published)
                     metrics.round_seconds.observe(time.perf_counter() - started)
+                # On to the next lane, whatever this one had (a busy lane does not starve
+                # the others); a pause once every lane in a row had less than a batch.
+                self._lane = (lane + 1) % self.lanes
                 if published is None or published < self.batch_size:
-                    # On to the next lane; a pause once every lane was looked at.
-                    self._lane = (lane + 1) % self.lanes
                     idle += 1
                     if idle >= self.lanes:
                         idle = 0
                         self._stop.wait(self.interval)
                 else:
-                    idle = 0  # a full batch: this lane again, at once
+                    idle = 0
         finally:
             self.publisher.close()
             engine.dispose()
