@@ -133,7 +133,7 @@ RUN_ELSEWHERE = {
     "./dev test-newest": "not in CI: it resolves the newest releases from PyPI (minutes);"
                          " run by hand before moving the pins",
     "./dev test-cluster": "not in CI: tests/cluster needs RabbitMQ's own nodes and iptables,"
-                          " and 25 minutes; its last run is in docs/reliability.md",
+                          " and 15 minutes; its last run is in docs/reliability.md",
 }
 
 

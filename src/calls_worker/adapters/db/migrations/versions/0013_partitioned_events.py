@@ -103,6 +103,7 @@ BEGIN
           AND c.relname <> 'worker_call_events_default'
         ORDER BY 3
     LOOP
+        CONTINUE WHEN part.upper_bound IS NULL;  -- not a bound this function made
         EXIT WHEN part.upper_bound > now() - keep;
         EXECUTE pg_catalog.format(
             'SELECT EXISTS (SELECT 1 FROM %s WHERE published_at IS NULL)'
