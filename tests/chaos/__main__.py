@@ -54,7 +54,7 @@ def main() -> None:
     report = markdown(results, seed=seed, commit=commit, date=now.date().isoformat(),
                       minutes=(time.monotonic() - started) / 60)
     print(report)
-    found = failures(results)
+    found = failures(results, 1 if arguments.replay is not None else arguments.iterations)
     complete = (set(faults) == set(FAULTS) and arguments.replay is None
                 and arguments.iterations >= FULL_ITERATIONS
                 and arguments.commands >= FULL_COMMANDS)  # fmt: skip

@@ -1161,18 +1161,25 @@ def soak_in(scene: Scene, faults: tuple[str, ...], iterations: int, commands: in
             master: random.Random, log: Callable[[str], None] = print,
             replay: int | None = None) -> list[Result]:  # fmt: skip
     """The iterations of ``faults`` (all on ``scene``'s broker), their seeds drawn from
-    ``master`` and logged as they are drawn."""
-    results = []
+    ``master`` and logged as they are drawn. An iteration whose fault found no work in
+    flight proved nothing about it (its losses and doubles still count): a fault gets up
+    to ``iterations`` more, until ``iterations`` of them found some (``failures``)."""
+    results: list[Result] = []
     for fault in faults:
         assert broker_of(fault) == scene.broker.kind, f"{fault} is not a fault of this broker"
-        for _ in range(1 if replay is not None else iterations):
+        planned = 1 if replay is not None else iterations
+        mine: list[Result] = []
+        while len(mine) < planned or (
+                replay is None and sum(r.hit_in_flight for r in mine) < planned
+                and len(mine) < 2 * planned):  # fmt: skip
             iteration_seed = replay if replay is not None else master.randrange(2**32)
             log(f"soak: {fault} seed={iteration_seed} commands={commands}")
             result = run_iteration(scene, fault, plan(iteration_seed, commands))
             log(f"soak: {fault} seed={iteration_seed} -> in flight={result.hit_in_flight}"
                 f" lost={result.lost} doubled={result.doubled} resent={result.resent}"
                 f" {result.problems[:3]}")  # fmt: skip
-            results.append(result)
+            mine.append(result)
+        results += mine
     return results
 
 
@@ -1209,13 +1216,14 @@ def summary(results: list[Result]) -> dict[str, dict[str, int]]:
     return table
 
 
-def failures(results: list[Result]) -> list[str]:
-    """Why this soak fails: any loss, double or problem; an iteration whose fault found no
-    work in flight; no iteration at all."""
+def failures(results: list[Result], wanted: int | None = None) -> list[str]:
+    """Why this soak fails: any loss, double or problem; a fault that found work in flight
+    in fewer than ``wanted`` iterations (in fewer than all it ran, if not given); no
+    iteration at all."""
     found = [f"{r.fault} seed={r.seed}: lost={r.lost} doubled={r.doubled} {r.problems[:5]}"
              for r in results if r.lost or r.doubled or r.problems]  # fmt: skip
     for fault, row in summary(results).items():
-        if row["hits"] < row["iterations"]:
+        if row["hits"] < (row["iterations"] if wanted is None else wanted):
             found.append(f"{fault}: hit work in flight in {row['hits']} of {row['iterations']}")
     if not results:
         found.append("no iteration ran")

@@ -14,8 +14,10 @@ itself at that moment every time: a message that ends its worker whenever it is 
 
 ``CALLS_WORKER_TEST_POISON_BEFORE_COMMIT=<command id>``: the pool process applying a batch
 that holds that command kills itself before the batch's transaction, every time: a
-poison that takes its batch-mates' uncommitted work down with it. Each killed batch's
-command ids are appended, a line a batch, to ``CALLS_WORKER_TEST_FAULT_LOG`` if set.
+poison that takes its batch-mates' uncommitted work down with it.
+
+With any of these, each batch holding the command has its command ids appended, a line a
+batch, to ``CALLS_WORKER_TEST_FAULT_LOG`` if set (which commands the fault struck with it).
 
 ``CALLS_WORKER_TEST_RELAY_DIE=<p>``: the worker dies between the relay's publishing of call
 events and its marking them published, in each round with probability p, after holding
@@ -100,17 +102,24 @@ if os.environ.get("CALLS_WORKER_TEST_RELAY_DIE"):
     _relay.setLevel(logging.DEBUG)  # the relay's line after publishing, before marking
 
 
+FAULTS_ON_A_COMMAND = ("CALLS_WORKER_TEST_POISON_BEFORE_COMMIT",
+                       "CALLS_WORKER_TEST_DIE_AFTER_COMMIT",
+                       "CALLS_WORKER_TEST_RAISE_AFTER_COMMIT", "CALLS_WORKER_TEST_POISON")
+
+
 def _poison_before_commit() -> None:
     from calls_worker.worker import messages
 
     apply = messages.__dict__["handle_batch"]
 
     def handle_batch(entries: Any, *args: Any, **kwargs: Any) -> Any:
-        target = os.environ.get("CALLS_WORKER_TEST_POISON_BEFORE_COMMIT")
-        if target and any(entry.command_id == target for entry in entries):
-            if log := os.environ.get("CALLS_WORKER_TEST_FAULT_LOG"):
-                with open(log, "a") as killed:  # which commands die with it
-                    killed.write(" ".join(entry.command_id for entry in entries) + "\n")
+        ids = [entry.command_id for entry in entries]
+        targets = {os.environ.get(variable) for variable in FAULTS_ON_A_COMMAND} - {None, ""}
+        log = os.environ.get("CALLS_WORKER_TEST_FAULT_LOG")
+        if log and targets.intersection(ids):
+            with open(log, "a") as batches:  # which commands share the fault's batch
+                batches.write(" ".join(ids) + "\n")
+        if os.environ.get("CALLS_WORKER_TEST_POISON_BEFORE_COMMIT") in ids:
             os.kill(os.getpid(), signal.SIGKILL)
         return apply(entries, *args, **kwargs)
 

@@ -254,3 +254,34 @@ def test_more_resends_between_taking_and_recording_than_workers_fail() -> None:
     assert any("2 resent commands were neither queued" in p for p in problems), problems
     held.in_transit = {"k6"}  # k5 recorded by the broker as delivered
     assert reconcile(world.told, held, Rules("explained")).problems == []
+
+
+def test_a_fault_that_found_nothing_in_flight_is_drawn_again_until_enough_did(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """An iteration that missed counts its losses but proves nothing of its fault: the soak
+    runs more, up to as many again as asked for, and fails when fewer than asked for hit."""
+    import random
+    from types import SimpleNamespace
+
+    from tests.chaos import soak
+
+    def scene_drawing(hits: list[bool]) -> Any:
+        draws = iter(hits)
+        monkeypatch.setattr(soak, "run_iteration", lambda scene, fault, the_plan: soak.Result(
+            fault, the_plan.seed, 1, next(draws), 0, 0))  # fmt: skip
+        return SimpleNamespace(broker=SimpleNamespace(kind="rabbitmq"))
+
+    scene = scene_drawing([True, False, True])
+    results = soak.soak_in(scene, ("rabbitmq-poison",), 2, 1, random.Random(1), log=print)
+    assert [r.hit_in_flight for r in results] == [True, False, True]
+    assert soak.failures(results, 2) == []
+    scene = scene_drawing([False, False, True, False])
+    results = soak.soak_in(scene, ("rabbitmq-poison",), 2, 1, random.Random(1), log=print)
+    assert len(results) == 4  # no more than twice the iterations asked for
+    assert soak.failures(results, 2) == ["rabbitmq-poison: hit work in flight in 1 of 4"]
+    assert soak.failures(results) == ["rabbitmq-poison: hit work in flight in 1 of 4"]
+    scene = scene_drawing([True, True])
+    results = soak.soak_in(scene, ("rabbitmq-poison",), 2, 1, random.Random(1), log=print)
+    assert len(results) == 2
+    assert soak.failures(results, 2) == []
