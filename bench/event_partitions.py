@@ -10,7 +10,9 @@ add-attempt's event as the worker writes it (≈ 1 KB with its call). Measured: 
 the WAL to forget them (and for the DELETE, the VACUUM it leaves to autovacuum), and what
 each event costs — a command's INSERT, as the database's time for ``--statements``
 single-row statements run by a server-side loop, and the relay's mark of it, in batches of
-500 as a relay round makes them (median of 3 rounds, alternating). And what 0013 costs on
+500 as a relay round makes them (median of 3 rounds, alternating); and the longest that
+an event's write waited while each prune ran (a writer inserting one after another: the
+partitions' creation and drops lock the table). And what 0013 costs on
 an outbox of that size: the scan that checks the old table's bound and the build of its
 new key.
 
@@ -21,6 +23,7 @@ new key.
 from __future__ import annotations
 
 import argparse
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -191,16 +194,21 @@ def _measure(engine: Engine, rows: int, statements: int) -> list[Row]:
     print(f"  0013 on {rows + recent:,} events: bound {bound_seconds:.1f} s,"
           f" key {key_seconds:.1f} s", flush=True)  # fmt: skip
 
-    delete_seconds, delete_wal, deleted = costs(engine, lambda: delete_old(engine, keep))
+    with Writer(engine, "bench_events_old") as old_writer:
+        delete_seconds, delete_wal, deleted = costs(engine, lambda: delete_old(engine, keep))
     vacuumed = vacuum_seconds(engine, "bench_events_old")
     sizes["old_after"] = table_bytes(engine, "bench_events_old")
     assert deleted == rows, deleted
 
-    drop_seconds, drop_wal, pruned = costs(engine, lambda: prune_published(engine))
+    with Writer(engine, "worker_call_events") as new_writer:
+        drop_seconds, drop_wal, pruned = costs(engine, lambda: prune_published(engine))
+    print(f"  a writer's longest wait: {new_writer.longest * 1000:.0f} ms during the prune"
+          f" ({new_writer.writes} writes), {old_writer.longest * 1000:.0f} ms during the"
+          f" DELETE ({old_writer.writes})", flush=True)  # fmt: skip
     sizes["new_after"] = _partitioned_bytes(engine)
     with engine.connect() as connection:
         left = connection.execute(text("SELECT count(*) FROM worker_call_events")).scalar()
-    assert left == recent, (left, pruned)
+    assert left == recent + new_writer.writes, (left, pruned)
     gib = {k: round(v / 2**30, 2) for k, v in sizes.items()}
     print(f"  forgot {rows:,}: DELETE {delete_seconds:.1f} s (+ VACUUM {vacuumed:.1f} s),"
           f" {delete_wal / 2**20:.0f} MiB WAL; dropping {pruned.dropped} partitions"
@@ -228,6 +236,8 @@ def _measure(engine: Engine, rows: int, statements: int) -> list[Row]:
         "table_gib": gib, "partitions_dropped": pruned.dropped,
         "upgrade_0013_bound_seconds": round(bound_seconds, 1),
         "upgrade_0013_key_seconds": round(key_seconds, 1),
+        "writer_longest_wait_ms": round(new_writer.longest * 1000, 1),
+        "writer_longest_wait_ms_delete": round(old_writer.longest * 1000, 1),
     }  # fmt: skip
     return [
         Row("events", f"forget {rows:,} events (partitions dropped)", drop_seconds, "s",
@@ -244,6 +254,39 @@ def _measure(engine: Engine, rows: int, statements: int) -> list[Row]:
             "one table (release before)", per["mo"], "≤ 0.1 ms more",
             per["mn"] - per["mo"] <= 100, {"statements": statements}),
     ]  # fmt: skip
+
+
+class Writer(threading.Thread):
+    """A command's event write, one after the other into ``table`` while the prune runs:
+    the longest any one waited (for the prune's locks) is what a command waits."""
+
+    def __init__(self, engine: Engine, table: str) -> None:
+        super().__init__(daemon=True)
+        self.engine, self.table = engine, table
+        self.stop = threading.Event()
+        self.longest, self.writes = 0.0, 0
+
+    def __enter__(self) -> Writer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.join()
+
+    def run(self) -> None:
+        insert = text(
+            f"INSERT INTO {self.table} (event_id, kind, occurred_at, call_uuid,"
+            " organization_uuid, call) VALUES (gen_random_uuid(), 'call.attempt_added', now(),"
+            " gen_random_uuid(), gen_random_uuid(), '{}')")  # fmt: skip
+        with self.engine.connect() as connection:
+            while not self.stop.is_set():
+                started = time.perf_counter()
+                connection.execute(insert)
+                connection.commit()
+                self.longest = max(self.longest, time.perf_counter() - started)
+                self.writes += 1
+                time.sleep(0.005)
 
 
 def mark_loop(engine: Engine, table: str, *, by_time: bool, batch: int = 500) -> float:

@@ -5,15 +5,22 @@ database kept, numbered on, and dropped whole in their turn."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from uuid import uuid4
 
 import pytest
-from sqlalchemy import Engine
+from sqlalchemy import Engine, text
 
 from calls_worker.adapters.db.engine import build_engine
-from calls_worker.adapters.db.events import prune_published, relay_batch, set_events_retention
+from calls_worker.adapters.db.events import (
+    Pruned,
+    prune_published,
+    relay_batch,
+    set_events_retention,
+)
 from calls_worker.adapters.db.migrate import downgrade, upgrade
 from tests.db_world import Db
 
@@ -88,6 +95,49 @@ def test_the_coming_hours_are_made_ahead_and_an_old_hour_is_dropped_whole(fresh:
     assert {unpublished, late} <= set(left)
     assert db.sql("SELECT count(*) FROM worker_call_events").scalar() == 4
     assert prune_published(fresh).created == 0  # made already
+
+
+def test_while_the_prune_reads_the_old_hours_commands_write_their_events_unhindered(
+    fresh: Engine, empty_database_url: str
+) -> None:
+    """Making a partition and dropping one each take the whole table's ACCESS EXCLUSIVE
+    lock until the commit: every command writing an event waits while it is held. So the
+    prune makes and drops last, after what it reads. Here its read of an old hour is held
+    up (a lock on that partition), in a call that also makes an hour ahead: meanwhile an
+    event is written at once. (Made first, as it was, the hour ahead held the table.)"""
+    upgrade(fresh)
+    db = Db(fresh)
+    now = this_hour()
+    set_events_retention(fresh, HOUR)
+    old = hour_partition(db, now - 3 * HOUR)
+    event(db, now - 3 * HOUR, now - 2 * HOUR)
+    db.sql(f"DROP TABLE worker_call_events_{now + 6 * HOUR:%Y%m%d%H}")  # made again by it
+    writer = build_engine(empty_database_url, pool_size=1)
+    done: list[Pruned] = []
+    try:
+        with fresh.connect() as holder:
+            holder.execute(text(f"LOCK TABLE {old} IN ACCESS EXCLUSIVE MODE"))
+            pruning = threading.Thread(target=lambda: done.append(prune_published(writer)))
+            pruning.start()
+            deadline = time.monotonic() + 10
+            while not db.sql(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+                " AND query LIKE '%calls_worker_prune_call_events%'").scalar():  # fmt: skip
+                assert time.monotonic() < deadline, "the prune never waited for the old hour"
+                time.sleep(0.01)
+            with fresh.begin() as command:  # the prune's lock_timeout is 2 s: within that
+                command.execute(text("SET LOCAL lock_timeout = '500ms'"))
+                command.execute(text(
+                    "INSERT INTO worker_call_events (event_id, kind, occurred_at, call_uuid,"
+                    " organization_uuid, call) VALUES (gen_random_uuid(), 'call.created',"
+                    " now(), gen_random_uuid(), gen_random_uuid(), '{}')"))  # fmt: skip
+            assert not done, "the prune did not wait for the old hour"
+            holder.rollback()
+        pruning.join(10)
+    finally:
+        writer.dispose()
+    assert [(p.created, p.dropped) for p in done] == [(1, 1)]
+    assert old not in partitions(db)
 
 
 def test_what_the_default_partition_caught_is_deleted_row_by_row(fresh: Engine) -> None:

@@ -72,28 +72,24 @@ DECLARE
     dropped int := 0;
     dropped_rows bigint := 0;
     kept int := 0;
+    gone regclass[] := '{{}}';
+    gone_rows bigint[] := '{{}}';
     busy int := 0;
     deleted bigint := 0;
 BEGIN
-    -- Ahead: this hour and the next 6, each unless a partition (the default one, or the
-    -- events from before 0013) holds rows of it already.
-    FOR n IN 0..6 LOOP
-        low := this_hour + pg_catalog.make_interval(hours => n);
-        name := 'worker_call_events_'
-            || pg_catalog.to_char(low AT TIME ZONE 'UTC', 'YYYYMMDDHH24');
-        CONTINUE WHEN pg_catalog.to_regclass('public.' || name) IS NOT NULL;
-        BEGIN
-            EXECUTE pg_catalog.format(
-                'CREATE TABLE public.%I PARTITION OF public.worker_call_events'
-                ' FOR VALUES FROM (%L) TO (%L)', name, low, low + interval '1 hour');
-            created := created + 1;
-        EXCEPTION
-            WHEN invalid_object_definition OR check_violation THEN NULL;  -- overlaps
-            WHEN lock_not_available THEN busy := busy + 1;
-        END;
-    END LOOP;
+    -- The table's partitions are made and dropped last, together: each takes the whole
+    -- table's ACCESS EXCLUSIVE lock until the commit, so every command writing an event
+    -- waits while it is held. What reads or deletes rows comes first, without it.
+    -- What the default partition caught, row by row as before.
+    WITH forgotten AS (
+        DELETE FROM public.worker_call_events_default d
+        WHERE d.recorded_at < now() - keep AND d.published_at < now() - keep
+        RETURNING 1)
+    SELECT pg_catalog.count(*) INTO deleted FROM forgotten;
     -- Behind: whole partitions past the retention, oldest first, when nothing in them is
-    -- unpublished (the partial index) or was published within it (the BRIN index).
+    -- unpublished (the partial index) or was published within it (the BRIN index). None
+    -- of that can change before the drop: events are recorded at now(), and only an
+    -- unpublished one is marked.
     FOR part IN
         SELECT c.oid::regclass AS relation, c.reltuples,
                pg_catalog.substring(pg_catalog.pg_get_expr(c.relpartbound, c.oid),
@@ -111,22 +107,37 @@ BEGIN
             part.relation, part.relation, now() - keep) INTO STRICT held;
         IF held THEN
             kept := kept + 1;
-            CONTINUE;
+        ELSE
+            gone := gone || part.relation;
+            gone_rows := gone_rows || greatest(part.reltuples, 0)::bigint;
         END IF;
+    END LOOP;
+    -- Ahead: this hour and the next 6, each unless a partition (the default one, or the
+    -- events from before 0013) holds rows of it already.
+    FOR n IN 0..6 LOOP
+        low := this_hour + pg_catalog.make_interval(hours => n);
+        name := 'worker_call_events_'
+            || pg_catalog.to_char(low AT TIME ZONE 'UTC', 'YYYYMMDDHH24');
+        CONTINUE WHEN pg_catalog.to_regclass('public.' || name) IS NOT NULL;
         BEGIN
-            EXECUTE pg_catalog.format('DROP TABLE %s', part.relation);
+            EXECUTE pg_catalog.format(
+                'CREATE TABLE public.%I PARTITION OF public.worker_call_events'
+                ' FOR VALUES FROM (%L) TO (%L)', name, low, low + interval '1 hour');
+            created := created + 1;
+        EXCEPTION
+            WHEN invalid_object_definition OR check_violation THEN NULL;  -- overlaps
+            WHEN lock_not_available THEN busy := busy + 1;
+        END;
+    END LOOP;
+    FOR n IN 1..pg_catalog.cardinality(gone) LOOP
+        BEGIN
+            EXECUTE pg_catalog.format('DROP TABLE %s', gone[n]);
             dropped := dropped + 1;
-            dropped_rows := dropped_rows + greatest(part.reltuples, 0)::bigint;
+            dropped_rows := dropped_rows + gone_rows[n];
         EXCEPTION WHEN lock_not_available THEN
             busy := busy + 1;
         END;
     END LOOP;
-    -- What the default partition caught, row by row as before.
-    WITH gone AS (
-        DELETE FROM public.worker_call_events_default d
-        WHERE d.recorded_at < now() - keep AND d.published_at < now() - keep
-        RETURNING 1)
-    SELECT pg_catalog.count(*) INTO deleted FROM gone;
     RETURN pg_catalog.json_build_object(
         'created', created, 'dropped', dropped, 'droppedRowsEstimate', dropped_rows,
         'held', kept, 'busy', busy, 'deleted', deleted);
