@@ -131,6 +131,14 @@ def worker_env(database_url: str, broker_url: str, data_dir: Path, **extra: str)
     }
 
 
+def _default_signals() -> None:
+    """In the child: the signals a test sends at their default, as in a process a terminal
+    starts. A run under ``nohup`` or in a shell's background ignores SIGHUP or SIGINT, and
+    a child inherits that: the command would then not end on them, whatever it does."""
+    for signum in (signal.SIGHUP, signal.SIGINT, signal.SIGQUIT, signal.SIGTERM):
+        signal.signal(signum, signal.SIG_DFL)
+
+
 class Process:
     """A calls-worker child process whose output goes to a log file."""
 
@@ -147,6 +155,7 @@ class Process:
             stdout=self._file,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            preexec_fn=_default_signals,
         )
 
     def output(self) -> str:
